@@ -1,0 +1,348 @@
+"""
+Pydantic models of a policy: validation at the boundary only.
+
+The models are frozen and forbid unknown keys. They are compiled once into the
+plain runtime objects of :mod:`resilient.pipeline`; the call path never touches
+pydantic.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+
+__all__ = [
+    "TRANSIENT_ERRORS",
+    "CircuitBreakerConfig",
+    "FallbackConfig",
+    "Policy",
+    "RetryConfig",
+    "RetryStrategy",
+    "TimeoutConfig",
+]
+
+#: What ``retry_on`` defaults to: errors that usually go away by themselves.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
+
+
+def resolve_exception(spec: object) -> type[BaseException]:
+    """
+    Turn ``"ConnectionError"``, ``"builtins.ConnectionError"`` or
+    ``"pkg.mod.Error"`` (or a class) into an exception class.
+
+    Raises:
+        ValueError: The name does not import, or is not an exception class.
+    """
+    if isinstance(spec, type) and issubclass(spec, BaseException):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        msg = f"expected an exception class or its dotted name, got {spec!r}"
+        raise ValueError(msg)
+    name = spec.strip()
+    module_name, _, attr = name.rpartition(".")
+    obj: object = None
+    if not module_name:
+        obj = getattr(builtins, name, None)
+        if obj is None:
+            from resilient import errors  # our own errors may be named bare too
+
+            obj = getattr(errors, name, None)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            module = None
+        if module is not None:
+            obj = getattr(module, attr, None)
+    if obj is None:
+        hint = ""
+        if not module_name:
+            import difflib
+
+            candidates = [n for n in dir(builtins) if n.endswith(("Error", "Exception"))]
+            close = difflib.get_close_matches(name, candidates, n=1)
+            if close:
+                hint = f" (did you mean '{close[0]}'?)"
+        msg = f"unknown exception {name!r}{hint}; give a builtin name or a dotted path"
+        raise ValueError(msg)
+    if not (isinstance(obj, type) and issubclass(obj, BaseException)):
+        msg = f"{name!r} is not an exception class"
+        raise ValueError(msg)
+    return obj
+
+
+def _exception_list(value: object) -> tuple[type[BaseException], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str | type):
+        value = [value]
+    if not isinstance(value, list | tuple | set | frozenset):
+        msg = "expected a list of exception names"
+        raise ValueError(msg)  # noqa: TRY004 - pydantic wants ValueError
+    return tuple(resolve_exception(v) for v in value)
+
+
+def _exception_name(exc: type[BaseException]) -> str:
+    if exc.__module__ == "builtins":
+        return exc.__qualname__
+    return f"{exc.__module__}.{exc.__qualname__}"
+
+
+ExceptionTypes = Annotated[
+    tuple[type[BaseException], ...],
+    BeforeValidator(_exception_list),
+    PlainSerializer(lambda v: [_exception_name(e) for e in v], return_type=list[str]),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Exception classes by name: 'ConnectionError' or 'pkg.module.Error'.",
+        }
+    ),
+]
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+        arbitrary_types_allowed=True,
+        use_attribute_docstrings=True,
+    )
+
+
+class RetryStrategy(str, Enum):
+    """How the delay between attempts grows."""
+
+    EXPONENTIAL_BACKOFF = "exponential_backoff"
+    """``base_delay * multiplier ** (n - 1)``"""
+    LINEAR = "linear"
+    """``base_delay * n``"""
+    FIBONACCI = "fibonacci"
+    """``base_delay * fib(n)``: 1, 1, 2, 3, 5, 8 ... times ``base_delay``"""
+    CONSTANT = "constant"
+    """``base_delay`` every time"""
+    ADAPTIVE = "adaptive"
+    """Exponential backoff stretched by the policy's recent failure rate *r*:
+    ``base_delay * multiplier ** (n - 1) / (1 - min(r, 0.9))``."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> RetryStrategy | None:
+        if isinstance(value, str):
+            lowered = value.strip().lower().replace("-", "_")
+            for member in cls:
+                if member.value == lowered or member.name.lower() == lowered:
+                    return member
+        return None
+
+
+JitterKind = Literal["none", "full", "equal", "decorrelated"]
+
+
+def _jitter(value: object) -> object:
+    if value is True:
+        return "full"
+    if value is False or value is None:
+        return "none"
+    return value
+
+
+class CircuitBreakerConfig(_Model):
+    """
+    The circuit breaker section of a policy (``circuit_breaker:``).
+
+    The first eight fields are the seed's, with the seed's defaults. The
+    breaker trips when *either* ``failure_threshold`` failures happen in a row,
+    *or* the failure rate (or the slow-call rate) over the sliding window
+    reaches its threshold once the window holds ``min_requests_threshold``
+    calls.
+    """
+
+    failure_threshold: PositiveInt = 5
+    """Consecutive failures that open the breaker."""
+    success_threshold: PositiveInt = 3
+    """Successful trial calls in half-open state that close it again."""
+    timeout_seconds: PositiveFloat = 60.0
+    """How long the breaker stays open before letting trial calls through."""
+    half_open_timeout: PositiveFloat | None = 30.0
+    """Longest time in half-open state without a verdict; then it opens again. ``null``: no limit."""
+    failure_rate_window: PositiveInt = 60
+    """Size of the sliding window: seconds (``window_type: time``) or calls (``count``)."""
+    min_requests_threshold: PositiveInt = 10
+    """Calls the window must hold before its failure or slow-call rate can trip the breaker."""
+    enable_ml_prediction: bool = True
+    """Stored for the adaptive breaker. The basic breaker ignores it: prediction only happens
+    in a policy that also has an ``adaptive`` section."""
+    prediction_threshold: Fraction = 0.7
+    """Failure probability above which the adaptive breaker opens early (see above)."""
+
+    failure_rate_threshold: Fraction | None = 0.5
+    """Failure rate (0-1] over the window that opens the breaker. ``null``: rate tripping off."""
+    window_type: Literal["time", "count"] = "time"
+    """Whether ``failure_rate_window`` counts seconds or calls."""
+    slow_call_duration: PositiveFloat | None = None
+    """A call that takes at least this many seconds is slow. ``null``: slow calls not tracked."""
+    slow_call_rate_threshold: Fraction = 1.0
+    """Share of slow calls in the window that opens the breaker."""
+    half_open_max_calls: PositiveInt | None = None
+    """Trial calls allowed per half-open period (default: ``success_threshold``)."""
+    open_duration_multiplier: Annotated[float, Field(ge=1, allow_inf_nan=False)] = 1.0
+    """Each consecutive trip multiplies the open duration by this (1 = no growth)."""
+    max_open_duration: PositiveFloat = 600.0
+    """Cap on the grown open duration, in seconds."""
+    record_exceptions: ExceptionTypes = (Exception,)
+    """Exceptions that count as failures."""
+    ignore_exceptions: ExceptionTypes = ()
+    """Exceptions that count as neither success nor failure (wins over ``record_exceptions``)."""
+    mode: Literal["normal", "disabled", "metrics_only", "forced_open"] = "normal"
+    """``disabled``: lets everything through, records nothing; ``metrics_only``: records and
+    reports state changes but never rejects; ``forced_open``: rejects everything."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CircuitBreakerConfig:
+        if self.half_open_max_calls is not None and self.half_open_max_calls < (
+            self.success_threshold
+        ):
+            msg = (
+                f"half_open_max_calls ({self.half_open_max_calls}) must be at least "
+                f"success_threshold ({self.success_threshold}), or the breaker can never close"
+            )
+            raise ValueError(msg)
+        if self.max_open_duration < self.timeout_seconds:
+            msg = (
+                f"max_open_duration ({self.max_open_duration}) must be at least "
+                f"timeout_seconds ({self.timeout_seconds})"
+            )
+            raise ValueError(msg)
+        return self
+
+    @property
+    def trial_calls(self) -> int:
+        """Trial calls per half-open period."""
+        return self.half_open_max_calls or self.success_threshold
+
+
+class RetryConfig(_Model):
+    """
+    The retry section of a policy (``retry:``).
+
+    The first eight fields are the seed's, with the seed's defaults.
+    ``max_attempts`` counts every attempt, the first one included.
+    """
+
+    max_attempts: PositiveInt = 3
+    """Attempts in all, the first included (1 = no retry)."""
+    base_delay: NonNegativeFloat = 1.0
+    """Delay before the first retry, in seconds (the unit every strategy scales)."""
+    max_delay: NonNegativeFloat = 60.0
+    """No single delay is longer than this."""
+    multiplier: PositiveFloat = 2.0
+    """Growth factor of ``exponential_backoff`` and ``adaptive``."""
+    jitter: Annotated[JitterKind, BeforeValidator(_jitter)] = "full"
+    """``true``/``full``: uniform in [0, d]; ``equal``: d/2 + uniform in [0, d/2];
+    ``decorrelated``: uniform in [base_delay, 3 × previous]; ``false``/``none``: exact."""
+    strategy: RetryStrategy = RetryStrategy.EXPONENTIAL_BACKOFF
+    """How the delay grows, see ``RetryStrategy``."""
+    timeout: PositiveFloat | None = 60.0
+    """Budget for all attempts and sleeps together, in seconds. ``null``: none."""
+    per_attempt_timeout: PositiveFloat | None = 30.0
+    """Budget for one attempt, in seconds. ``null``: none."""
+
+    retry_on: ExceptionTypes = TRANSIENT_ERRORS
+    """Exceptions that are retried. Rejections by the library (``CircuitOpenError`` ...) are
+    only retried when listed here by name."""
+    give_up_on: ExceptionTypes = ()
+    """Exceptions that are never retried, even when ``retry_on`` matches."""
+    retry_if_exception: SkipJsonSchema[Callable[[BaseException], bool] | None] = Field(
+        default=None, exclude=True
+    )
+    """Python only: also retry an exception when this returns true."""
+    retry_if_result: SkipJsonSchema[Callable[[Any], bool] | None] = Field(
+        default=None, exclude=True
+    )
+    """Python only: retry when this returns true for a *returned* value."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RetryConfig:
+        if self.max_delay < self.base_delay:
+            msg = f"max_delay ({self.max_delay}) is smaller than base_delay ({self.base_delay})"
+            raise ValueError(msg)
+        return self
+
+
+class TimeoutConfig(_Model):
+    """The ``timeout:`` section: time budgets in seconds; ``null`` switches one off."""
+
+    per_attempt: PositiveFloat | None = None
+    """Budget for each attempt."""
+    total: PositiveFloat | None = None
+    """Budget for the whole call: every attempt and every sleep between them."""
+
+
+def _fallback_shorthand(value: object) -> object:
+    # A mapping is always the full form ({value: ..., on: [...]}) so that a typo in
+    # it is reported instead of silently becoming the fallback value.
+    if value is None or isinstance(value, dict | FallbackConfig):
+        return value
+    return {"value": value}
+
+
+class FallbackConfig(_Model):
+    """The ``fallback:`` section: a static value returned instead of raising."""
+
+    value: Any = None
+    """What the call returns when it fails."""
+    on: ExceptionTypes = (Exception,)
+    """Which exceptions are replaced by the value."""
+
+
+class Policy(_Model):
+    """
+    A named composition of strategies. A section that is absent (``None``)
+    means that strategy is not in the pipeline at all.
+    """
+
+    description: str | None = None
+    """Free text, for humans."""
+    circuit_breaker: CircuitBreakerConfig | None = None
+    retry: RetryConfig | None = None
+    timeout: TimeoutConfig | None = None
+    fallback: Annotated[FallbackConfig | None, BeforeValidator(_fallback_shorthand)] = None
+
+    @property
+    def per_attempt_timeout(self) -> float | None:
+        """Effective per-attempt budget: ``timeout.per_attempt`` wins over the retry field."""
+        if self.timeout is not None:
+            return self.timeout.per_attempt
+        if self.retry is not None:
+            return self.retry.per_attempt_timeout
+        return None
+
+    @property
+    def total_timeout(self) -> float | None:
+        """Effective total budget: ``timeout.total`` wins over ``retry.timeout``."""
+        if self.timeout is not None:
+            return self.timeout.total
+        if self.retry is not None:
+            return self.retry.timeout
+        return None

@@ -1,0 +1,831 @@
+"""
+The circuit breaker: closed, open and half-open, on pybreaker's state model.
+
+Why by hand, on pybreaker's model
+=================================
+
+We reuse what pybreaker defines *as a model*: its state names
+(``"closed"``, ``"open"``, ``"half-open"``), its listener protocol
+(``CircuitBreakerListener.state_change/failure/success``, so existing
+pybreaker listeners plug in unchanged) and its storage interface
+(``CircuitBreakerStorage``, so a shared backend can later hold the persisted
+state). We do **not** use ``pybreaker.CircuitBreaker.call``, because:
+
+* it holds an ``RLock`` for the whole guarded call, so concurrent callers of
+  one breaker run one after another (DESIGN.md §3);
+* in half-open state it lets *every* caller through instead of a fixed number
+  of trial calls;
+* it only counts consecutive failures: no sliding window, failure rate, slow
+  calls, growing open durations or half-open timeout;
+* it costs more than a microsecond per call, most of it in its state objects
+  and storage properties.
+
+Instead the pipeline drives this breaker with a *permit protocol* and runs the
+user function itself, with no lock held::
+
+    token = breaker.acquire()          # may raise CircuitOpenError
+    try:
+        result = fn()
+    except asyncio.CancelledError:
+        breaker.on_cancel(token)
+        raise
+    except BaseException as exc:
+        breaker.on_failure(token, exc, duration)
+        raise
+    breaker.on_success(token, duration)
+
+A short ``threading.Lock`` guards counters and transitions, never user code.
+Listeners are called after the lock is released.
+
+What lives where
+================
+
+* The *persisted* state (state name, ``opened_at``, consecutive trip count in
+  ``counter``) is written to a ``CircuitBreakerStorage`` on transitions only,
+  never per call.
+* Per-call counters (consecutive failures, the sliding window, half-open
+  trial permits, totals) are plain slotted attributes.
+
+Tokens
+======
+
+``acquire()`` returns an opaque ``int``. Each transition bumps a generation
+number ``gen``; an ordinary call admitted in closed state gets ``2 * gen`` (0
+until the first transition) and a half-open trial permit gets
+``2 * gen + 1``. A result whose token belongs to an earlier generation (the
+breaker tripped, was reset, ...) updates only the lifetime totals and never the
+current state. Negative tokens mark calls that were let through without being
+judged (``disabled`` mode, and ``metrics_only`` calls that a normal breaker
+would have rejected).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+import pybreaker
+
+from resilient._models import CircuitBreakerConfig
+from resilient.errors import CircuitOpenError
+
+__all__ = ["STATE_CLOSED", "STATE_HALF_OPEN", "STATE_OPEN", "CircuitBreaker"]
+
+_log = logging.getLogger("resilient.breaker")
+
+STATE_CLOSED: Final[str] = pybreaker.STATE_CLOSED
+STATE_OPEN: Final[str] = pybreaker.STATE_OPEN
+STATE_HALF_OPEN: Final[str] = pybreaker.STATE_HALF_OPEN
+
+Mode = Literal["normal", "disabled", "metrics_only", "forced_open"]
+
+# Outcome bits stored in the sliding window.
+_FAIL: Final = 1
+_SLOW: Final = 2
+
+# Tokens that are not tied to a generation.
+_TOKEN_PASS: Final = -1  # disabled mode: nothing is recorded
+_TOKEN_SHADOW: Final = -2  # metrics_only, would have been rejected: totals only
+_NEVER: Final = -3  # a value no token ever has
+
+#: ``retry_after`` when every half-open trial permit is taken: the trial calls
+#: usually decide soon, so "try again shortly".
+TRIALS_BUSY_RETRY_AFTER: Final = 0.5
+
+#: Most buckets a time window keeps; longer windows use wider buckets.
+_MAX_BUCKETS: Final = 60
+
+_INF: Final = math.inf
+
+
+class _StateName:
+    """What listeners get as ``old_state``/``new_state``: pybreaker-style, ``.name`` only."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<state {self.name}>"
+
+
+_STATE_OBJECTS: Final = {
+    name: _StateName(name) for name in (STATE_CLOSED, STATE_OPEN, STATE_HALF_OPEN)
+}
+
+
+class _CountWindow:
+    """The last *size* outcomes: a ring buffer with running totals, O(1) per call."""
+
+    __slots__ = ("_pos", "_ring", "_size", "calls", "failures", "slow")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._ring = [0] * size
+        self._pos = 0
+        self.calls = 0
+        self.failures = 0
+        self.slow = 0
+
+    def add(self, outcome: int, now: float) -> int:
+        """Record one outcome; return non-zero if the window holds a failure or slow call."""
+        pos = self._pos
+        ring = self._ring
+        old = ring[pos]
+        ring[pos] = outcome
+        pos += 1
+        self._pos = 0 if pos == self._size else pos
+        if self.calls < self._size:
+            self.calls += 1
+        if outcome != old:
+            self.failures += (outcome & _FAIL) - (old & _FAIL)
+            self.slow += (outcome >> 1) - (old >> 1)
+        return self.failures or self.slow
+
+    def expire(self, now: float) -> None:
+        """Nothing expires by time in a count window."""
+
+    def clear(self) -> None:
+        self._ring = [0] * self._size
+        self._pos = 0
+        self.calls = self.failures = self.slow = 0
+
+
+class _TimeWindow:
+    """
+    The last *seconds* seconds as a ring of buckets with running totals.
+
+    Bucket ``b`` holds the calls whose time ``t`` has ``int(t // width) == b``;
+    the window is the *n* newest buckets, so it spans between
+    ``seconds - width`` and ``seconds``. Memory is fixed (three lists of *n*
+    ints) and each call is O(1) amortised: moving the head clears at most *n*
+    buckets, and a call inside the head bucket costs one float comparison.
+    """
+
+    __slots__ = (
+        "_b_calls",
+        "_b_fail",
+        "_b_slow",
+        "_head",
+        "_i",
+        "_n",
+        "_next_edge",
+        "_width",
+        "calls",
+        "failures",
+        "slow",
+    )
+
+    def __init__(self, seconds: int) -> None:
+        self._n = min(seconds, _MAX_BUCKETS)
+        self._width = seconds / self._n
+        self._b_calls = [0] * self._n
+        self._b_fail = [0] * self._n
+        self._b_slow = [0] * self._n
+        self._head = -(2**62)  # absolute index of the newest bucket
+        self._i = 0  # its slot: head % n
+        self._next_edge = -_INF  # time at which the head bucket ends
+        self.calls = 0
+        self.failures = 0
+        self.slow = 0
+
+    def add(self, outcome: int, now: float) -> int:
+        """Record one outcome; return non-zero if the window holds a failure or slow call."""
+        if now >= self._next_edge:
+            self.expire(now)
+        # A clock that went backwards (never with time.monotonic) lands in the head bucket.
+        i = self._i
+        self._b_calls[i] += 1
+        self.calls += 1
+        if outcome:
+            fail = outcome & _FAIL
+            slow = outcome >> 1
+            self._b_fail[i] += fail
+            self._b_slow[i] += slow
+            self.failures += fail
+            self.slow += slow
+        return self.failures or self.slow
+
+    def expire(self, now: float) -> None:
+        """Drop the buckets that have left the window at time *now*."""
+        b = int(now // self._width)
+        head = self._head
+        if b <= head:
+            return
+        n = self._n
+        if b - head >= n:
+            self._clear_buckets()
+        else:
+            calls, fail, slow = self._b_calls, self._b_fail, self._b_slow
+            for k in range(head + 1, b + 1):
+                i = k % n
+                if calls[i]:
+                    self.calls -= calls[i]
+                    self.failures -= fail[i]
+                    self.slow -= slow[i]
+                    calls[i] = fail[i] = slow[i] = 0
+        self._head = b
+        self._i = b % n
+        self._next_edge = (b + 1) * self._width
+
+    def _clear_buckets(self) -> None:
+        n = self._n
+        self._b_calls = [0] * n
+        self._b_fail = [0] * n
+        self._b_slow = [0] * n
+        self.calls = self.failures = self.slow = 0
+
+    def clear(self) -> None:
+        self._clear_buckets()
+
+
+def _exc_names(types: tuple[type[BaseException], ...]) -> list[str]:
+    return [
+        t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+        for t in types
+    ]
+
+
+class CircuitBreaker:
+    """
+    A thread-safe circuit breaker driven by ``acquire()`` and ``on_*()`` reports.
+
+    Closed: every call passes; the breaker opens when ``failure_threshold``
+    failures happen in a row, or when the sliding window holds at least
+    ``min_requests_threshold`` calls and its failure rate (or slow-call rate)
+    reaches its threshold. Open: calls are rejected with
+    :class:`~resilient.errors.CircuitOpenError` for the open duration
+    (``timeout_seconds * open_duration_multiplier ** (trips - 1)``, capped by
+    ``max_open_duration``). Then the first ``acquire()`` moves it to half-open,
+    where exactly ``config.trial_calls`` trial permits are issued;
+    ``success_threshold`` successful trials close it, a failed (or slow) trial
+    or an expired ``half_open_timeout`` opens it again.
+
+    No timers or threads: time-based transitions happen lazily when the
+    breaker is used or inspected.
+
+    Attributes:
+        name: The policy name, used in errors and status.
+        config: The validated configuration.
+        needs_duration: Whether ``on_success``/``on_failure`` need a measured
+            ``duration`` (only when slow calls are tracked); otherwise pass 0.0.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_closed_token",
+        "_consecutive",
+        "_failure_threshold",
+        "_fast_token",
+        "_gen",
+        "_half_open_until",
+        "_ignore",
+        "_listeners",
+        "_lock",
+        "_min_calls",
+        "_mode",
+        "_n_failures",
+        "_n_ignored",
+        "_n_rejections",
+        "_n_successes",
+        "_open_until",
+        "_opened_at_wall",
+        "_permits",
+        "_rate_thr",
+        "_record",
+        "_slow_s",
+        "_slow_thr",
+        "_state",
+        "_storage",
+        "_timed",
+        "_trial_calls",
+        "_trial_successes",
+        "_trips",
+        "_window",
+        "_window_add",
+        "config",
+        "name",
+        "needs_duration",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        config: CircuitBreakerConfig,
+        *,
+        clock: Callable[[], float] | None = None,
+        listeners: Iterable[Any] = (),
+    ) -> None:
+        """
+        Create a closed breaker.
+
+        Args:
+            name: Policy name, carried by every ``CircuitOpenError``.
+            config: The ``circuit_breaker`` section of the policy.
+            clock: Monotonic clock in seconds (default ``time.monotonic``);
+                tests pass a fake one.
+            listeners: ``pybreaker.CircuitBreakerListener`` instances (or any
+                objects with its ``state_change``, ``failure`` and ``success``
+                methods).
+        """
+        self.name = name
+        self.config = config
+        self._clock: Callable[[], float] = clock or time.monotonic
+        self._listeners: tuple[Any, ...] = tuple(listeners)
+        self._lock = threading.Lock()
+        self._storage: Any = pybreaker.CircuitMemoryStorage(STATE_CLOSED)
+
+        self.needs_duration = config.slow_call_duration is not None
+        self._slow_s = config.slow_call_duration if config.slow_call_duration is not None else _INF
+        self._slow_thr = config.slow_call_rate_threshold if self.needs_duration else _INF
+        self._rate_thr = (
+            config.failure_rate_threshold if config.failure_rate_threshold is not None else _INF
+        )
+        self._min_calls = config.min_requests_threshold
+        self._failure_threshold = config.failure_threshold
+        self._trial_calls = config.trial_calls
+        self._record = config.record_exceptions
+        self._ignore = config.ignore_exceptions
+        self._timed = config.window_type == "time"
+        self._window: _CountWindow | _TimeWindow = (
+            _TimeWindow(config.failure_rate_window)
+            if self._timed
+            else _CountWindow(config.failure_rate_window)
+        )
+        self._window_add = self._window.add
+
+        self._state = STATE_CLOSED
+        self._mode: Mode = config.mode
+        self._gen = 0
+        self._consecutive = 0
+        self._trips = 0
+        self._open_until = 0.0
+        self._opened_at_wall: float | None = None
+        self._half_open_until = _INF
+        self._permits = 0
+        self._trial_successes = 0
+        self._n_successes = 0
+        self._n_failures = 0
+        self._n_ignored = 0
+        self._n_rejections = 0
+        self._closed_token = 0
+        self._fast_token = 0
+        self._sync_tokens()
+
+    # ------------------------------------------------------------------ hot path
+
+    def acquire(self) -> int:
+        """
+        Ask to make a call.
+
+        Returns:
+            An opaque token to pass to exactly one of ``on_success``,
+            ``on_failure`` or ``on_cancel``.
+
+        Raises:
+            CircuitOpenError: The breaker is open (``retry_after`` is the rest
+                of the open period), all half-open trial permits are taken
+                (``retry_after`` is small), or the mode is ``forced_open``
+                (``retry_after`` is ``None``).
+        """
+        token = self._fast_token
+        if token >= 0:
+            return token
+        return self._acquire_slow()
+
+    def on_success(self, token: int, duration: float) -> None:
+        """
+        Report that the call with *token* returned.
+
+        Args:
+            token: What ``acquire()`` returned.
+            duration: Seconds the call took, or 0.0 if ``needs_duration`` is false.
+        """
+        event = None
+        with self._lock:
+            if token == self._closed_token:
+                self._n_successes += 1
+                self._consecutive = 0
+                # add() returns whether the window holds failures or slow calls at all.
+                if self._window_add(
+                    _SLOW if duration >= self._slow_s else 0, self._clock() if self._timed else 0.0
+                ) and self._window_trips(self._window):
+                    event = self._transition(STATE_OPEN, self._clock())
+            elif token == _TOKEN_PASS:
+                return
+            else:
+                event = self._other_success(token, duration)
+        if self._listeners:
+            self._notify_outcome(None, event)
+        elif event is not None:
+            self._notify(event)
+
+    def on_failure(self, token: int, exc: BaseException, duration: float) -> None:
+        """
+        Report that the call with *token* raised *exc*.
+
+        ``ignore_exceptions`` count as neither success nor failure (a trial
+        permit is given back); exceptions not in ``record_exceptions`` count
+        as a success; the rest are failures.
+
+        Args:
+            token: What ``acquire()`` returned.
+            exc: The exception the call raised.
+            duration: Seconds the call took, or 0.0 if ``needs_duration`` is false.
+        """
+        if token == _TOKEN_PASS:
+            return
+        if self._ignore and isinstance(exc, self._ignore):
+            self._ignored(token)
+            return
+        if not isinstance(exc, self._record):
+            self.on_success(token, duration)
+            return
+        event = None
+        with self._lock:
+            self._n_failures += 1
+            if token == self._closed_token:
+                consecutive = self._consecutive + 1
+                self._consecutive = consecutive
+                w = self._window
+                timed = self._timed
+                now = self._clock() if timed else 0.0
+                w.add(_FAIL | _SLOW if duration >= self._slow_s else _FAIL, now)
+                if consecutive >= self._failure_threshold or self._window_trips(w):
+                    event = self._transition(STATE_OPEN, now if timed else self._clock())
+            elif token & 1 and token > 0:
+                now = self._clock()
+                event = self._advance(now)
+                if token == self._gen * 2 + 1 and self._state == STATE_HALF_OPEN:
+                    event = self._transition(STATE_OPEN, now, event)
+        if self._listeners:
+            self._notify_outcome(exc, event)
+        elif event is not None:
+            self._notify(event)
+
+    def on_cancel(self, token: int) -> None:
+        """
+        Report that the call with *token* was cancelled before it finished.
+
+        Nothing is counted; a half-open trial permit is given back.
+
+        Args:
+            token: What ``acquire()`` returned.
+        """
+        if token > 0 and token & 1:
+            with self._lock:
+                self._release_permit(token)
+
+    # ------------------------------------------------------------- slow paths
+
+    def _acquire_slow(self) -> int:
+        mode = self._mode
+        if mode == "disabled":
+            return _TOKEN_PASS
+        if mode == "forced_open":
+            with self._lock:
+                self._n_rejections += 1
+            raise CircuitOpenError(
+                f"circuit breaker of policy {self.name!r} is forced open",
+                policy=self.name,
+                retry_after=None,
+            )
+        with self._lock:
+            now = self._clock()
+            event = self._advance(now)
+            state = self._state
+            token = _TOKEN_SHADOW
+            retry_after = 0.0
+            if state == STATE_CLOSED:
+                token = self._closed_token
+            elif state == STATE_HALF_OPEN and self._permits < self._trial_calls:
+                self._permits += 1
+                token = self._gen * 2 + 1
+            else:
+                self._n_rejections += 1
+                if state == STATE_OPEN:
+                    retry_after = max(self._open_until - now, 0.0)
+                else:
+                    retry_after = min(TRIALS_BUSY_RETRY_AFTER, self._half_open_until - now)
+                    retry_after = max(retry_after, 0.001)
+            metrics_only = self._mode == "metrics_only"
+        if event is not None:
+            self._notify(event)
+        if token != _TOKEN_SHADOW or metrics_only:
+            return token
+        if state == STATE_OPEN:
+            msg = f"circuit breaker of policy {self.name!r} is open; retry after {retry_after:.3g}s"
+        else:
+            msg = f"circuit breaker of policy {self.name!r} is half-open, trial calls taken"
+        raise CircuitOpenError(msg, policy=self.name, retry_after=retry_after)
+
+    def _other_success(self, token: int, duration: float) -> tuple[str, str] | None:
+        """Success with a token that is not the current closed one (lock held)."""
+        self._n_successes += 1
+        if token > 0 and token & 1:
+            now = self._clock()
+            event = self._advance(now)
+            if token == self._gen * 2 + 1 and self._state == STATE_HALF_OPEN:
+                if duration >= self._slow_s:
+                    return self._transition(STATE_OPEN, now, event)
+                self._trial_successes += 1
+                if self._trial_successes >= self.config.success_threshold:
+                    return self._transition(STATE_CLOSED, now, event)
+            return event
+        return None
+
+    def _ignored(self, token: int) -> None:
+        with self._lock:
+            self._n_ignored += 1
+            if token > 0 and token & 1:
+                self._release_permit(token)
+
+    def _release_permit(self, token: int) -> None:
+        if token == self._gen * 2 + 1 and self._state == STATE_HALF_OPEN and self._permits > 0:
+            self._permits -= 1
+
+    def _window_trips(self, w: _CountWindow | _TimeWindow) -> bool:
+        calls = w.calls
+        return calls >= self._min_calls and (
+            w.failures / calls >= self._rate_thr or w.slow / calls >= self._slow_thr
+        )
+
+    # ------------------------------------------------------------ transitions
+
+    def _advance(self, now: float) -> tuple[str, str] | None:
+        """Time-based transitions (lock held): open -> half-open, half-open -> open."""
+        if self._mode == "disabled" or self._mode == "forced_open":
+            return None
+        state = self._state
+        if state == STATE_OPEN and now >= self._open_until:
+            return self._transition(STATE_HALF_OPEN, now)
+        if state == STATE_HALF_OPEN and now >= self._half_open_until:
+            return self._transition(STATE_OPEN, now)
+        return None
+
+    def _transition(
+        self, new: str, now: float, earlier: tuple[str, str] | None = None
+    ) -> tuple[str, str] | None:
+        """
+        Move to *new* (lock held) and return ``(old, new)`` for the listeners.
+
+        *earlier* is a transition that already happened in the same step; the
+        two are merged into one event (``open -> half-open -> open`` is
+        reported as nothing changing names, so nothing is reported).
+        """
+        old = earlier[0] if earlier is not None else self._state
+        self._gen += 1
+        self._state = new
+        self._consecutive = 0
+        self._permits = 0
+        self._trial_successes = 0
+        self._window.clear()
+        storage = self._storage
+        if new == STATE_OPEN:
+            self._trips += 1
+            self._open_until = now + self._open_duration()
+            self._opened_at_wall = time.time()
+            storage.opened_at = datetime.fromtimestamp(self._opened_at_wall, UTC)
+            storage.increment_counter()
+        elif new == STATE_HALF_OPEN:
+            hot = self.config.half_open_timeout
+            self._half_open_until = now + hot if hot is not None else _INF
+        else:
+            self._trips = 0
+            self._opened_at_wall = None
+            storage.reset_counter()
+        storage.state = new
+        self._sync_tokens()
+        return (old, new) if old != new else None
+
+    def _open_duration(self) -> float:
+        cfg = self.config
+        try:
+            grown = cfg.timeout_seconds * cfg.open_duration_multiplier ** (self._trips - 1)
+        except OverflowError:
+            return cfg.max_open_duration
+        return min(cfg.max_open_duration, grown)
+
+    def _sync_tokens(self) -> None:
+        """Recompute the hot-path tokens after a transition or mode switch (lock held)."""
+        recording = self._state == STATE_CLOSED and self._mode != "disabled"
+        self._closed_token = self._gen * 2 if recording else _NEVER
+        fast = recording and self._mode in ("normal", "metrics_only")
+        self._fast_token = self._closed_token if fast else -1
+
+    # -------------------------------------------------------------- listeners
+
+    def _notify(self, event: tuple[str, str]) -> None:
+        old, new = _STATE_OBJECTS[event[0]], _STATE_OBJECTS[event[1]]
+        for listener in self._listeners:
+            try:
+                listener.state_change(self, old, new)
+            except Exception:
+                _log.exception(
+                    "circuit breaker %r: listener %r failed in state_change", self.name, listener
+                )
+
+    def _notify_outcome(self, exc: BaseException | None, event: tuple[str, str] | None) -> None:
+        for listener in self._listeners:
+            try:
+                if exc is None:
+                    listener.success(self)
+                else:
+                    listener.failure(self, exc)
+            except Exception:
+                _log.exception("circuit breaker %r: listener %r failed", self.name, listener)
+        if event is not None:
+            self._notify(event)
+
+    def add_listener(self, listener: Any) -> None:
+        """
+        Register a ``pybreaker.CircuitBreakerListener``-style listener.
+
+        Listeners are called after the breaker's lock is released; one that
+        raises is logged on ``resilient.breaker`` and otherwise ignored.
+        ``before_call`` is never called: the pipeline, not the breaker, calls
+        the function.
+        """
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
+
+    def remove_listener(self, listener: Any) -> None:
+        """Unregister *listener* (its first registration). Raises ``ValueError`` if absent."""
+        with self._lock:
+            listeners = list(self._listeners)
+            listeners.remove(listener)
+            self._listeners = tuple(listeners)
+
+    @property
+    def listeners(self) -> tuple[Any, ...]:
+        """The registered listeners, in call order."""
+        return self._listeners
+
+    # ------------------------------------------------------ control and state
+
+    @property
+    def state(self) -> str:
+        """
+        ``"closed"``, ``"open"`` or ``"half-open"``.
+
+        Reading it may move an open breaker whose open time is over to
+        half-open (and a half-open one past ``half_open_timeout`` to open).
+        """
+        with self._lock:
+            event = self._advance(self._clock())
+            state = self._state
+        if event is not None:
+            self._notify(event)
+        return state
+
+    @property
+    def current_state(self) -> str:
+        """Alias of :attr:`state`, under pybreaker's name."""
+        return self.state
+
+    @property
+    def mode(self) -> Mode:
+        """``"normal"``, ``"disabled"``, ``"metrics_only"`` or ``"forced_open"``."""
+        return self._mode
+
+    @property
+    def failure_rate(self) -> float:
+        """Share of failures in the current sliding window, 0.0 when it is empty."""
+        with self._lock:
+            w = self._window
+            w.expire(self._clock())
+            return w.failures / w.calls if w.calls else 0.0
+
+    @property
+    def trips(self) -> int:
+        """Consecutive trips since the breaker was last closed."""
+        return self._trips
+
+    def _force(self, new: str, *, reset_totals: bool = False) -> None:
+        with self._lock:
+            event = self._transition(new, self._clock())
+            if reset_totals:
+                self._n_successes = self._n_failures = self._n_ignored = self._n_rejections = 0
+        if event is not None:
+            self._notify(event)
+
+    def open(self) -> None:
+        """Open the breaker now; this counts as a trip and starts a normal open period."""
+        self._force(STATE_OPEN)
+
+    def close(self) -> None:
+        """Close the breaker now: counters and the trip count start from zero."""
+        self._force(STATE_CLOSED)
+
+    def reset(self) -> None:
+        """Close the breaker and clear every counter, lifetime totals included. Keeps the mode."""
+        self._force(STATE_CLOSED, reset_totals=True)
+
+    def _set_mode(self, mode: Mode) -> None:
+        with self._lock:
+            self._mode = mode
+            self._sync_tokens()
+
+    def force_open(self) -> None:
+        """Reject every call (``retry_after=None``) until another mode is set."""
+        self._set_mode("forced_open")
+
+    def disable(self) -> None:
+        """Let every call through and record nothing; the state is frozen."""
+        self._set_mode("disabled")
+
+    def metrics_only(self) -> None:
+        """Record, transition and notify as usual, but never reject a call."""
+        self._set_mode("metrics_only")
+
+    def normal(self) -> None:
+        """Back to normal operation."""
+        self._set_mode("normal")
+
+    def get_status(self) -> dict[str, Any]:
+        """
+        A JSON-serialisable snapshot of the breaker.
+
+        Returns:
+            A dict with ``name``, ``state``, ``mode``, ``failure_count``
+            (consecutive failures), ``success_count`` (successful half-open
+            trials), ``trial_permits_issued``, ``window`` (``type``, ``size``,
+            ``calls``, ``failures``, ``slow``, ``failure_rate``,
+            ``slow_call_rate``), ``opened_at`` (ISO 8601 UTC, or ``None``
+            when closed), ``retry_after`` (seconds until a trial call is
+            allowed, or ``None``), ``trips``, ``totals`` (``calls``,
+            ``successes``, ``failures``, ``ignored``, ``rejections``; in
+            ``metrics_only`` mode rejections are the calls a normal breaker
+            would have rejected) and ``config`` (a summary).
+        """
+        cfg = self.config
+        with self._lock:
+            now = self._clock()
+            event = self._advance(now)
+            w = self._window
+            w.expire(now)
+            calls = w.calls
+            state = self._state
+            retry_after: float | None = None
+            if self._mode == "forced_open":
+                retry_after = None
+            elif state == STATE_OPEN:
+                retry_after = max(self._open_until - now, 0.0)
+            status: dict[str, Any] = {
+                "name": self.name,
+                "state": state,
+                "mode": self._mode,
+                "failure_count": self._consecutive,
+                "success_count": self._trial_successes,
+                "trial_permits_issued": self._permits,
+                "window": {
+                    "type": cfg.window_type,
+                    "size": cfg.failure_rate_window,
+                    "calls": calls,
+                    "failures": w.failures,
+                    "slow": w.slow,
+                    "failure_rate": w.failures / calls if calls else 0.0,
+                    "slow_call_rate": w.slow / calls if calls else 0.0,
+                },
+                "opened_at": (
+                    datetime.fromtimestamp(self._opened_at_wall, UTC).isoformat()
+                    if self._opened_at_wall is not None and state != STATE_CLOSED
+                    else None
+                ),
+                "retry_after": retry_after,
+                "trips": self._trips,
+                "totals": {
+                    "calls": self._n_successes + self._n_failures + self._n_ignored,
+                    "successes": self._n_successes,
+                    "failures": self._n_failures,
+                    "ignored": self._n_ignored,
+                    "rejections": self._n_rejections,
+                },
+            }
+        if event is not None:
+            self._notify(event)
+        status["config"] = {
+            "failure_threshold": cfg.failure_threshold,
+            "success_threshold": cfg.success_threshold,
+            "timeout_seconds": cfg.timeout_seconds,
+            "half_open_timeout": cfg.half_open_timeout,
+            "trial_calls": cfg.trial_calls,
+            "failure_rate_threshold": cfg.failure_rate_threshold,
+            "min_requests_threshold": cfg.min_requests_threshold,
+            "slow_call_duration": cfg.slow_call_duration,
+            "slow_call_rate_threshold": cfg.slow_call_rate_threshold,
+            "open_duration_multiplier": cfg.open_duration_multiplier,
+            "max_open_duration": cfg.max_open_duration,
+            "record_exceptions": _exc_names(cfg.record_exceptions),
+            "ignore_exceptions": _exc_names(cfg.ignore_exceptions),
+        }
+        return status
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.name!r} {self._state} mode={self._mode}>"

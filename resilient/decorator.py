@@ -1,0 +1,325 @@
+"""
+``@resilient``, ``call``/``acall`` and the ``attempts`` block form.
+
+Sync versus async is decided once, at decoration. The policy is *not* resolved
+at decoration (decorators run at import, usually before the policy file is
+loaded): the wrapper holds a handle that compiles the pipeline at the first
+call and again after every reload; a warm call checks one integer.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+import tenacity
+
+from resilient import _clock
+from resilient._models import Policy
+from resilient.errors import CircuitOpenError
+from resilient.pipeline import Pipeline, _is_async_callable
+from resilient.policy import registry
+
+__all__ = ["Attempt", "AttemptIterator", "acall", "attempts", "call", "resilient"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _Handle:
+    """Compiles a pipeline lazily and rebuilds it when the registry changes."""
+
+    __slots__ = ("_lock", "callable_name", "fallback", "key", "policy", "state")
+
+    def __init__(
+        self,
+        policy: str | Policy,
+        *,
+        key: str | None,
+        callable_name: str,
+        fallback: Callable[[BaseException], Any] | None,
+    ) -> None:
+        if not isinstance(policy, str | Policy):
+            msg = f"policy must be a policy name or a resilient.Policy, not {policy!r}"
+            raise TypeError(msg)
+        self.policy = policy
+        self.key = key
+        self.callable_name = callable_name
+        self.fallback = fallback
+        self._lock = threading.Lock()
+        # (registry generation, pipeline): read as one tuple so that another
+        # thread rebuilding it can never be seen half-way.
+        self.state: tuple[int, Pipeline | None] = (-1, None)
+
+    def get(self) -> Pipeline:
+        generation, pipeline = self.state
+        if generation == registry.generation and pipeline is not None:
+            return pipeline
+        return self.rebuild()
+
+    def rebuild(self) -> Pipeline:
+        with self._lock:
+            if isinstance(self.policy, str):
+                policy = registry.get(self.policy)  # may discover files; raises PolicyError
+                name = self.key or self.policy
+            else:
+                policy = self.policy
+                name = self.key or self.callable_name
+            generation = registry.generation
+            current = self.state[1]
+            if current is not None and current.policy is policy and current.name == name:
+                pipeline = current
+            else:
+                pipeline = Pipeline(
+                    policy, name=name, callable_name=self.callable_name, fallback=self.fallback
+                )
+            self.state = (generation, pipeline)
+            return pipeline
+
+
+def _qualname(fn: Any) -> str:
+    module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}" if module else name
+
+
+def _reject_generators(fn: Any) -> None:
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        msg = (
+            f"@resilient cannot guard the generator function {_qualname(fn)}: "
+            "its body runs after the call returns. Guard the function that consumes it."
+        )
+        raise TypeError(msg)
+
+
+def resilient(
+    policy: str | Policy = "default",
+    *,
+    fallback: Callable[[BaseException], Any] | None = None,
+    name: str | None = None,
+) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """
+    Guard a sync or async function with a policy.
+
+    Args:
+        policy: A policy name (resolved at the first call, and again after
+            :func:`resilient.load_policies`) or a :class:`resilient.Policy`.
+        fallback: Called with the exception when the call fails for good; its
+            return value is returned instead. For an async function it may be
+            sync or async. Replaces the policy's ``fallback`` value.
+        name: Give this function its own breaker (and, later, bulkhead and rate
+            limiter) instead of sharing the ones of the policy name.
+
+    Raises:
+        TypeError: At decoration, for generator functions, or an async fallback
+            on a sync function.
+    """
+
+    def decorate(fn: Callable[P, T]) -> Callable[P, T]:
+        _reject_generators(fn)
+        if not callable(fn):
+            msg = f"@resilient needs a callable, got {fn!r}"
+            raise TypeError(msg)
+        is_async = _is_async_callable(fn)
+        if fallback is not None and not is_async and _is_async_callable(fallback):
+            msg = f"{_qualname(fn)} is synchronous, so its fallback must be too"
+            raise TypeError(msg)
+        handle = _Handle(policy, key=name, callable_name=_qualname(fn), fallback=fallback)
+        get = handle.get
+
+        if is_async:
+            afn: Callable[..., Awaitable[Any]] = fn  # type: ignore[assignment]
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                pipeline = get()
+                if pipeline.direct:
+                    try:
+                        return await afn(*args, **kwargs)
+                    except Exception as exc:
+                        return await pipeline.run_async(afn, args, kwargs, exc)
+                return await pipeline.run_async(afn, args, kwargs)
+
+            async_wrapper.__resilient_handle__ = handle  # type: ignore[attr-defined]
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            pipeline = get()
+            if pipeline.direct:
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    return pipeline.run_sync(fn, args, kwargs, exc)  # type: ignore[no-any-return]
+            return pipeline.run_sync(fn, args, kwargs)  # type: ignore[no-any-return]
+
+        sync_wrapper.__resilient_handle__ = handle  # type: ignore[attr-defined]
+        return sync_wrapper
+
+    return decorate
+
+
+# --------------------------------------------------------------------------- call forms
+
+_call_handles: dict[tuple[str | int, str | None], _Handle] = {}
+_call_lock = threading.Lock()
+
+
+def _handle_for(policy: str | Policy, name: str | None) -> _Handle:
+    key = (policy if isinstance(policy, str) else id(policy), name)
+    handle = _call_handles.get(key)
+    if handle is None:
+        with _call_lock:
+            handle = _call_handles.get(key)
+            if handle is None:
+                label = name or (policy if isinstance(policy, str) else "<policy>")
+                handle = _Handle(policy, key=name, callable_name=f"call:{label}", fallback=None)
+                if isinstance(policy, str):
+                    _call_handles[key] = handle
+    return handle
+
+
+def call(
+    policy: str | Policy, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """Call the sync function *fn* through *policy*: ``call("db", query, sql)``."""
+    if _is_async_callable(fn):
+        msg = "resilient.call() runs sync functions; use `await resilient.acall(...)`"
+        raise TypeError(msg)
+    return _handle_for(policy, None).get().run_sync(fn, args, kwargs)  # type: ignore[no-any-return]
+
+
+async def acall(
+    policy: str | Policy,
+    fn: Callable[P, Awaitable[T]],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """Await the async function *fn* through *policy*: ``await acall("broker", send, o)``."""
+    result = await _handle_for(policy, None).get().run_async(fn, args, kwargs)
+    return result  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- block form
+
+
+class Attempt:
+    """
+    One attempt of the block form; use it as ``with attempt:``.
+
+    Attributes:
+        number: 1 for the first attempt.
+    """
+
+    __slots__ = ("_iterator", "_token", "exited", "number")
+
+    def __init__(self, iterator: AttemptIterator, number: int) -> None:
+        self._iterator = iterator
+        self.number = number
+        self._token = -1
+        self.exited = False
+
+    def __repr__(self) -> str:
+        return f"<Attempt {self.number} of policy {self._iterator.pipeline.name!r}>"
+
+    def __enter__(self) -> Attempt:
+        breaker = self._iterator.pipeline.breaker
+        if breaker is not None:
+            try:
+                self._token = breaker.acquire()
+            except CircuitOpenError as rejected:
+                self._iterator.pipeline._rejected(rejected)
+                self._iterator.finished = True
+                raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self.exited = True
+        iterator = self._iterator
+        pipeline = iterator.pipeline
+        breaker = pipeline.breaker
+        token, self._token = self._token, -1
+        if exc is None:
+            if token >= 0 and breaker is not None:
+                breaker.on_success(token, 0.0)
+            iterator.finished = True
+            return False
+        if not isinstance(exc, Exception):
+            if token >= 0 and breaker is not None:
+                breaker.on_cancel(token)
+            iterator.finished = True
+            return False
+        if token >= 0 and breaker is not None:
+            breaker.on_failure(token, exc, 0.0)
+        if pipeline.retry is None:
+            iterator.finished = True
+            return False
+        if iterator.state is None:
+            iterator.state = pipeline.retry.new_state(iterator.started)
+        delay = pipeline._next_delay(iterator.state, self.number, exc, None)
+        if delay < 0:
+            iterator.finished = True
+            return False
+        iterator.delay = delay
+        return True  # swallow: the loop makes another attempt
+
+
+class AttemptIterator:
+    """
+    Iterate over attempts, sync (``for``) or async (``async for``)::
+
+        for attempt in resilient.attempts("broker"):
+            with attempt:
+                send(order)
+
+    The block runs again while it raises a retryable exception and attempts
+    remain; the breaker sees every attempt. Timeouts are not applied to the
+    block (use the decorator or ``acall`` for them), nor is a fallback.
+    """
+
+    __slots__ = ("delay", "finished", "number", "pipeline", "started", "state")
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.number = 0
+        self.finished = False
+        self.delay = 0.0
+        self.started = _clock.monotonic()
+        self.state: tenacity.RetryCallState | None = None
+
+    def __iter__(self) -> Iterator[Attempt]:
+        while not self.finished:
+            if self.delay > 0:
+                _clock.sleep(self.delay)
+                self.delay = 0.0
+            self.number += 1
+            attempt = Attempt(self, self.number)
+            yield attempt
+            if not attempt.exited:
+                return  # the body did not enter `with attempt:`: nothing to retry
+
+    async def __aiter__(self) -> AsyncIterator[Attempt]:
+        while not self.finished:
+            if self.delay > 0:
+                await _clock.asleep(self.delay)
+                self.delay = 0.0
+            self.number += 1
+            attempt = Attempt(self, self.number)
+            yield attempt
+            if not attempt.exited:
+                return
+
+
+def attempts(policy: str | Policy, *, name: str | None = None) -> AttemptIterator:
+    """The block form: ``for attempt in attempts("broker"): with attempt: ...``."""
+    return AttemptIterator(_handle_for(policy, name).get())

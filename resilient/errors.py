@@ -1,0 +1,141 @@
+"""
+The exceptions that resilient itself raises.
+
+Every one of them descends from :class:`ResilienceError`, and each also inherits
+from the builtin whose meaning it shares, so existing ``except`` clauses keep
+working::
+
+    ResilienceError
+     +-- PolicyError(ResilienceError, ValueError)     a policy is invalid or unknown
+     +-- RejectedError                               the call was *not* attempted
+     |    +-- CircuitOpenError    (.policy, .retry_after)
+     |    +-- BulkheadFullError   (.policy)
+     |    +-- RateLimitedError    (.policy, .retry_after)
+     +-- AttemptTimeoutError(ResilienceError, TimeoutError)
+                                                     attempted, but too slow
+
+The user's own exceptions are never wrapped: when retries run out, the last
+exception the function raised is re-raised unchanged (same object, same
+traceback) with a note saying how many attempts were made.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AttemptTimeoutError",
+    "BulkheadFullError",
+    "CircuitOpenError",
+    "PolicyError",
+    "RateLimitedError",
+    "RejectedError",
+    "ResilienceError",
+]
+
+
+class ResilienceError(Exception):
+    """
+    Root of every exception raised by resilient itself.
+
+    Attributes:
+        policy: Name of the policy that raised it, or ``None`` when no policy
+            was involved (a file that failed to load, for example).
+    """
+
+    policy: str | None
+
+    def __init__(self, message: str, *, policy: str | None = None) -> None:
+        super().__init__(message)
+        self.policy = policy
+
+
+class PolicyError(ResilienceError, ValueError):
+    """
+    A policy file, a policy or a policy name is invalid.
+
+    The message names the file, the line and the key path, and for an unknown
+    key suggests the closest valid one. The parts are also kept as attributes
+    so tools can render them.
+
+    Attributes:
+        source: The file (or environment variable, or ``"<python>"``) the bad
+            value came from, if known.
+        line: 1-based line number in *source*, if known.
+        key: Dotted key path, e.g. ``policies.broker.retry.max_attempts``.
+        problems: Every problem found, one string each (a file with several
+            mistakes reports all of them at once).
+    """
+
+    source: str | None
+    line: int | None
+    key: str | None
+    problems: tuple[str, ...]
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        line: int | None = None,
+        key: str | None = None,
+        policy: str | None = None,
+        problems: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message, policy=policy)
+        self.source = source
+        self.line = line
+        self.key = key
+        self.problems = problems or (message,)
+
+
+class RejectedError(ResilienceError):
+    """
+    The call was refused before the function ran; it did not reach the service.
+
+    Attributes:
+        retry_after: Seconds after which trying again has a chance, or ``None``.
+    """
+
+    retry_after: float | None
+
+    def __init__(
+        self, message: str, *, policy: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, policy=policy)
+        self.retry_after = retry_after
+
+
+class CircuitOpenError(RejectedError):
+    """
+    The policy's circuit breaker is open (or its half-open trial calls are taken).
+
+    ``retry_after`` says how many seconds remain until the breaker lets a trial
+    call through.
+    """
+
+
+class BulkheadFullError(RejectedError):
+    """The policy's bulkhead had no free slot within its acquire timeout."""
+
+
+class RateLimitedError(RejectedError):
+    """The policy's rate limit was exhausted for longer than its ``max_wait``."""
+
+
+class AttemptTimeoutError(ResilienceError, TimeoutError):
+    """
+    An attempt, or the whole call, ran past its time budget.
+
+    Attributes:
+        timeout: The budget that was exceeded, in seconds.
+        kind: ``"per_attempt"`` or ``"total"``.
+    """
+
+    timeout: float
+    kind: str
+
+    def __init__(
+        self, message: str, *, policy: str | None = None, timeout: float, kind: str
+    ) -> None:
+        super().__init__(message, policy=policy)
+        self.timeout = timeout
+        self.kind = kind

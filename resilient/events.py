@@ -1,0 +1,166 @@
+"""
+Typed events and the in-process event bus.
+
+Every event is a frozen, slotted dataclass. Subscribers are plain callables
+(sync) or coroutine functions (async; scheduled on the running loop, or run to
+completion when there is none). A subscriber that raises is logged and never
+breaks the call that emitted the event.
+
+Nothing is emitted on the plain success path: events describe what the
+resilience strategies *did* (a retry, a transition, a rejection, a fallback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+__all__ = [
+    "BreakerStateChanged",
+    "CallRejected",
+    "Event",
+    "EventBus",
+    "FallbackUsed",
+    "RetriesExhausted",
+    "RetryScheduled",
+    "bus",
+    "subscribe",
+    "unsubscribe",
+]
+
+_log = logging.getLogger("resilient.events")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled:
+    """An attempt failed and another one will run after *delay* seconds."""
+
+    policy: str
+    callable: str
+    attempt: int
+    """The attempt that failed (1 = the first call)."""
+    delay: float
+    error_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetriesExhausted:
+    """The last allowed attempt failed (or the budget ran out); the error goes to the caller."""
+
+    policy: str
+    callable: str
+    attempts: int
+    error_type: str
+    reason: str
+    """``"attempts"``, ``"total_timeout"`` or ``"not_retryable"``."""
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStateChanged:
+    """A circuit breaker moved from *old_state* to *new_state*."""
+
+    policy: str
+    old_state: str
+    new_state: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallRejected:
+    """A call was refused before reaching the function (breaker open, bulkhead full ...)."""
+
+    policy: str
+    callable: str
+    reason: str
+    retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackUsed:
+    """The fallback answered instead of the function."""
+
+    policy: str
+    callable: str
+    error_type: str
+
+
+Event: TypeAlias = (
+    RetryScheduled | RetriesExhausted | BreakerStateChanged | CallRejected | FallbackUsed
+)
+Subscriber: TypeAlias = Callable[[Any], Any]
+
+
+class EventBus:
+    """
+    Fan-out of events to subscribers.
+
+    ``active`` is true while anyone listens; emitters check it first so that an
+    event nobody hears costs one attribute read and no allocation.
+    """
+
+    __slots__ = ("_lock", "_subscribers", "active")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: tuple[Subscriber, ...] = ()
+        self.active = False
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Add *subscriber*; returns a function that removes it again."""
+        with self._lock:
+            self._subscribers = (*self._subscribers, subscriber)
+            self.active = True
+        return lambda: self.unsubscribe(subscriber)
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        """Remove *subscriber* (no error if it was not subscribed)."""
+        with self._lock:
+            self._subscribers = tuple(s for s in self._subscribers if s is not subscriber)
+            self.active = bool(self._subscribers)
+
+    def emit(self, event: Any) -> None:
+        """Deliver *event* to every subscriber; their errors are logged, never raised."""
+        for subscriber in self._subscribers:
+            try:
+                outcome = subscriber(event)
+                if inspect.isawaitable(outcome):
+                    _schedule(outcome)
+            except Exception:
+                _log.exception("event subscriber %r raised; ignoring it", subscriber)
+
+
+def _schedule(awaitable: Any) -> None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(_guard(awaitable))
+        return
+    task = loop.create_task(_guard(awaitable))
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
+
+
+async def _guard(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception:
+        _log.exception("async event subscriber raised; ignoring it")
+
+
+_pending: set[asyncio.Task[None]] = set()
+
+bus = EventBus()
+
+
+def subscribe(subscriber: Subscriber) -> Callable[[], None]:
+    """Subscribe to every event of the process-wide bus; returns an unsubscribe function."""
+    return bus.subscribe(subscriber)
+
+
+def unsubscribe(subscriber: Subscriber) -> None:
+    """Remove a subscriber from the process-wide bus."""
+    bus.unsubscribe(subscriber)

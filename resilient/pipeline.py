@@ -1,0 +1,465 @@
+"""
+The call pipeline: one compiled object per (function, policy).
+
+Order, outermost first (DESIGN §3)::
+
+    fallback -> total timeout -> retry -> circuit breaker -> per-attempt timeout -> function
+
+A strategy the policy does not enable is absent: its attribute is ``None`` and
+the code path that would use it is skipped by one ``is None`` test. All the
+work that does not depend on the call (building tenacity strategies, resolving
+exception classes, choosing the path) happens here, once, when the pipeline is
+built; the hot path reads plain slotted attributes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import tenacity
+
+from resilient import _clock
+from resilient._models import CircuitBreakerConfig, Policy, RetryStrategy
+from resilient.breaker import CircuitBreaker
+from resilient.errors import AttemptTimeoutError, CircuitOpenError, PolicyError
+from resilient.events import (
+    BreakerStateChanged,
+    CallRejected,
+    FallbackUsed,
+    RetriesExhausted,
+    RetryScheduled,
+    bus,
+)
+from resilient.policy import registry
+from resilient.retry import FailureRate, RetryPlan
+from resilient.timeout import _QueueCache, deadline_queue
+
+__all__ = ["Pipeline", "breakers", "get_breaker"]
+
+_current_task = asyncio.current_task
+
+
+class _BusListener:
+    """pybreaker-style listener that puts breaker transitions on the event bus."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+
+    def before_call(self, cb: Any, func: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def success(self, cb: Any) -> None:
+        return None
+
+    def failure(self, cb: Any, exc: BaseException) -> None:
+        return None
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        if bus.active:
+            old = getattr(old_state, "name", old_state)
+            new = getattr(new_state, "name", new_state)
+            bus.emit(BreakerStateChanged(self.policy, str(old), str(new)))
+
+
+# --------------------------------------------------------------------------- breakers
+
+_breakers_lock = threading.Lock()
+_breakers: dict[str, tuple[CircuitBreakerConfig, CircuitBreaker]] = {}
+
+
+def _breaker_for(key: str, config: CircuitBreakerConfig) -> CircuitBreaker:
+    """The shared breaker for *key*; kept across reloads while its config is unchanged."""
+    with _breakers_lock:
+        known = _breakers.get(key)
+        if known is not None and known[0] == config:
+            return known[1]
+        breaker = CircuitBreaker(key, config, listeners=[_BusListener(key)])
+        _breakers[key] = (config, breaker)
+        return breaker
+
+
+def get_breaker(name: str) -> CircuitBreaker:
+    """
+    The circuit breaker shared by every call of policy *name* (or of the
+    functions decorated with ``name=``).
+
+    Raises:
+        PolicyError: No breaker of that name, and no policy of that name with a
+            ``circuit_breaker`` section.
+    """
+    known = _breakers.get(name)
+    if known is not None:
+        return known[1]
+    policy = registry.get(name)
+    if policy.circuit_breaker is None:
+        msg = f"policy {name!r} has no circuit_breaker section"
+        raise PolicyError(msg, policy=name)
+    return _breaker_for(name, policy.circuit_breaker)
+
+
+def breakers() -> dict[str, CircuitBreaker]:
+    """Every breaker created so far, by name."""
+    return {key: pair[1] for key, pair in _breakers.items()}
+
+
+def _reset_breakers() -> None:
+    with _breakers_lock:
+        _breakers.clear()
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+class Pipeline:
+    """
+    A compiled policy for one callable.
+
+    Args:
+        policy: The validated policy.
+        name: Policy name: names events and errors, and keys the shared breaker.
+        callable_name: Qualified name of the guarded function (for events).
+        fallback: Callable taking the exception; overrides the policy's static
+            fallback value.
+    """
+
+    __slots__ = (
+        "breaker",
+        "callable_name",
+        "direct",
+        "fallback",
+        "fallback_async",
+        "fallback_on",
+        "name",
+        "per_attempt",
+        "per_attempt_queues",
+        "policy",
+        "rate",
+        "retry",
+        "total",
+        "total_queues",
+    )
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        name: str,
+        callable_name: str = "<call>",
+        fallback: Callable[[BaseException], Any] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.name = name
+        self.callable_name = callable_name
+        cb = policy.circuit_breaker
+        self.breaker = _breaker_for(name, cb) if cb is not None else None
+        self.per_attempt = policy.per_attempt_timeout
+        self.total = policy.total_timeout
+        self.per_attempt_queues: _QueueCache | None = (
+            deadline_queue(self.per_attempt) if self.per_attempt is not None else None
+        )
+        self.total_queues: _QueueCache | None = (
+            deadline_queue(self.total) if self.total is not None else None
+        )
+        self.rate: FailureRate | None = None
+        self.retry: RetryPlan | None = None
+        if policy.retry is not None and policy.retry.max_attempts > 1:
+            rate_source: Callable[[], float] | None = None
+            if policy.retry.strategy is RetryStrategy.ADAPTIVE:
+                breaker = self.breaker
+                if breaker is not None:
+                    rate_source = lambda: breaker.failure_rate  # noqa: E731
+                else:
+                    rate = self.rate = FailureRate()
+                    rate_source = lambda: rate.rate  # noqa: E731
+            self.retry = RetryPlan(policy.retry, total=self.total, rate=rate_source)
+        if fallback is not None:
+            self.fallback: Callable[[BaseException], Any] | None = fallback
+            self.fallback_on: tuple[type[BaseException], ...] = (
+                policy.fallback.on if policy.fallback is not None else (Exception,)
+            )
+        elif policy.fallback is not None:
+            value = policy.fallback.value
+            self.fallback = lambda _exc: value
+            self.fallback_on = policy.fallback.on
+        else:
+            self.fallback = None
+            self.fallback_on = ()
+        self.fallback_async = self.fallback is not None and _is_async_callable(self.fallback)
+        # The "direct" path calls the function with no wrapping at all and only
+        # enters the pipeline after a first failure.
+        self.direct = (
+            self.breaker is None
+            and self.per_attempt is None
+            and self.total is None
+            and self.rate is None
+            and (self.retry is None or not self.retry.checks_result)
+        )
+
+    # ------------------------------------------------------------ shared logic
+
+    def _give_up(self, exc: BaseException, attempt: int, reason: str) -> None:
+        if attempt > 1:
+            exc.add_note(
+                f"resilient: policy {self.name!r} gave up after {attempt} attempts ({reason})"
+            )
+        if bus.active:
+            bus.emit(
+                RetriesExhausted(self.name, self.callable_name, attempt, type(exc).__name__, reason)
+            )
+
+    def _next_delay(
+        self, state: tenacity.RetryCallState, attempt: int, exc: BaseException | None, result: Any
+    ) -> float:
+        """Delay before the next attempt, or -1 to give up (the caller then raises)."""
+        plan = self.retry
+        assert plan is not None
+        delay, reason = plan.decide(state, attempt, exc, result)
+        if delay < 0:
+            if exc is not None:
+                self._give_up(exc, attempt, reason)
+            return -1.0
+        if bus.active:
+            error = type(exc).__name__ if exc is not None else "result"
+            bus.emit(RetryScheduled(self.name, self.callable_name, attempt, delay, error))
+        return delay
+
+    def _rejected(self, exc: CircuitOpenError) -> None:
+        if bus.active:
+            bus.emit(CallRejected(self.name, self.callable_name, "circuit_open", exc.retry_after))
+
+    def _fallback_used(self, exc: BaseException) -> None:
+        if bus.active:
+            bus.emit(FallbackUsed(self.name, self.callable_name, type(exc).__name__))
+
+    def _timeout(self, kind: str) -> AttemptTimeoutError:
+        budget = self.per_attempt if kind == "per_attempt" else self.total
+        assert budget is not None
+        what = "attempt" if kind == "per_attempt" else "call"
+        return AttemptTimeoutError(
+            f"policy {self.name!r}: {what} of {self.callable_name} took longer than {budget}s",
+            policy=self.name,
+            timeout=budget,
+            kind=kind,
+        )
+
+    # ------------------------------------------------------------------ async
+
+    async def run_async(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        failed: BaseException | None = None,
+    ) -> Any:
+        """
+        Run *fn* through the pipeline. *failed* is the exception of a first
+        attempt the caller already made (the direct path).
+        """
+        total_entry = None
+        started = 0.0
+        if self.total_queues is not None:
+            task = _current_task()
+            if task is not None:
+                started = _clock.monotonic()
+                total_entry = self.total_queues.get(task.get_loop()).arm(task)
+        try:
+            result = await self._retry_loop_async(fn, args, kwargs, failed, started)
+        except BaseException as exc:
+            error: BaseException = exc
+            if total_entry is not None and total_entry.expired(exc):
+                error = self._timeout("total")
+            if self.fallback is not None and isinstance(error, self.fallback_on):
+                self._fallback_used(error)
+                value = self.fallback(error)
+                return (await value) if self.fallback_async else value
+            if error is exc:
+                raise
+            raise error from None
+        if total_entry is not None:
+            total_entry.expired(None)
+        return result
+
+    async def _retry_loop_async(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        failed: BaseException | None,
+        started: float,
+    ) -> Any:
+        breaker = self.breaker
+        queues = self.per_attempt_queues
+        rate = self.rate
+        attempt = 1
+        state: tenacity.RetryCallState | None = None
+        while True:
+            if failed is None:
+                token = -1
+                began = 0.0
+                try:
+                    if breaker is not None:
+                        try:
+                            token = breaker.acquire()
+                        except CircuitOpenError as rejected:
+                            self._rejected(rejected)
+                            raise
+                        if breaker.needs_duration:
+                            began = _clock.monotonic()
+                    if queues is not None:
+                        task = _current_task()
+                        assert task is not None
+                        entry = queues.get(task.get_loop()).arm(task)
+                        try:
+                            result = await fn(*args, **kwargs)
+                        except BaseException as exc:
+                            if entry.expired(exc):
+                                raise self._timeout("per_attempt") from None
+                            raise
+                        entry.expired(None)
+                    else:
+                        result = await fn(*args, **kwargs)
+                except Exception as exc:
+                    if token >= 0:
+                        assert breaker is not None
+                        breaker.on_failure(token, exc, _clock.monotonic() - began if began else 0.0)
+                    if rate is not None:
+                        rate.record(True)
+                    failed = exc
+                except BaseException:
+                    if token >= 0:
+                        assert breaker is not None
+                        breaker.on_cancel(token)
+                    raise
+                else:
+                    if token >= 0:
+                        assert breaker is not None
+                        breaker.on_success(token, _clock.monotonic() - began if began else 0.0)
+                    if rate is not None:
+                        rate.record(False)
+                    retry = self.retry
+                    if retry is None or not retry.checks_result:
+                        return result
+                    if state is None:
+                        state = retry.new_state(started or _clock.monotonic())
+                    delay = self._next_delay(state, attempt, None, result)
+                    if delay < 0:
+                        return result
+                    if delay > 0:
+                        await _clock.asleep(delay)
+                    attempt += 1
+                    continue
+            # the attempt failed with `failed`
+            retry = self.retry
+            if retry is None:
+                raise failed
+            if state is None:
+                state = retry.new_state(started or _clock.monotonic())
+            delay = self._next_delay(state, attempt, failed, None)
+            if delay < 0:
+                raise failed
+            failed = None
+            if delay > 0:
+                await _clock.asleep(delay)
+            attempt += 1
+
+    # ------------------------------------------------------------------- sync
+
+    def run_sync(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        failed: BaseException | None = None,
+    ) -> Any:
+        """Run *fn* in the caller's thread through the pipeline (see run_async)."""
+        try:
+            return self._retry_loop_sync(fn, args, kwargs, failed)
+        except Exception as exc:
+            if self.fallback is not None and isinstance(exc, self.fallback_on):
+                self._fallback_used(exc)
+                return self.fallback(exc)
+            raise
+
+    def _retry_loop_sync(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        failed: BaseException | None,
+    ) -> Any:
+        breaker = self.breaker
+        rate = self.rate
+        # Sync code cannot be interrupted: the total budget is checked between
+        # attempts (no sleep or new attempt starts after it), see docs/timeouts.md.
+        started = _clock.monotonic() if self.total is not None else 0.0
+        attempt = 1
+        state: tenacity.RetryCallState | None = None
+        while True:
+            if failed is None:
+                token = -1
+                began = 0.0
+                try:
+                    if breaker is not None:
+                        try:
+                            token = breaker.acquire()
+                        except CircuitOpenError as rejected:
+                            self._rejected(rejected)
+                            raise
+                        if breaker.needs_duration:
+                            began = _clock.monotonic()
+                    result = fn(*args, **kwargs)
+                except Exception as exc:
+                    if token >= 0:
+                        assert breaker is not None
+                        breaker.on_failure(token, exc, _clock.monotonic() - began if began else 0.0)
+                    if rate is not None:
+                        rate.record(True)
+                    failed = exc
+                except BaseException:
+                    if token >= 0:
+                        assert breaker is not None
+                        breaker.on_cancel(token)
+                    raise
+                else:
+                    if token >= 0:
+                        assert breaker is not None
+                        breaker.on_success(token, _clock.monotonic() - began if began else 0.0)
+                    if rate is not None:
+                        rate.record(False)
+                    retry = self.retry
+                    if retry is None or not retry.checks_result:
+                        return result
+                    if state is None:
+                        state = retry.new_state(started or _clock.monotonic())
+                    delay = self._next_delay(state, attempt, None, result)
+                    if delay < 0:
+                        return result
+                    if delay > 0:
+                        _clock.sleep(delay)
+                    attempt += 1
+                    continue
+            retry = self.retry
+            if retry is None:
+                raise failed
+            if state is None:
+                state = retry.new_state(started or _clock.monotonic())
+            delay = self._next_delay(state, attempt, failed, None)
+            if delay < 0:
+                raise failed
+            failed = None
+            if delay > 0:
+                _clock.sleep(delay)
+            attempt += 1
+
+
+def _is_async_callable(obj: Any) -> bool:
+    """Coroutine functions, partials of them, and objects with an async ``__call__``."""
+    while hasattr(obj, "func") and hasattr(obj, "args"):  # functools.partial
+        obj = obj.func
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
+        getattr(obj, "__call__", None)  # noqa: B004 - we want the method itself
+    )
