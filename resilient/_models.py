@@ -23,7 +23,7 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
-from pydantic.json_schema import SkipJsonSchema
+from pydantic.json_schema import GenerateJsonSchema, SkipJsonSchema
 
 __all__ = [
     "TRANSIENT_ERRORS",
@@ -33,6 +33,8 @@ __all__ = [
     "RetryConfig",
     "RetryStrategy",
     "TimeoutConfig",
+    "policy_file_schema",
+    "resolve_exception",
 ]
 
 #: What ``retry_on`` defaults to: errors that usually go away by themselves.
@@ -346,3 +348,45 @@ class Policy(_Model):
         if self.retry is not None:
             return self.retry.timeout
         return None
+
+
+class _SchemaGenerator(GenerateJsonSchema):
+    """Renders exception-class defaults as their names, as a policy file spells them."""
+
+    def encode_default(self, dft: Any) -> Any:
+        if isinstance(dft, tuple) and all(
+            isinstance(e, type) and issubclass(e, BaseException) for e in dft
+        ):
+            return [_exception_name(e) for e in dft]
+        if isinstance(dft, Enum):
+            return dft.value
+        return super().encode_default(dft)
+
+
+def policy_file_schema() -> dict[str, Any]:
+    """JSON Schema of a whole policy file (``version`` + ``policies``), for editors."""
+    policy = Policy.model_json_schema(
+        schema_generator=_SchemaGenerator, ref_template="#/$defs/{model}"
+    )
+    defs = policy.pop("$defs", {})
+    policy["properties"]["extends"] = {
+        "type": "string",
+        "description": "Name of a policy whose sections this one starts from (deep merge).",
+    }
+    defs["Policy"] = policy
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "resilient policy file",
+        "description": "Resilience policies for the resilient library (version 1).",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "version": {"const": 1, "description": "Format version of this file."},
+            "policies": {
+                "type": "object",
+                "description": "Policies by name.",
+                "additionalProperties": {"$ref": "#/$defs/Policy"},
+            },
+        },
+        "$defs": defs,
+    }

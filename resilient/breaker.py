@@ -102,6 +102,9 @@ _MAX_BUCKETS: Final = 60
 
 _INF: Final = math.inf
 
+#: Transitions made under the lock, ``(old, new)``, to report once it is released.
+_Events = list[tuple[str, str]]
+
 
 class _StateName:
     """What listeners get as ``old_state``/``new_state``: pybreaker-style, ``.name`` only."""
@@ -281,6 +284,7 @@ class CircuitBreaker:
         "_clock",
         "_closed_token",
         "_consecutive",
+        "_failure_cbs",
         "_failure_threshold",
         "_fast_token",
         "_gen",
@@ -303,6 +307,7 @@ class CircuitBreaker:
         "_slow_thr",
         "_state",
         "_storage",
+        "_success_cbs",
         "_timed",
         "_trial_calls",
         "_trial_successes",
@@ -337,7 +342,10 @@ class CircuitBreaker:
         self.name = name
         self.config = config
         self._clock: Callable[[], float] = clock or time.monotonic
-        self._listeners: tuple[Any, ...] = tuple(listeners)
+        self._listeners: tuple[Any, ...] = ()
+        self._success_cbs: tuple[Callable[[Any], object], ...] = ()
+        self._failure_cbs: tuple[Callable[[Any, BaseException], object], ...] = ()
+        self._set_listeners(tuple(listeners))
         self._lock = threading.Lock()
         self._storage: Any = pybreaker.CircuitMemoryStorage(STATE_CLOSED)
 
@@ -407,7 +415,7 @@ class CircuitBreaker:
             token: What ``acquire()`` returned.
             duration: Seconds the call took, or 0.0 if ``needs_duration`` is false.
         """
-        event = None
+        events = None
         with self._lock:
             if token == self._closed_token:
                 self._n_successes += 1
@@ -416,15 +424,15 @@ class CircuitBreaker:
                 if self._window_add(
                     _SLOW if duration >= self._slow_s else 0, self._clock() if self._timed else 0.0
                 ) and self._window_trips(self._window):
-                    event = self._transition(STATE_OPEN, self._clock())
+                    events = [self._transition(STATE_OPEN, self._clock())]
             elif token == _TOKEN_PASS:
                 return
             else:
-                event = self._other_success(token, duration)
-        if self._listeners:
-            self._notify_outcome(None, event)
-        elif event is not None:
-            self._notify(event)
+                events = self._other_success(token, duration)
+        if self._success_cbs:
+            self._notify_outcome(None, events)
+        elif events is not None:
+            self._notify(events)
 
     def on_failure(self, token: int, exc: BaseException, duration: float) -> None:
         """
@@ -447,7 +455,7 @@ class CircuitBreaker:
         if not isinstance(exc, self._record):
             self.on_success(token, duration)
             return
-        event = None
+        events = None
         with self._lock:
             self._n_failures += 1
             if token == self._closed_token:
@@ -458,16 +466,16 @@ class CircuitBreaker:
                 now = self._clock() if timed else 0.0
                 w.add(_FAIL | _SLOW if duration >= self._slow_s else _FAIL, now)
                 if consecutive >= self._failure_threshold or self._window_trips(w):
-                    event = self._transition(STATE_OPEN, now if timed else self._clock())
+                    events = [self._transition(STATE_OPEN, now if timed else self._clock())]
             elif token & 1 and token > 0:
                 now = self._clock()
-                event = self._advance(now)
+                events = self._advance(now)  # a verdict after half_open_timeout is too late
                 if token == self._gen * 2 + 1 and self._state == STATE_HALF_OPEN:
-                    event = self._transition(STATE_OPEN, now, event)
-        if self._listeners:
-            self._notify_outcome(exc, event)
-        elif event is not None:
-            self._notify(event)
+                    events = [self._transition(STATE_OPEN, now)]
+        if self._failure_cbs:
+            self._notify_outcome(exc, events)
+        elif events is not None:
+            self._notify(events)
 
     def on_cancel(self, token: int) -> None:
         """
@@ -498,7 +506,7 @@ class CircuitBreaker:
             )
         with self._lock:
             now = self._clock()
-            event = self._advance(now)
+            events = self._advance(now)
             state = self._state
             token = _TOKEN_SHADOW
             retry_after = 0.0
@@ -515,8 +523,8 @@ class CircuitBreaker:
                     retry_after = min(TRIALS_BUSY_RETRY_AFTER, self._half_open_until - now)
                     retry_after = max(retry_after, 0.001)
             metrics_only = self._mode == "metrics_only"
-        if event is not None:
-            self._notify(event)
+        if events is not None:
+            self._notify(events)
         if token != _TOKEN_SHADOW or metrics_only:
             return token
         if state == STATE_OPEN:
@@ -525,19 +533,19 @@ class CircuitBreaker:
             msg = f"circuit breaker of policy {self.name!r} is half-open, trial calls taken"
         raise CircuitOpenError(msg, policy=self.name, retry_after=retry_after)
 
-    def _other_success(self, token: int, duration: float) -> tuple[str, str] | None:
+    def _other_success(self, token: int, duration: float) -> _Events | None:
         """Success with a token that is not the current closed one (lock held)."""
         self._n_successes += 1
         if token > 0 and token & 1:
             now = self._clock()
-            event = self._advance(now)
+            events = self._advance(now)  # a verdict after half_open_timeout is too late
             if token == self._gen * 2 + 1 and self._state == STATE_HALF_OPEN:
                 if duration >= self._slow_s:
-                    return self._transition(STATE_OPEN, now, event)
+                    return [self._transition(STATE_OPEN, now)]
                 self._trial_successes += 1
                 if self._trial_successes >= self.config.success_threshold:
-                    return self._transition(STATE_CLOSED, now, event)
-            return event
+                    return [self._transition(STATE_CLOSED, now)]
+            return events
         return None
 
     def _ignored(self, token: int) -> None:
@@ -558,28 +566,34 @@ class CircuitBreaker:
 
     # ------------------------------------------------------------ transitions
 
-    def _advance(self, now: float) -> tuple[str, str] | None:
-        """Time-based transitions (lock held): open -> half-open, half-open -> open."""
+    def _advance(self, now: float) -> _Events | None:
+        """
+        Time-based transitions, done lazily at *now* (lock held).
+
+        A half-open period past ``half_open_timeout`` reopens *as of* its
+        deadline, so the new open period is not stretched by nobody looking;
+        an open period that is over becomes half-open *now*, so the trial
+        permits and the half-open timeout start when someone can use them.
+        Frozen in ``disabled`` and ``forced_open`` modes.
+        """
         if self._mode == "disabled" or self._mode == "forced_open":
             return None
-        state = self._state
-        if state == STATE_OPEN and now >= self._open_until:
-            return self._transition(STATE_HALF_OPEN, now)
-        if state == STATE_HALF_OPEN and now >= self._half_open_until:
-            return self._transition(STATE_OPEN, now)
-        return None
+        events = None
+        if self._state == STATE_HALF_OPEN and now >= self._half_open_until:
+            events = [self._transition(STATE_OPEN, self._half_open_until)]
+        if self._state == STATE_OPEN and now >= self._open_until:
+            event = self._transition(STATE_HALF_OPEN, now)
+            events = [event] if events is None else [*events, event]
+        return events
 
-    def _transition(
-        self, new: str, now: float, earlier: tuple[str, str] | None = None
-    ) -> tuple[str, str] | None:
+    def _transition(self, new: str, now: float) -> tuple[str, str]:
         """
-        Move to *new* (lock held) and return ``(old, new)`` for the listeners.
+        Move to *new* at time *now* (lock held); return ``(old, new)`` for the listeners.
 
-        *earlier* is a transition that already happened in the same step; the
-        two are merged into one event (``open -> half-open -> open`` is
-        reported as nothing changing names, so nothing is reported).
+        Every transition, even to the same state, starts a new generation:
+        tokens issued before it no longer count.
         """
-        old = earlier[0] if earlier is not None else self._state
+        old = self._state
         self._gen += 1
         self._state = new
         self._consecutive = 0
@@ -602,7 +616,7 @@ class CircuitBreaker:
             storage.reset_counter()
         storage.state = new
         self._sync_tokens()
-        return (old, new) if old != new else None
+        return (old, new)
 
     def _open_duration(self) -> float:
         cfg = self.config
@@ -621,27 +635,58 @@ class CircuitBreaker:
 
     # -------------------------------------------------------------- listeners
 
-    def _notify(self, event: tuple[str, str]) -> None:
-        old, new = _STATE_OBJECTS[event[0]], _STATE_OBJECTS[event[1]]
-        for listener in self._listeners:
-            try:
-                listener.state_change(self, old, new)
-            except Exception:
-                _log.exception(
-                    "circuit breaker %r: listener %r failed in state_change", self.name, listener
-                )
+    def _notify(self, events: Iterable[tuple[str, str]]) -> None:
+        for old_name, new_name in events:
+            if old_name == new_name:
+                continue
+            old, new = _STATE_OBJECTS[old_name], _STATE_OBJECTS[new_name]
+            for listener in self._listeners:
+                self._call_listener(listener, old, new)
 
-    def _notify_outcome(self, exc: BaseException | None, event: tuple[str, str] | None) -> None:
-        for listener in self._listeners:
-            try:
-                if exc is None:
-                    listener.success(self)
-                else:
-                    listener.failure(self, exc)
-            except Exception:
-                _log.exception("circuit breaker %r: listener %r failed", self.name, listener)
-        if event is not None:
-            self._notify(event)
+    def _call_listener(self, listener: Any, old: _StateName, new: _StateName) -> None:
+        try:
+            listener.state_change(self, old, new)
+        except Exception:
+            _log.exception(
+                "circuit breaker %r: listener %r failed in state_change", self.name, listener
+            )
+
+    def _notify_outcome(self, exc: BaseException | None, events: _Events | None) -> None:
+        if exc is None:
+            for on_success in self._success_cbs:
+                try:
+                    on_success(self)
+                except Exception:
+                    _log.exception("circuit breaker %r: listener %r failed", self.name, on_success)
+        else:
+            for on_failure in self._failure_cbs:
+                try:
+                    on_failure(self, exc)
+                except Exception:
+                    _log.exception("circuit breaker %r: listener %r failed", self.name, on_failure)
+        if events is not None:
+            self._notify(events)
+
+    def _set_listeners(self, listeners: tuple[Any, ...]) -> None:
+        """
+        Install *listeners* (copy-on-write, so notifying needs no lock).
+
+        Only ``success``/``failure`` methods that do something are kept for the
+        hot path: one inherited unchanged from ``pybreaker.CircuitBreakerListener``
+        (or missing) costs nothing per call.
+        """
+        base = pybreaker.CircuitBreakerListener
+        self._listeners = listeners
+        self._success_cbs = tuple(
+            listener.success
+            for listener in listeners
+            if getattr(type(listener), "success", base.success) is not base.success
+        )
+        self._failure_cbs = tuple(
+            listener.failure
+            for listener in listeners
+            if getattr(type(listener), "failure", base.failure) is not base.failure
+        )
 
     def add_listener(self, listener: Any) -> None:
         """
@@ -653,14 +698,14 @@ class CircuitBreaker:
         the function.
         """
         with self._lock:
-            self._listeners = (*self._listeners, listener)
+            self._set_listeners((*self._listeners, listener))
 
     def remove_listener(self, listener: Any) -> None:
         """Unregister *listener* (its first registration). Raises ``ValueError`` if absent."""
         with self._lock:
             listeners = list(self._listeners)
             listeners.remove(listener)
-            self._listeners = tuple(listeners)
+            self._set_listeners(tuple(listeners))
 
     @property
     def listeners(self) -> tuple[Any, ...]:
@@ -678,10 +723,10 @@ class CircuitBreaker:
         half-open (and a half-open one past ``half_open_timeout`` to open).
         """
         with self._lock:
-            event = self._advance(self._clock())
+            events = self._advance(self._clock())
             state = self._state
-        if event is not None:
-            self._notify(event)
+        if events is not None:
+            self._notify(events)
         return state
 
     @property
@@ -712,8 +757,7 @@ class CircuitBreaker:
             event = self._transition(new, self._clock())
             if reset_totals:
                 self._n_successes = self._n_failures = self._n_ignored = self._n_rejections = 0
-        if event is not None:
-            self._notify(event)
+        self._notify((event,))
 
     def open(self) -> None:
         """Open the breaker now; this counts as a trip and starts a normal open period."""
@@ -767,7 +811,7 @@ class CircuitBreaker:
         cfg = self.config
         with self._lock:
             now = self._clock()
-            event = self._advance(now)
+            events = self._advance(now)
             w = self._window
             w.expire(now)
             calls = w.calls
@@ -808,8 +852,8 @@ class CircuitBreaker:
                     "rejections": self._n_rejections,
                 },
             }
-        if event is not None:
-            self._notify(event)
+        if events is not None:
+            self._notify(events)
         status["config"] = {
             "failure_threshold": cfg.failure_threshold,
             "success_threshold": cfg.success_threshold,

@@ -183,9 +183,7 @@ def _handle_for(policy: str | Policy, name: str | None) -> _Handle:
     return handle
 
 
-def call(
-    policy: str | Policy, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
-) -> T:
+def call(policy: str | Policy, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     """Call the sync function *fn* through *policy*: ``call("db", query, sql)``."""
     if _is_async_callable(fn):
         msg = "resilient.call() runs sync functions; use `await resilient.acall(...)`"

@@ -57,8 +57,9 @@ __all__ = [
 SUPPORTED_VERSIONS = (1,)
 _TOP_LEVEL_KEYS = ("version", "policies")
 _POLICY_KEYS = (*Policy.model_fields, "extends")
-# Per-policy override: RESILIENCE_POLICY_<NAME>__<SECTION>__<FIELD>=value
-_ENV_POLICY_PREFIX = "RESILIENCE_POLICY_"
+# Per-policy override: RESILIENCE_POLICY__<NAME>__<SECTION>__<FIELD>=value
+# (double underscores throughout, so it never collides with RESILIENCE_POLICY_FILE)
+_ENV_POLICY_PREFIX = "RESILIENCE_POLICY__"
 
 Path_ = tuple[str | int, ...]
 Origin = tuple[str, int | None]  # (source, line)
@@ -484,7 +485,8 @@ def _apply_env(
         policy_key, *path = parts
         name = by_env_name.get(policy_key.upper())
         if name is None:
-            hint = did_you_mean(policy_key.upper(), by_env_name)
+            close = difflib.get_close_matches(policy_key.upper(), list(by_env_name), n=1)
+            hint = f" (did you mean '{by_env_name[close[0]]}'?)" if close else ""
             known = ", ".join(sorted(policies)) or "(none)"
             problems.add(
                 f"names unknown policy {policy_key.lower()!r}{hint}; known policies: {known}",
@@ -537,7 +539,9 @@ class PolicyRegistry:
         """Whether policies were loaded (explicitly or by discovery)."""
         return self._policies is not None
 
-    def replace(self, policies: Mapping[str, Policy], source: str, *, explicit: bool = True) -> None:
+    def replace(
+        self, policies: Mapping[str, Policy], source: str, *, explicit: bool = True
+    ) -> None:
         """Swap in a new set of policies; pipelines rebuild on their next call."""
         with self._lock:
             self._policies = dict(policies)

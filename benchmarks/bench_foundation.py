@@ -1,0 +1,696 @@
+"""
+Foundation benchmarks: resilient's per-call overhead against its peers, in one process.
+
+Usage::
+
+    python benchmarks/bench_foundation.py [--quick] [--json out.json]
+
+What is measured
+================
+
+For every scenario, the *same* trivial function (``return 1``, or ``raise
+ConnectionError`` for the failure path) is called bare, through resilient and
+through each peer. ``overhead = ns per wrapped call - ns per bare call``; the
+ratio ``ours / peer`` of those overheads is checked against the targets of the
+performance issue (see docs/performance.md).
+
+How
+===
+
+* Each variant is a loop compiled from a one-statement template (like
+  ``timeit``), so ours, the peers and the bare call run in identical loops and
+  differ only in the statement. Peers that are used inline (``cb.call(f)``,
+  ``async with asyncio.timeout(5.0)``) are measured inline: no extra lambda.
+* One *sample* is one block of ``n`` calls timed with ``time.perf_counter_ns``
+  (``n`` calibrated so that a block lasts ``--block-ms``): timing single calls
+  would measure the clock itself (~50 ns), as much as some overheads here.
+* Warm-up first (this also compiles the policies, which compile at first call).
+* ``gc`` is disabled while a block runs and collected between rounds.
+* Every round measures all the variants of a scenario one after the other, in
+  a rotated order, so slow drifts (CPU frequency, the other processes on the
+  machine) hit all of them alike.
+* The figure kept per variant is the *minimum over rounds* of the block
+  means. Noise on a shared machine (preemption, cache eviction by another
+  process, interrupts) only ever adds time, so the minimum is the estimate
+  least polluted by it and the most reproducible; the median is kept in the
+  JSON output as a noise indicator.
+* Async variants run in one event loop; the timed loop yields to the event
+  loop (``await asyncio.sleep(0)``) every 100 calls, as a server would between
+  requests: otherwise the timer handles that ``asyncio.timeout`` cancels would
+  pile up unboundedly in the loop's heap, which is not what happens in real use.
+  That yield is in the bare loop too, so it cancels out of the overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import textwrap
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from itertools import repeat
+from typing import Any
+
+import aiobreaker  # not a project dependency: pip install aiobreaker
+import nopanic
+import pybreaker
+import stamina
+import tenacity
+
+import resilient
+
+PERF = time.perf_counter_ns
+ASYNC_CHUNK = 100  # async loops yield to the event loop every ASYNC_CHUNK calls
+
+# --------------------------------------------------------------------------- policies
+
+POLICIES: dict[str, Any] = {
+    "version": 1,
+    "policies": {
+        # 1. retry only, no timeouts
+        "bench_retry": {
+            "retry": {
+                "max_attempts": 3,
+                "retry_on": ["ConnectionError"],
+                "timeout": None,
+                "per_attempt_timeout": None,
+            }
+        },
+        # 2. per-attempt timeout only
+        "bench_timeout": {"timeout": {"per_attempt": 5.0}},
+        # 3. circuit breaker only (defaults: time window of 60 s)
+        "bench_breaker": {"circuit_breaker": {}},
+        # 4. breakers forced open; an open period long enough to outlast the run
+        "bench_open": {"circuit_breaker": {"timeout_seconds": 3600, "max_open_duration": 3600}},
+        "bench_forced": {"circuit_breaker": {}},
+        # 5. failure path, zero wait; like-for-like with tenacity (no timeouts) ...
+        "bench_fail": {
+            "retry": {
+                "max_attempts": 5,
+                "base_delay": 0,
+                "retry_on": ["ConnectionError"],
+                "timeout": None,
+                "per_attempt_timeout": None,
+            }
+        },
+        # ... and, for reference, with the retry section's default timeouts (60 s / 30 s)
+        "bench_fail_timeouts": {
+            "retry": {"max_attempts": 5, "base_delay": 0, "retry_on": ["ConnectionError"]}
+        },
+        # 6. one breaker shared by 8 threads
+        "bench_threads": {"circuit_breaker": {}},
+    },
+}
+
+
+# --------------------------------------------------------------------------- the functions
+
+
+def f() -> int:
+    return 1
+
+
+async def af() -> int:
+    return 1
+
+
+async def abad() -> None:
+    raise ConnectionError
+
+
+def sleepy() -> None:
+    time.sleep(0.05)
+
+
+def build_namespace() -> dict[str, Any]:
+    """Every callable the timed statements use, decorated once."""
+    resilient.load_policies(POLICIES)
+    res = resilient.resilient
+    ten = tenacity.retry(
+        stop=tenacity.stop_after_attempt(3),
+        retry=tenacity.retry_if_exception_type(ConnectionError),
+    )
+    ten_fail = tenacity.retry(
+        stop=tenacity.stop_after_attempt(5),
+        wait=tenacity.wait_none(),
+        retry=tenacity.retry_if_exception_type(ConnectionError),
+        reraise=True,
+    )
+    npr = nopanic.retry(attempts=3, on=ConnectionError)
+    stm = stamina.retry(on=ConnectionError, attempts=3)
+    pb = pybreaker.CircuitBreaker()
+    pb_open = pybreaker.CircuitBreaker(reset_timeout=3600)
+    pb_open.open()
+    pb_threads = pybreaker.CircuitBreaker()
+    aio = aiobreaker.CircuitBreaker()
+
+    resilient.get_breaker("bench_open").open()
+    resilient.get_breaker("bench_forced").force_open()
+
+    return {
+        "asyncio": asyncio,
+        "f": f,
+        "af": af,
+        "abad": abad,
+        # 1
+        "r_f": res("bench_retry")(f),
+        "r_af": res("bench_retry")(af),
+        "ten_f": ten(f),
+        "ten_af": ten(af),
+        "np_f": npr(f),
+        "np_af": npr(af),
+        "st_f": stm(f),
+        "st_af": stm(af),
+        # 2
+        "t_af": res("bench_timeout")(af),
+        "timeout_wrapped_af": _timeout_wrapper(af),
+        # 3
+        "b_f": res("bench_breaker")(f),
+        "b_af": res("bench_breaker")(af),
+        "pb": pb,
+        "aio": aio,
+        # 4
+        "open_f": res("bench_open")(f),
+        "forced_f": res("bench_forced")(f),
+        "pb_open": pb_open,
+        "CircuitOpenError": resilient.CircuitOpenError,
+        "CircuitBreakerError": pybreaker.CircuitBreakerError,
+        # 5
+        "fail_abad": res("bench_fail")(abad),
+        "fail_t_abad": res("bench_fail_timeouts")(abad),
+        "ten_abad": ten_fail(abad),
+        # 6
+        "b_sleepy": res("bench_threads")(sleepy),
+        "pb_threads": pb_threads,
+    }
+
+
+def _timeout_wrapper(fn: Callable[[], Any]) -> Callable[[], Any]:
+    async def wrapped() -> Any:
+        async with asyncio.timeout(5.0):
+            return await fn()
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------- timing machinery
+
+_SYNC_TEMPLATE = """
+def _loop(_n, _perf=_perf, _repeat=_repeat):
+    _t0 = _perf()
+    for _ in _repeat(None, _n):
+{stmt}
+    return _perf() - _t0
+"""
+
+_ASYNC_TEMPLATE = """
+async def _loop(_n, _perf=_perf, _repeat=_repeat, _yield=_yield):
+    _t0 = _perf()
+    for _ in _repeat(None, _n // {chunk}):
+        for _ in _repeat(None, {chunk}):
+{stmt}
+        await _yield(0)
+    return _perf() - _t0
+"""
+
+
+def compile_loop(stmt: str, ns: dict[str, Any], is_async: bool) -> Callable[[int], Any]:
+    """A function running *stmt* ``n`` times, returning the elapsed ns (a coroutine if async)."""
+    if is_async:
+        src = _ASYNC_TEMPLATE.format(stmt=textwrap.indent(stmt, " " * 12), chunk=ASYNC_CHUNK)
+    else:
+        src = _SYNC_TEMPLATE.format(stmt=textwrap.indent(stmt, " " * 8))
+    scope = {**ns, "_perf": PERF, "_repeat": repeat, "_yield": asyncio.sleep}
+    exec(compile(src, f"<bench {stmt!r}>", "exec"), scope)
+    return scope["_loop"]  # type: ignore[no-any-return]
+
+
+@dataclass
+class Variant:
+    key: str
+    label: str
+    stmt: str
+    calls_per_stmt: int = 1  # attempts per call for the failure path (ns per attempt)
+    samples: list[float] = field(default_factory=list)
+    n: int = 0
+
+    @property
+    def best(self) -> float:
+        return min(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+@dataclass
+class Config:
+    block_ms: float
+    rounds: int
+    thread_runs: int
+    rejections: int
+
+
+class Runner:
+    """Measures groups of variants, interleaved round by round (see the module docstring)."""
+
+    def __init__(self, cfg: Config, ns: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.ns = ns
+        self.results: dict[str, Variant] = {}
+
+    # -- sync
+    def group_sync(self, variants: list[Variant]) -> None:
+        loops = [compile_loop(v.stmt, self.ns, False) for v in variants]
+        for v, loop in zip(variants, loops, strict=True):
+            loop(2000)  # warm-up (and first-call compilation of the pipeline)
+            v.n = self._calibrate(lambda n, loop=loop: loop(n), 1)
+        for r in range(self.cfg.rounds):
+            gc.collect()
+            for i in _rotation(len(variants), r):
+                v = variants[i]
+                gc.disable()
+                try:
+                    elapsed = loops[i](v.n)
+                finally:
+                    gc.enable()
+                v.samples.append(elapsed / v.n)
+        self._store(variants)
+
+    # -- async
+    def group_async(self, variants: list[Variant]) -> None:
+        asyncio.run(self._group_async(variants))
+        self._store(variants)
+
+    async def _group_async(self, variants: list[Variant]) -> None:
+        loops = [compile_loop(v.stmt, self.ns, True) for v in variants]
+        for v, loop in zip(variants, loops, strict=True):
+            await loop(2000)
+            v.n = await self._acalibrate(loop)
+        for r in range(self.cfg.rounds):
+            gc.collect()
+            for i in _rotation(len(variants), r):
+                v = variants[i]
+                gc.disable()
+                try:
+                    elapsed = await loops[i](v.n)
+                finally:
+                    gc.enable()
+                v.samples.append(elapsed / v.n)
+
+    def _calibrate(self, run: Callable[[int], int], step: int) -> int:
+        target = self.cfg.block_ms * 1e6
+        n = 1000
+        while True:
+            elapsed = run(n)
+            if elapsed >= target / 4:
+                return max(step, int(n * target / elapsed) // step * step)
+            n *= 4
+
+    async def _acalibrate(self, loop: Callable[[int], Any]) -> int:
+        target = self.cfg.block_ms * 1e6
+        n = 1000
+        while True:
+            elapsed = await loop(n)
+            if elapsed >= target / 4:
+                return max(ASYNC_CHUNK, int(n * target / elapsed) // ASYNC_CHUNK * ASYNC_CHUNK)
+            n *= 4
+
+    def _store(self, variants: list[Variant]) -> None:
+        for v in variants:
+            self.results[v.key] = v
+
+
+def _rotation(count: int, r: int) -> list[int]:
+    return [(r + i) % count for i in range(count)]
+
+
+# --------------------------------------------------------------------------- non-loop scenarios
+
+
+def retained_bytes(stmt: str, ns: dict[str, Any], count: int) -> tuple[int, int]:
+    """Bytes still allocated after *count* runs of *stmt* (after gc), and the peak, tracemalloc."""
+    loop = compile_loop(stmt, ns, False)
+    loop(2000)  # warm: caches, interned strings, lazily built objects
+    gc.collect()
+    tracemalloc.start()
+    try:
+        loop(1000)
+        gc.collect()
+        before, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        loop(count)
+        gc.collect()
+        after, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return after - before, peak - before
+
+
+def threads_wall_ns(call: Callable[[], Any], threads: int, runs: int) -> float:
+    """Best wall time for *threads* threads each making one *call*, released together."""
+    best = float("inf")
+    for _ in range(runs):
+        barrier = threading.Barrier(threads + 1)
+
+        def worker(barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            call()
+
+        pool = [threading.Thread(target=worker) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        barrier.wait()
+        t0 = PERF()
+        for t in pool:
+            t.join()
+        best = min(best, PERF() - t0)
+    return best
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def _try(call: str, exc: str) -> str:
+    return f"try:\n    {call}\nexcept {exc}:\n    pass"
+
+
+def run_all(cfg: Config) -> dict[str, Any]:
+    ns = build_namespace()
+    runner = Runner(cfg, ns)
+    V = Variant
+
+    # 1. retry-only success path
+    runner.group_sync(
+        [
+            V("s_bare", "bare f()", "f()"),
+            V("s_retry_ours", "resilient retry-only", "r_f()"),
+            V("s_retry_tenacity", "tenacity.retry", "ten_f()"),
+            V("s_retry_nopanic", "nopanic.retry", "np_f()"),
+            V("s_retry_stamina", "stamina.retry", "st_f()"),
+        ]
+    )
+    runner.group_async(
+        [
+            V("a_bare", "bare await af()", "await af()"),
+            V("a_retry_ours", "resilient retry-only", "await r_af()"),
+            V("a_retry_tenacity", "tenacity.retry", "await ten_af()"),
+            V("a_retry_nopanic", "nopanic.retry", "await np_af()"),
+            V("a_retry_stamina", "stamina.retry", "await st_af()"),
+        ]
+    )
+    # 2. per-attempt timeout, async success path
+    runner.group_async(
+        [
+            V("t_bare", "bare await af()", "await af()"),
+            V("t_ours", "resilient timeout.per_attempt", "await t_af()"),
+            V(
+                "t_asyncio_timeout",
+                "async with asyncio.timeout(5.0) (inline)",
+                "async with asyncio.timeout(5.0):\n    await af()",
+            ),
+            V("t_asyncio_timeout_fn", "asyncio.timeout in a wrapper fn", "await timeout_wrapped_af()"),
+            V("t_wait_for", "asyncio.wait_for(af(), 5.0)", "await asyncio.wait_for(af(), 5.0)"),
+        ]
+    )
+    # 3. breaker-only success path
+    runner.group_sync(
+        [
+            V("bs_bare", "bare f()", "f()"),
+            V("bs_ours", "resilient breaker-only", "b_f()"),
+            V("bs_pybreaker", "pybreaker cb.call(f)", "pb.call(f)"),
+        ]
+    )
+    runner.group_async(
+        [
+            V("ba_bare", "bare await af()", "await af()"),
+            V("ba_ours", "resilient breaker-only", "await b_af()"),
+            V("ba_aiobreaker", "aiobreaker cb.call_async(af)", "await aio.call_async(af)"),
+        ]
+    )
+    # 4. rejection while open
+    runner.group_sync(
+        [
+            V("rej_bare", "bare f() in try/except", _try("f()", "CircuitOpenError")),
+            V("rej_ours", "resilient, open()", _try("open_f()", "CircuitOpenError")),
+            V("rej_ours_forced", "resilient, force_open()", _try("forced_f()", "CircuitOpenError")),
+            V("rej_pybreaker", "pybreaker, open()", _try("pb_open.call(f)", "CircuitBreakerError")),
+        ]
+    )
+    # 5. async failure path, zero wait, 5 attempts
+    runner.group_async(
+        [
+            V("fail_bare", "bare await abad() (1 raise)", _try("await abad()", "ConnectionError")),
+            V("fail_ours", "resilient", _try("await fail_abad()", "ConnectionError"), 5),
+            V(
+                "fail_ours_timeouts",
+                "resilient, default timeouts",
+                _try("await fail_t_abad()", "ConnectionError"),
+                5,
+            ),
+            V("fail_tenacity", "tenacity", _try("await ten_abad()", "ConnectionError"), 5),
+        ]
+    )
+
+    # 4b. memory over rejections
+    mem_ours = retained_bytes(_try("open_f()", "CircuitOpenError"), ns, cfg.rejections)
+    mem_pb = retained_bytes(_try("pb_open.call(f)", "CircuitBreakerError"), ns, cfg.rejections)
+    # 6. 8 threads x 50 ms through one breaker
+    wall_ours = threads_wall_ns(ns["b_sleepy"], 8, cfg.thread_runs)
+    wall_pb = threads_wall_ns(lambda: ns["pb_threads"].call(sleepy), 8, cfg.thread_runs)
+
+    return {
+        "variants": runner.results,
+        "memory": {"ours": mem_ours, "pybreaker": mem_pb, "rejections": cfg.rejections},
+        "threads": {"ours": wall_ours, "pybreaker": wall_pb},
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Row:
+    target: str
+    ours: float
+    peer: float
+    peer_name: str
+    limit: float | None  # ratio limit; None = reported only
+    unit: str = "ns"
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.peer if self.peer else float("inf")
+
+    @property
+    def verdict(self) -> str:
+        if self.limit is None:
+            return "(report)"
+        return "PASS" if self.ratio <= self.limit else "FAIL"
+
+
+def build_rows(data: dict[str, Any]) -> list[Row]:
+    v: dict[str, Variant] = data["variants"]
+
+    def over(key: str, bare: str) -> float:
+        return v[key].best - v[bare].best
+
+    def per_attempt(key: str) -> float:
+        return v[key].best / v[key].calls_per_stmt
+
+    rows = []
+    for mode, bare, p in (("sync", "s_bare", "s_"), ("async", "a_bare", "a_")):
+        ours = over(f"{p}retry_ours", bare)
+        rows += [
+            Row(f"1. retry-only success, {mode}, overhead", ours,
+                over(f"{p}retry_tenacity", bare), "tenacity.retry", 0.05),
+            Row(f"1. retry-only success, {mode}, overhead", ours,
+                over(f"{p}retry_nopanic", bare), "nopanic.retry", 1.0),
+            Row(f"1. retry-only success, {mode}, overhead", ours,
+                over(f"{p}retry_stamina", bare), "stamina.retry", None),
+        ]  # fmt: skip
+    ours = over("t_ours", "t_bare")
+    rows += [
+        Row("2. per-attempt timeout, async success, overhead", ours,
+            over("t_asyncio_timeout", "t_bare"), "async with asyncio.timeout (inline)", 0.3),
+        Row("2. per-attempt timeout, async success, overhead", ours,
+            over("t_asyncio_timeout_fn", "t_bare"), "asyncio.timeout in a wrapper fn", None),
+        Row("2. per-attempt timeout, async success, overhead", ours,
+            over("t_wait_for", "t_bare"), "asyncio.wait_for", None),
+        Row("3. breaker-only success, sync, overhead", over("bs_ours", "bs_bare"),
+            over("bs_pybreaker", "bs_bare"), "pybreaker CircuitBreaker.call", 0.5),
+        Row("3. breaker-only success, async, overhead", over("ba_ours", "ba_bare"),
+            over("ba_aiobreaker", "ba_bare"), "aiobreaker call_async", 0.5),
+        Row("4. rejection while open, sync, cost", over("rej_ours", "rej_bare"),
+            over("rej_pybreaker", "rej_bare"), "pybreaker (open)", 0.5),
+        Row("4. rejection, force_open(), sync, cost", over("rej_ours_forced", "rej_bare"),
+            over("rej_pybreaker", "rej_bare"), "pybreaker (open)", None),
+        Row("5. async failure, 5 attempts, zero wait, per attempt", per_attempt("fail_ours"),
+            per_attempt("fail_tenacity"), "tenacity wait_none, reraise", 0.2),
+        Row("5. same, with default retry timeouts (60 s / 30 s)",
+            per_attempt("fail_ours_timeouts"), per_attempt("fail_tenacity"),
+            "tenacity wait_none, reraise", None),
+    ]  # fmt: skip
+    mem = data["memory"]
+    rows.append(
+        Row(
+            f"4. bytes retained after {mem['rejections']:,} rejections (tracemalloc)",
+            mem["ours"][0],
+            mem["pybreaker"][0],
+            "pybreaker",
+            None,
+            unit="B",
+        )
+    )
+    th = data["threads"]
+    rows.append(
+        Row("6. 8 threads x 50 ms call, one breaker, wall", th["ours"] / 1e6,
+            th["pybreaker"] / 1e6, "pybreaker", None, unit="ms")
+    )  # fmt: skip
+    return rows
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "ms":
+        return f"{value:.1f} ms"
+    if unit == "B":
+        return f"{value:,.0f} B"
+    return f"{value:,.0f} ns"
+
+
+def render(data: dict[str, Any], rows: list[Row]) -> str:
+    lines = [
+        "| target | ours | peer | ratio | target | result |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    for row in rows:
+        peer = f"{_fmt(row.peer, row.unit)} ({row.peer_name})"
+        limit = f"≤ {row.limit:g}×" if row.limit is not None else "-"
+        lines.append(
+            f"| {row.target} | {_fmt(row.ours, row.unit)} | {peer} | "
+            f"{row.ratio:.3f} | {limit} | {row.verdict} |"
+        )
+    # The absolute targets that are not ratios of a single row.
+    mem_ours = data["memory"]["ours"][0]
+    n = data["memory"]["rejections"]
+    flat = mem_ours <= 16 * 1024
+    lines.append(
+        f"| 4. memory flat over {n:,} rejections | {mem_ours:,} B retained | - | - | "
+        f"≤ 16 KiB | {'PASS' if flat else 'FAIL'} |"
+    )
+    wall = data["threads"]["ours"] / 1e6
+    lines.append(
+        f"| 6. 8 threads x 50 ms, one breaker | {wall:.1f} ms | - | {wall / 50:.2f} × 50 ms | "
+        f"≤ 1.2 × 50 ms | {'PASS' if wall <= 60 else 'FAIL'} |"
+    )
+    lines += ["", "Raw ns per call (min over rounds; median in brackets):", ""]
+    lines += ["| variant | statement | ns/call (min) | median | n per block |", "|---|---|---:|---:|---:|"]
+    for var in data["variants"].values():
+        stmt = var.stmt.replace("\n", " ").replace("|", "\\|")
+        lines.append(
+            f"| {var.label} | `{stmt}` | {var.best:,.0f} | {var.median:,.0f} | {var.n:,} |"
+        )
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    versions = {}
+    for dist in ("resilient-policies", "tenacity", "pybreaker", "stamina", "nopanic", "aiobreaker"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "source" if dist == "resilient-policies" else "missing"
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (~15 s)")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
+    parser.add_argument("--block-ms", type=float, help="duration of one timed block")
+    parser.add_argument("--rounds", type=int, help="rounds per scenario (best-of-N)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        cfg = Config(block_ms=5, rounds=5, thread_runs=2, rejections=100_000)
+    else:
+        cfg = Config(block_ms=20, rounds=15, thread_runs=5, rejections=100_000)
+    if args.block_ms:
+        cfg.block_ms = args.block_ms
+    if args.rounds:
+        cfg.rounds = args.rounds
+
+    env = environment()
+    started = time.monotonic()
+    data = run_all(cfg)
+    rows = build_rows(data)
+    env["seconds"] = round(time.monotonic() - started, 1)
+    print(
+        f"Python {env['python']} on {env['platform']}, {env['nproc']} CPUs ({env['cpu']}); "
+        f"{cfg.rounds} rounds x {cfg.block_ms:g} ms blocks; {env['seconds']} s"
+    )
+    print(", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    print()
+    print(render(data, rows))
+    if args.json:
+        out = {
+            "environment": env,
+            "config": vars(cfg) if hasattr(cfg, "__dict__") else {},
+            "rows": [
+                {
+                    "target": r.target,
+                    "ours": r.ours,
+                    "peer": r.peer,
+                    "peer_name": r.peer_name,
+                    "unit": r.unit,
+                    "ratio": r.ratio,
+                    "limit": r.limit,
+                    "verdict": r.verdict,
+                }
+                for r in rows
+            ],
+            "variants": {
+                k: {
+                    "label": v.label,
+                    "stmt": v.stmt,
+                    "n": v.n,
+                    "best_ns": v.best,
+                    "median_ns": v.median,
+                    "samples_ns": v.samples,
+                }
+                for k, v in data["variants"].items()
+            },
+            "memory": data["memory"],
+            "threads_ns": data["threads"],
+        }
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

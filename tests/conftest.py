@@ -1,0 +1,56 @@
+"""Shared fixtures: every test starts with no policies, no breakers and no subscribers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import resilient
+from resilient import _clock
+from resilient.events import bus
+from resilient.pipeline import _reset_breakers
+from resilient.policy import registry
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[None]:
+    for var in [v for v in __import__("os").environ if v.startswith("RESILIENCE_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+    registry.clear()
+    _reset_breakers()
+    yield
+    registry.clear()
+    _reset_breakers()
+    for subscriber in list(bus._subscribers):
+        bus.unsubscribe(subscriber)
+
+
+class Sleeps(list[float]):
+    """Records the delays the library asked for instead of sleeping."""
+
+
+@pytest.fixture(name="sleeps")
+def _sleeps(monkeypatch: pytest.MonkeyPatch) -> Sleeps:
+    """Replace the clock's sleeps with recorders (sync and async)."""
+    recorded = Sleeps()
+
+    def sleep(delay: float) -> None:
+        recorded.append(delay)
+
+    async def asleep(delay: float) -> None:
+        recorded.append(delay)
+
+    monkeypatch.setattr(_clock, "sleep", sleep)
+    monkeypatch.setattr(_clock, "asleep", asleep)
+    return recorded
+
+
+def load(**policies: dict[str, Any]) -> None:
+    """Load the given policies as the active set."""
+    resilient.load_policies({"version": 1, "policies": policies})
+
+
+NO_TIMEOUTS = {"timeout": None, "per_attempt_timeout": None}

@@ -1,0 +1,210 @@
+"""Time budgets: per-attempt and total, cancellation, and the deadline queue itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from conftest import NO_TIMEOUTS, load
+
+import resilient
+from resilient import AttemptTimeoutError
+from resilient.timeout import DeadlineQueue
+
+
+class TestAsyncTimeouts:
+    async def test_per_attempt_timeout_raises(self) -> None:
+        """A slow attempt is cancelled and becomes AttemptTimeoutError (also a TimeoutError)."""
+        load(p={"timeout": {"per_attempt": 0.05}})
+
+        @resilient.resilient("p")
+        async def slow() -> None:
+            await asyncio.sleep(5)
+
+        started = time.monotonic()
+        with pytest.raises(AttemptTimeoutError) as info:
+            await slow()
+        assert time.monotonic() - started < 1.0
+        assert isinstance(info.value, TimeoutError)
+        assert info.value.kind == "per_attempt"
+        assert info.value.timeout == 0.05
+        assert info.value.policy == "p"
+
+    async def test_per_attempt_timeout_is_retried(self) -> None:
+        """A timed-out attempt is retried (TimeoutError is transient)."""
+        load(p={"retry": {"max_attempts": 3, "base_delay": 0, **NO_TIMEOUTS}, "timeout": {"per_attempt": 0.05}})
+        calls = 0
+
+        @resilient.resilient("p")
+        async def slow_then_fast() -> str:
+            nonlocal calls
+            calls += 1
+            if calls < 3:
+                await asyncio.sleep(5)
+            return "ok"
+
+        assert await slow_then_fast() == "ok"
+        assert calls == 3
+
+    async def test_total_timeout(self) -> None:
+        """The total budget covers every attempt and sleep."""
+        load(p={"retry": {"max_attempts": 100, "base_delay": 0.01, "jitter": False}, "timeout": {"total": 0.2}})
+        calls = 0
+
+        @resilient.resilient("p")
+        async def failing() -> None:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.03)
+            raise ConnectionError
+
+        started = time.monotonic()
+        with pytest.raises((AttemptTimeoutError, ConnectionError)):
+            await failing()
+        assert time.monotonic() - started < 0.5
+        assert 2 <= calls < 100
+
+    async def test_total_timeout_cancels_running_attempt(self) -> None:
+        """When the total budget ends during an attempt, the attempt is cancelled."""
+        load(p={"timeout": {"total": 0.05}})
+
+        @resilient.resilient("p")
+        async def hang() -> None:
+            await asyncio.sleep(10)
+
+        with pytest.raises(AttemptTimeoutError) as info:
+            await hang()
+        assert info.value.kind == "total"
+
+    async def test_timeout_feeds_fallback(self) -> None:
+        """A timeout is an exception like any other for the fallback."""
+        load(p={"timeout": {"per_attempt": 0.02}})
+
+        @resilient.resilient("p", fallback=lambda exc: type(exc).__name__)
+        async def hang() -> str:
+            await asyncio.sleep(10)
+            return "never"
+
+        assert await hang() == "AttemptTimeoutError"
+
+    async def test_fast_calls_not_cancelled(self) -> None:
+        """Thousands of fast calls under a budget never time out and leave no timers behind."""
+        load(p={"timeout": {"per_attempt": 0.5, "total": 1.0}})
+
+        @resilient.resilient("p")
+        async def fast(i: int) -> int:
+            await asyncio.sleep(0)
+            return i
+
+        results = await asyncio.gather(*(fast(i) for i in range(2000)))
+        assert results == list(range(2000))
+
+    async def test_external_cancel_passes_through(self) -> None:
+        """A cancel from outside is not turned into a timeout, and frees the breaker permit."""
+        load(
+            p={
+                "timeout": {"per_attempt": 5},
+                "circuit_breaker": {"failure_threshold": 1},
+                "retry": {"max_attempts": 3, **NO_TIMEOUTS},
+            }
+        )
+        started = asyncio.Event()
+
+        @resilient.resilient("p")
+        async def hang() -> None:
+            started.set()
+            await asyncio.sleep(10)
+
+        task = asyncio.create_task(hang())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        breaker = resilient.get_breaker("p")
+        assert breaker.state == "closed"  # cancellation is not a failure
+
+    async def test_swallowed_cancel_is_undone(self) -> None:
+        """A function that swallows the timeout's cancel leaves the task uncancelled."""
+        load(p={"timeout": {"per_attempt": 0.02}})
+
+        @resilient.resilient("p")
+        async def stubborn() -> str:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                return "swallowed"
+            return "never"
+
+        assert await stubborn() == "swallowed"
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0
+
+    async def test_nested_timeouts(self) -> None:
+        """An inner resilient call's timeout does not leak into the outer one."""
+        load(inner={"timeout": {"per_attempt": 0.02}}, outer={"timeout": {"per_attempt": 1}})
+
+        @resilient.resilient("inner", fallback=lambda exc: "inner-fallback")
+        async def inner() -> str:
+            await asyncio.sleep(10)
+            return "never"
+
+        @resilient.resilient("outer")
+        async def outer() -> str:
+            return await inner()
+
+        assert await outer() == "inner-fallback"
+
+
+class TestSyncTimeouts:
+    def test_sync_total_budget_between_attempts(self) -> None:
+        """For sync functions no new attempt starts after the total budget."""
+        load(p={"retry": {"max_attempts": 50, "base_delay": 0, "timeout": 0.1}})
+        calls = 0
+
+        @resilient.resilient("p")
+        def slowly_failing() -> None:
+            nonlocal calls
+            calls += 1
+            time.sleep(0.03)
+            raise ConnectionError
+
+        with pytest.raises(ConnectionError):
+            slowly_failing()
+        assert 3 <= calls <= 5
+
+
+class TestDeadlineQueue:
+    async def test_fires_in_order_and_rearms(self) -> None:
+        """Only live, expired entries are cancelled; finished ones are dropped."""
+        loop = asyncio.get_running_loop()
+        queue = DeadlineQueue(loop, 0.02)
+
+        async def sleeper(done_early: bool) -> str:
+            task = asyncio.current_task()
+            assert task is not None
+            entry = queue.arm(task)
+            try:
+                await asyncio.sleep(0 if done_early else 1)
+            except asyncio.CancelledError as exc:
+                assert entry.expired(exc)
+                return "timed out"
+            entry.expired(None)
+            return "done"
+
+        results = await asyncio.gather(*(sleeper(i % 2 == 0) for i in range(50)))
+        assert results.count("done") == 25
+        assert results.count("timed out") == 25
+        await asyncio.sleep(0.05)
+        assert len(queue.queue) == 0
+
+    async def test_queue_stays_bounded(self) -> None:
+        """Sequential fast calls never let the queue grow."""
+        loop = asyncio.get_running_loop()
+        queue = DeadlineQueue(loop, 60)
+        task: Any = asyncio.current_task()
+        for _ in range(10_000):
+            queue.arm(task).expired(None)
+        assert len(queue.queue) <= 1
