@@ -51,6 +51,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import textwrap
 import threading
@@ -420,7 +421,11 @@ def run_all(cfg: Config) -> dict[str, Any]:
                 "async with asyncio.timeout(5.0) (inline)",
                 "async with asyncio.timeout(5.0):\n    await af()",
             ),
-            V("t_asyncio_timeout_fn", "asyncio.timeout in a wrapper fn", "await timeout_wrapped_af()"),
+            V(
+                "t_asyncio_timeout_fn",
+                "asyncio.timeout in a wrapper fn",
+                "await timeout_wrapped_af()",
+            ),
             V("t_wait_for", "asyncio.wait_for(af(), 5.0)", "await asyncio.wait_for(af(), 5.0)"),
         ]
     )
@@ -576,7 +581,7 @@ def render(data: dict[str, Any], rows: list[Row]) -> str:
     ]
     for row in rows:
         peer = f"{_fmt(row.peer, row.unit)} ({row.peer_name})"
-        limit = f"≤ {row.limit:g}×" if row.limit is not None else "-"
+        limit = f"≤ {row.limit:g}x" if row.limit is not None else "-"
         lines.append(
             f"| {row.target} | {_fmt(row.ours, row.unit)} | {peer} | "
             f"{row.ratio:.3f} | {limit} | {row.verdict} |"
@@ -591,11 +596,14 @@ def render(data: dict[str, Any], rows: list[Row]) -> str:
     )
     wall = data["threads"]["ours"] / 1e6
     lines.append(
-        f"| 6. 8 threads x 50 ms, one breaker | {wall:.1f} ms | - | {wall / 50:.2f} × 50 ms | "
-        f"≤ 1.2 × 50 ms | {'PASS' if wall <= 60 else 'FAIL'} |"
+        f"| 6. 8 threads x 50 ms, one breaker | {wall:.1f} ms | - | {wall / 50:.2f} x 50 ms | "
+        f"≤ 1.2 x 50 ms | {'PASS' if wall <= 60 else 'FAIL'} |"
     )
     lines += ["", "Raw ns per call (min over rounds; median in brackets):", ""]
-    lines += ["| variant | statement | ns/call (min) | median | n per block |", "|---|---|---:|---:|---:|"]
+    lines += [
+        "| variant | statement | ns/call (min) | median | n per block |",
+        "|---|---|---:|---:|---:|",
+    ]
     for var in data["variants"].values():
         stmt = var.stmt.replace("\n", " ").replace("|", "\\|")
         lines.append(
@@ -604,11 +612,36 @@ def render(data: dict[str, Any], rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _git_state() -> str:
+    """Commit of the working tree, and whether resilient/ differs from it (best effort)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "resilient"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}{' + uncommitted changes in resilient/' if dirty else ''}"
+
+
 def environment() -> dict[str, Any]:
     cpu = ""
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), ""
+            )
     except OSError:
         pass
     versions = {}
@@ -618,11 +651,15 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[dist] = "source" if dist == "resilient-policies" else "missing"
     return {
+        "git": _git_state(),
+        "loadavg_1min_before": round(os.getloadavg()[0], 2),
         "python": sys.version.split()[0],
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "cpu": cpu,
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "nproc": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "versions": versions,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -649,9 +686,12 @@ def main(argv: list[str] | None = None) -> int:
     data = run_all(cfg)
     rows = build_rows(data)
     env["seconds"] = round(time.monotonic() - started, 1)
+    env["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
     print(
         f"Python {env['python']} on {env['platform']}, {env['nproc']} CPUs ({env['cpu']}); "
-        f"{cfg.rounds} rounds x {cfg.block_ms:g} ms blocks; {env['seconds']} s"
+        f"{cfg.rounds} rounds x {cfg.block_ms:g} ms blocks; {env['seconds']} s; "
+        f"load average {env['loadavg_1min_before']} -> {env['loadavg_1min_after']}; "
+        f"resilient at {env['git']}"
     )
     print(", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     print()
@@ -659,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = {
             "environment": env,
-            "config": vars(cfg) if hasattr(cfg, "__dict__") else {},
+            "config": vars(cfg),
             "rows": [
                 {
                     "target": r.target,

@@ -561,7 +561,7 @@ class CircuitBreaker:
     def _window_trips(self, w: _CountWindow | _TimeWindow) -> bool:
         calls = w.calls
         return calls >= self._min_calls and (
-            w.failures / calls >= self._rate_thr or w.slow / calls >= self._slow_thr
+            w.failures / calls > self._rate_thr or w.slow / calls >= self._slow_thr
         )
 
     # ------------------------------------------------------------ transitions

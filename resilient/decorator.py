@@ -214,12 +214,13 @@ class Attempt:
         number: 1 for the first attempt.
     """
 
-    __slots__ = ("_iterator", "_token", "exited", "number")
+    __slots__ = ("_began", "_iterator", "_token", "exited", "number")
 
     def __init__(self, iterator: AttemptIterator, number: int) -> None:
         self._iterator = iterator
         self.number = number
-        self._token = -1
+        self._token: int | None = None
+        self._began = -1.0
         self.exited = False
 
     def __repr__(self) -> str:
@@ -234,6 +235,8 @@ class Attempt:
                 self._iterator.pipeline._rejected(rejected)
                 self._iterator.finished = True
                 raise
+            if breaker.needs_duration:
+                self._began = _clock.monotonic()
         return self
 
     def __exit__(
@@ -246,19 +249,20 @@ class Attempt:
         iterator = self._iterator
         pipeline = iterator.pipeline
         breaker = pipeline.breaker
-        token, self._token = self._token, -1
+        token, self._token = self._token, None
+        duration = (_clock.monotonic() - self._began) if self._began >= 0 else 0.0
         if exc is None:
-            if token >= 0 and breaker is not None:
-                breaker.on_success(token, 0.0)
+            if token is not None and breaker is not None:
+                breaker.on_success(token, duration)
             iterator.finished = True
             return False
         if not isinstance(exc, Exception):
-            if token >= 0 and breaker is not None:
+            if token is not None and breaker is not None:
                 breaker.on_cancel(token)
             iterator.finished = True
             return False
-        if token >= 0 and breaker is not None:
-            breaker.on_failure(token, exc, 0.0)
+        if token is not None and breaker is not None:
+            breaker.on_failure(token, exc, duration)
         if pipeline.retry is None:
             iterator.finished = True
             return False

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import tenacity
 
 from resilient import _clock
 from resilient._models import CircuitBreakerConfig, Policy, RetryStrategy
 from resilient.breaker import CircuitBreaker
-from resilient.errors import AttemptTimeoutError, CircuitOpenError, PolicyError
+from resilient.errors import AttemptTimeoutError, CircuitOpenError, PolicyError, RejectedError
 from resilient.events import (
     BreakerStateChanged,
     CallRejected,
@@ -38,9 +40,53 @@ from resilient.policy import registry
 from resilient.retry import FailureRate, RetryPlan
 from resilient.timeout import _QueueCache, deadline_queue
 
-__all__ = ["Pipeline", "breakers", "get_breaker"]
+__all__ = ["CallObserver", "Pipeline", "breakers", "get_breaker", "set_observer_factory"]
 
 _current_task = asyncio.current_task
+_perf_counter = time.perf_counter
+_log = logging.getLogger("resilient")
+
+
+class CallObserver(Protocol):
+    """
+    Sees the end of every call of one pipeline (metrics use this).
+
+    *outcome* is ``"success"``, ``"failure"``, ``"fallback"``, ``"rejected"``,
+    ``"timeout"`` or ``"cancelled"``; *duration* is in seconds.
+    """
+
+    def record(self, outcome: str, duration: float) -> None: ...
+
+
+ObserverFactory = Callable[["Pipeline"], CallObserver | None]
+_observer_factory: ObserverFactory | None = None
+
+
+def set_observer_factory(factory: ObserverFactory | None) -> None:
+    """
+    Install (or remove, with ``None``) the factory that gives each pipeline its
+    observer. Pipelines are rebuilt at their next call.
+    """
+    global _observer_factory  # noqa: PLW0603 - one process-wide switch, like logging's
+    _observer_factory = factory
+    registry.touch()
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, RejectedError):
+        return "rejected"
+    if isinstance(exc, AttemptTimeoutError):
+        return "timeout"
+    if isinstance(exc, Exception):
+        return "failure"
+    return "cancelled"
+
+
+def _observe(observer: CallObserver, outcome: str, began: float) -> None:
+    try:
+        observer.record(outcome, _perf_counter() - began)
+    except Exception:
+        _log.exception("call observer %r raised; ignoring it", observer)
 
 
 class _BusListener:
@@ -77,7 +123,9 @@ def _breaker_for(key: str, config: CircuitBreakerConfig) -> CircuitBreaker:
         known = _breakers.get(key)
         if known is not None and known[0] == config:
             return known[1]
-        breaker = CircuitBreaker(key, config, listeners=[_BusListener(key)])
+        # The clock is read from the seam when the breaker is made, so a breaker
+        # built under a virtual clock (resilient.testing) lives in virtual time.
+        breaker = CircuitBreaker(key, config, clock=_clock.monotonic, listeners=[_BusListener(key)])
         _breakers[key] = (config, breaker)
         return breaker
 
@@ -134,6 +182,7 @@ class Pipeline:
         "fallback_async",
         "fallback_on",
         "name",
+        "observer",
         "per_attempt",
         "per_attempt_queues",
         "policy",
@@ -189,10 +238,13 @@ class Pipeline:
             self.fallback = None
             self.fallback_on = ()
         self.fallback_async = self.fallback is not None and _is_async_callable(self.fallback)
+        factory = _observer_factory
+        self.observer: CallObserver | None = factory(self) if factory is not None else None
         # The "direct" path calls the function with no wrapping at all and only
         # enters the pipeline after a first failure.
         self.direct = (
-            self.breaker is None
+            self.observer is None
+            and self.breaker is None
             and self.per_attempt is None
             and self.total is None
             and self.rate is None
@@ -259,8 +311,10 @@ class Pipeline:
         Run *fn* through the pipeline. *failed* is the exception of a first
         attempt the caller already made (the direct path).
         """
+        observer = self.observer
+        began = _perf_counter() if observer is not None else 0.0
         total_entry = None
-        started = 0.0
+        started = -1.0
         if self.total_queues is not None:
             task = _current_task()
             if task is not None:
@@ -274,13 +328,19 @@ class Pipeline:
                 error = self._timeout("total")
             if self.fallback is not None and isinstance(error, self.fallback_on):
                 self._fallback_used(error)
+                if observer is not None:
+                    _observe(observer, "fallback", began)
                 value = self.fallback(error)
                 return (await value) if self.fallback_async else value
+            if observer is not None:
+                _observe(observer, _outcome(error), began)
             if error is exc:
                 raise
             raise error from None
         if total_entry is not None:
             total_entry.expired(None)
+        if observer is not None:
+            _observe(observer, "success", began)
         return result
 
     async def _retry_loop_async(
@@ -298,8 +358,8 @@ class Pipeline:
         state: tenacity.RetryCallState | None = None
         while True:
             if failed is None:
-                token = -1
-                began = 0.0
+                token: int | None = None
+                began = -1.0
                 try:
                     if breaker is not None:
                         try:
@@ -323,28 +383,32 @@ class Pipeline:
                     else:
                         result = await fn(*args, **kwargs)
                 except Exception as exc:
-                    if token >= 0:
+                    if token is not None:
                         assert breaker is not None
-                        breaker.on_failure(token, exc, _clock.monotonic() - began if began else 0.0)
+                        breaker.on_failure(
+                            token, exc, (_clock.monotonic() - began) if began >= 0 else 0.0
+                        )
                     if rate is not None:
                         rate.record(True)
                     failed = exc
                 except BaseException:
-                    if token >= 0:
+                    if token is not None:
                         assert breaker is not None
                         breaker.on_cancel(token)
                     raise
                 else:
-                    if token >= 0:
+                    if token is not None:
                         assert breaker is not None
-                        breaker.on_success(token, _clock.monotonic() - began if began else 0.0)
+                        breaker.on_success(
+                            token, (_clock.monotonic() - began) if began >= 0 else 0.0
+                        )
                     if rate is not None:
                         rate.record(False)
                     retry = self.retry
                     if retry is None or not retry.checks_result:
                         return result
                     if state is None:
-                        state = retry.new_state(started or _clock.monotonic())
+                        state = retry.new_state(started if started >= 0 else _clock.monotonic())
                     delay = self._next_delay(state, attempt, None, result)
                     if delay < 0:
                         return result
@@ -357,7 +421,7 @@ class Pipeline:
             if retry is None:
                 raise failed
             if state is None:
-                state = retry.new_state(started or _clock.monotonic())
+                state = retry.new_state(started if started >= 0 else _clock.monotonic())
             delay = self._next_delay(state, attempt, failed, None)
             if delay < 0:
                 raise failed
@@ -376,13 +440,22 @@ class Pipeline:
         failed: BaseException | None = None,
     ) -> Any:
         """Run *fn* in the caller's thread through the pipeline (see run_async)."""
+        observer = self.observer
+        began = _perf_counter() if observer is not None else 0.0
         try:
-            return self._retry_loop_sync(fn, args, kwargs, failed)
-        except Exception as exc:
+            result = self._retry_loop_sync(fn, args, kwargs, failed)
+        except BaseException as exc:
             if self.fallback is not None and isinstance(exc, self.fallback_on):
                 self._fallback_used(exc)
+                if observer is not None:
+                    _observe(observer, "fallback", began)
                 return self.fallback(exc)
+            if observer is not None:
+                _observe(observer, _outcome(exc), began)
             raise
+        if observer is not None:
+            _observe(observer, "success", began)
+        return result
 
     def _retry_loop_sync(
         self,
@@ -395,13 +468,13 @@ class Pipeline:
         rate = self.rate
         # Sync code cannot be interrupted: the total budget is checked between
         # attempts (no sleep or new attempt starts after it), see docs/timeouts.md.
-        started = _clock.monotonic() if self.total is not None else 0.0
+        started = _clock.monotonic() if self.total is not None else -1.0
         attempt = 1
         state: tenacity.RetryCallState | None = None
         while True:
             if failed is None:
-                token = -1
-                began = 0.0
+                token: int | None = None
+                began = -1.0
                 try:
                     if breaker is not None:
                         try:
@@ -413,28 +486,32 @@ class Pipeline:
                             began = _clock.monotonic()
                     result = fn(*args, **kwargs)
                 except Exception as exc:
-                    if token >= 0:
+                    if token is not None:
                         assert breaker is not None
-                        breaker.on_failure(token, exc, _clock.monotonic() - began if began else 0.0)
+                        breaker.on_failure(
+                            token, exc, (_clock.monotonic() - began) if began >= 0 else 0.0
+                        )
                     if rate is not None:
                         rate.record(True)
                     failed = exc
                 except BaseException:
-                    if token >= 0:
+                    if token is not None:
                         assert breaker is not None
                         breaker.on_cancel(token)
                     raise
                 else:
-                    if token >= 0:
+                    if token is not None:
                         assert breaker is not None
-                        breaker.on_success(token, _clock.monotonic() - began if began else 0.0)
+                        breaker.on_success(
+                            token, (_clock.monotonic() - began) if began >= 0 else 0.0
+                        )
                     if rate is not None:
                         rate.record(False)
                     retry = self.retry
                     if retry is None or not retry.checks_result:
                         return result
                     if state is None:
-                        state = retry.new_state(started or _clock.monotonic())
+                        state = retry.new_state(started if started >= 0 else _clock.monotonic())
                     delay = self._next_delay(state, attempt, None, result)
                     if delay < 0:
                         return result
@@ -446,7 +523,7 @@ class Pipeline:
             if retry is None:
                 raise failed
             if state is None:
-                state = retry.new_state(started or _clock.monotonic())
+                state = retry.new_state(started if started >= 0 else _clock.monotonic())
             delay = self._next_delay(state, attempt, failed, None)
             if delay < 0:
                 raise failed

@@ -549,6 +549,11 @@ class PolicyRegistry:
             self._explicit = explicit
             self.generation += 1
 
+    def touch(self) -> None:
+        """Make every pipeline rebuild at its next call (policies unchanged)."""
+        with self._lock:
+            self.generation += 1
+
     def clear(self) -> None:
         """Forget every policy; the next look-up discovers files again."""
         with self._lock:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
@@ -214,13 +213,17 @@ class BreakerMachine(RuleBasedStateMachine):
     # -- helpers
     def _acquire(self) -> tuple[int, tuple[str, int]] | None:
         expected = self.model.acquire(self.clock.now)
+        rejected: CircuitOpenError | None = None
+        token = -1
         try:
             token = self.cb.acquire()
         except CircuitOpenError as err:
+            rejected = err
+        if rejected is not None:
             assert expected is None, f"rejected, model allowed {expected}"
-            assert err.policy == "m"
-            assert err.retry_after is not None
-            assert err.retry_after > 0
+            assert rejected.policy == "m"
+            assert rejected.retry_after is not None
+            assert rejected.retry_after > 0
             return None
         assert expected is not None, f"allowed as {token}, model rejects"
         assert token >= 0
@@ -328,6 +331,7 @@ class BreakerMachine(RuleBasedStateMachine):
     @invariant()
     def acquire_allowed_matches(self) -> None:
         model = self.model
+        model.advance(self.clock.now)
         would_allow = model.state == "closed" or (
             model.state == "half-open" and model.permits < model.cfg.trial_calls
         )
@@ -341,8 +345,8 @@ class BreakerMachine(RuleBasedStateMachine):
 
 
 BreakerMachine.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=40,
+    max_examples=300,
+    stateful_step_count=50,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -359,4 +363,3 @@ def test_model_sanity() -> None:
     model.failure(token, False, 0.0)
     assert model.state == "open"
     assert model.open_until == 60.0
-    _ = Any

@@ -17,6 +17,7 @@ from conftest import NO_TIMEOUTS, Sleeps, load
 import resilient
 from resilient import CircuitOpenError, Policy, RetryConfig
 from resilient.events import RetriesExhausted, RetryScheduled
+from resilient.pipeline import set_observer_factory
 
 
 class Script:
@@ -466,3 +467,49 @@ class TestCallForms:
                     raise ConnectionError
         # two failures opened it; the third attempt was rejected
         assert resilient.get_breaker("p").state == "open"
+
+
+class TestObserver:
+    @pytest.fixture(autouse=True)
+    def _no_factory(self) -> Any:
+        yield
+        set_observer_factory(None)
+
+    def test_outcomes(self, colour: Colour) -> None:
+        """An installed observer sees every call's outcome and duration."""
+        seen: list[tuple[str, str, float]] = []
+
+        class Recorder:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def record(self, outcome: str, duration: float) -> None:
+                seen.append((self.name, outcome, duration))
+
+        set_observer_factory(lambda pipeline: Recorder(pipeline.name))
+        load(p={**TestBreaker.POLICY}, f={"fallback": 0})
+        colour.run(colour.decorate(Script("ok")))
+        with pytest.raises(ConnectionError):
+            colour.run(colour.decorate(Script(ConnectionError())))
+        colour.run(colour.decorate(Script(ConnectionError()), "f"))
+        resilient.get_breaker("p").open()
+        with pytest.raises(CircuitOpenError):
+            colour.run(colour.decorate(Script("ok")))
+        assert [(n, o) for n, o, _ in seen] == [
+            ("p", "success"),
+            ("p", "failure"),
+            ("f", "fallback"),
+            ("p", "rejected"),
+        ]
+        assert all(d >= 0 for _, _, d in seen)
+
+    def test_raising_observer_never_breaks_call(self, colour: Colour) -> None:
+        """An observer that raises is logged and the call's result is kept."""
+
+        class Broken:
+            def record(self, outcome: str, duration: float) -> None:
+                raise RuntimeError("metrics bug")
+
+        set_observer_factory(lambda pipeline: Broken())
+        load(p={})
+        assert colour.run(colour.decorate(Script("ok"))) == "ok"

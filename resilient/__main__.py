@@ -1,0 +1,7 @@
+"""``python -m resilient``: the ``resilient`` command."""
+
+from __future__ import annotations
+
+from resilient.cli import main
+
+raise SystemExit(main())
