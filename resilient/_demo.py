@@ -163,7 +163,12 @@ def demo_policies(duration: float) -> dict[str, Any]:
             },
             "api": {
                 "description": "async: retry with jitter only",
-                "retry": {"max_attempts": 4, "base_delay": 0.05, "max_delay": 0.4, "jitter": "full"},
+                "retry": {
+                    "max_attempts": 4,
+                    "base_delay": 0.05,
+                    "max_delay": 0.4,
+                    "jitter": "full",
+                },
                 "timeout": {"per_attempt": 0.5, "total": 1.5},
             },
         },
@@ -418,23 +423,25 @@ class _Demo:
 
     def intro(self, policies: dict[str, Any]) -> None:
         d = self.duration
-        broker = policies["policies"]["broker"]
+        open_s = policies["policies"]["broker"]["circuit_breaker"]["timeout_seconds"]
         self.emit(
             f"resilient demo: {d:g} s of a simulated flaky service, called ~40 times a second "
             f"through 3 policies (seed {self.seed}; in memory, real time)"
         )
         self.emit(
             "  broker    async  retry x3 (50-200 ms backoff), breaker "
-            f"(opens after 3 failures in a row, open {broker['circuit_breaker']['timeout_seconds']:g}"
+            f"(opens after 3 failures in a row, open {open_s:g}"
             " s), 250 ms per attempt"
         )
-        self.emit("  database  sync   retry x2, breaker (5 failures in a row), fallback: cached rows")
-        self.emit("  api       async  retry x4 with full jitter, no breaker")
-        script = ", ".join(
-            f"{p.name} {p.start * d:.1f}s" for p in PHASES
+        self.emit(
+            "  database  sync   retry x2, breaker (5 failures in a row), fallback: cached rows"
         )
+        self.emit("  api       async  retry x4 with full jitter, no breaker")
+        script = ", ".join(f"{p.name} {p.start * d:.1f}s" for p in PHASES)
         self.emit(f"  service script: {script}")
-        self.emit("  per second: ok, fail(ed), fb = fallback answered, rej(ected by breaker), retry")
+        self.emit(
+            "  per second: ok, fail(ed), fb = fallback answered, rej(ected by breaker), retry"
+        )
         self.emit("")
         for line in self.header():
             self.emit(line)

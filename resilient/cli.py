@@ -269,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load each policy file the way resilient does and report every problem "
         "(file:line, key, did-you-mean). Exit 1 if any file is invalid.",
     )
-    validate.add_argument("files", nargs="+", metavar="FILE", help="resilience.yaml or pyproject.toml")
+    validate.add_argument(
+        "files", nargs="+", metavar="FILE", help="resilience.yaml or pyproject.toml"
+    )
     validate.add_argument("--no-env", action="store_true", help=no_env_help)
     validate.set_defaults(handler=_cmd_validate)
 
@@ -315,9 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seed", type=int, metavar="N", help="seed of the simulated service's randomness"
     )
-    demo.add_argument(
-        "-q", "--quiet", action="store_true", help="print only the summary table"
-    )
+    demo.add_argument("-q", "--quiet", action="store_true", help="print only the summary table")
     demo.set_defaults(handler=_cmd_demo)
     return parser
 

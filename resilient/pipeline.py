@@ -67,7 +67,7 @@ def set_observer_factory(factory: ObserverFactory | None) -> None:
     Install (or remove, with ``None``) the factory that gives each pipeline its
     observer. Pipelines are rebuilt at their next call.
     """
-    global _observer_factory  # noqa: PLW0603 - one process-wide switch, like logging's
+    global _observer_factory
     _observer_factory = factory
     registry.touch()
 
@@ -161,6 +161,19 @@ def _reset_breakers() -> None:
 
 # --------------------------------------------------------------------------- pipeline
 
+LANE_DIRECT = 0
+LANE_SINGLE = 1
+LANE_FULL = 2
+
+
+def _sections_other_than(policy: Policy, known: set[str]) -> list[str]:
+    """Names of the policy's strategy sections that are set, other than *known*."""
+    return [
+        field
+        for field in type(policy).model_fields
+        if field not in known and field != "description" and getattr(policy, field) is not None
+    ]
+
 
 class Pipeline:
     """
@@ -181,6 +194,7 @@ class Pipeline:
         "fallback",
         "fallback_async",
         "fallback_on",
+        "lane",
         "name",
         "observer",
         "per_attempt",
@@ -240,16 +254,27 @@ class Pipeline:
         self.fallback_async = self.fallback is not None and _is_async_callable(self.fallback)
         factory = _observer_factory
         self.observer: CallObserver | None = factory(self) if factory is not None else None
-        # The "direct" path calls the function with no wrapping at all and only
-        # enters the pipeline after a first failure.
-        self.direct = (
-            self.observer is None
+        # Fast lanes, chosen once here and read by the decorator's wrappers:
+        # DIRECT calls the function with no wrapping at all and only enters the
+        # pipeline after a first failure; SINGLE is one guarded attempt (breaker
+        # and/or per-attempt timeout) inlined in the wrapper; FULL is run_*().
+        # Both fast lanes are white lists: a policy section they do not know
+        # about (a later strategy) sends the call down the FULL path.
+        others = _sections_other_than(policy, {"retry", "fallback", "circuit_breaker", "timeout"})
+        plain = self.observer is None and self.total is None and not others
+        if (
+            plain
             and self.breaker is None
             and self.per_attempt is None
-            and self.total is None
             and self.rate is None
             and (self.retry is None or not self.retry.checks_result)
-        )
+        ):
+            self.lane = LANE_DIRECT
+        elif plain and self.retry is None and self.fallback is None:
+            self.lane = LANE_SINGLE
+        else:
+            self.lane = LANE_FULL
+        self.direct = self.lane == LANE_DIRECT
 
     # ------------------------------------------------------------ shared logic
 
@@ -308,11 +333,17 @@ class Pipeline:
         failed: BaseException | None = None,
     ) -> Any:
         """
-        Run *fn* through the pipeline. *failed* is the exception of a first
-        attempt the caller already made (the direct path).
+        Run *fn* through the whole pipeline. *failed* is the exception of a
+        first attempt the caller already made (the direct lane).
         """
+        # One coroutine for the whole pipeline: every extra layer of coroutine
+        # would cost more than all the checks below together.
         observer = self.observer
         began = _perf_counter() if observer is not None else 0.0
+        breaker = self.breaker
+        queues = self.per_attempt_queues
+        rate = self.rate
+        retry = self.retry
         total_entry = None
         started = -1.0
         if self.total_queues is not None:
@@ -320,8 +351,83 @@ class Pipeline:
             if task is not None:
                 started = _clock.monotonic()
                 total_entry = self.total_queues.get(task.get_loop()).arm(task)
+        attempt = 1
+        state: tenacity.RetryCallState | None = None
         try:
-            result = await self._retry_loop_async(fn, args, kwargs, failed, started)
+            while True:
+                if failed is None:
+                    token: int | None = None
+                    measured = -1.0
+                    try:
+                        if breaker is not None:
+                            try:
+                                token = breaker.acquire()
+                            except CircuitOpenError as rejected:
+                                self._rejected(rejected)
+                                raise
+                            if breaker.needs_duration:
+                                measured = _clock.monotonic()
+                        if queues is not None:
+                            task = _current_task()
+                            assert task is not None
+                            entry = queues.get(task.get_loop()).arm(task)
+                            try:
+                                result = await fn(*args, **kwargs)
+                            except BaseException as exc:
+                                if entry.expired(exc):
+                                    raise self._timeout("per_attempt") from None
+                                raise
+                            entry.done = True
+                            if entry.fired:
+                                entry.expired(None)
+                        else:
+                            result = await fn(*args, **kwargs)
+                    except Exception as exc:
+                        if token is not None:
+                            assert breaker is not None
+                            breaker.on_failure(token, exc, _since(measured))
+                        if rate is not None:
+                            rate.record(True)
+                        failed = exc
+                    except BaseException:
+                        if token is not None:
+                            assert breaker is not None
+                            breaker.on_cancel(token)
+                        raise
+                    else:
+                        if token is not None:
+                            assert breaker is not None
+                            breaker.on_success(token, _since(measured))
+                        if rate is not None:
+                            rate.record(False)
+                        if retry is None or not retry.checks_result:
+                            break
+                        if state is None:
+                            state = retry.new_state(started if started >= 0 else _clock.monotonic())
+                        delay = self._next_delay(state, attempt, None, result)
+                        if delay < 0:
+                            break
+                        if delay > 0:
+                            await _clock.asleep(delay)
+                        attempt += 1
+                        continue
+                # the attempt failed with `failed`
+                if retry is not None:
+                    if state is None:
+                        state = retry.new_state(started if started >= 0 else _clock.monotonic())
+                    delay = self._next_delay(state, attempt, failed, None)
+                else:
+                    delay = -1.0
+                if delay < 0:
+                    try:
+                        raise failed
+                    finally:
+                        # no frame -> exception -> traceback -> frame cycle
+                        failed = None
+                failed = None
+                if delay > 0:
+                    await _clock.asleep(delay)
+                attempt += 1
         except BaseException as exc:
             error: BaseException = exc
             if total_entry is not None and total_entry.expired(exc):
@@ -343,93 +449,6 @@ class Pipeline:
             _observe(observer, "success", began)
         return result
 
-    async def _retry_loop_async(
-        self,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        failed: BaseException | None,
-        started: float,
-    ) -> Any:
-        breaker = self.breaker
-        queues = self.per_attempt_queues
-        rate = self.rate
-        attempt = 1
-        state: tenacity.RetryCallState | None = None
-        while True:
-            if failed is None:
-                token: int | None = None
-                began = -1.0
-                try:
-                    if breaker is not None:
-                        try:
-                            token = breaker.acquire()
-                        except CircuitOpenError as rejected:
-                            self._rejected(rejected)
-                            raise
-                        if breaker.needs_duration:
-                            began = _clock.monotonic()
-                    if queues is not None:
-                        task = _current_task()
-                        assert task is not None
-                        entry = queues.get(task.get_loop()).arm(task)
-                        try:
-                            result = await fn(*args, **kwargs)
-                        except BaseException as exc:
-                            if entry.expired(exc):
-                                raise self._timeout("per_attempt") from None
-                            raise
-                        entry.expired(None)
-                    else:
-                        result = await fn(*args, **kwargs)
-                except Exception as exc:
-                    if token is not None:
-                        assert breaker is not None
-                        breaker.on_failure(
-                            token, exc, (_clock.monotonic() - began) if began >= 0 else 0.0
-                        )
-                    if rate is not None:
-                        rate.record(True)
-                    failed = exc
-                except BaseException:
-                    if token is not None:
-                        assert breaker is not None
-                        breaker.on_cancel(token)
-                    raise
-                else:
-                    if token is not None:
-                        assert breaker is not None
-                        breaker.on_success(
-                            token, (_clock.monotonic() - began) if began >= 0 else 0.0
-                        )
-                    if rate is not None:
-                        rate.record(False)
-                    retry = self.retry
-                    if retry is None or not retry.checks_result:
-                        return result
-                    if state is None:
-                        state = retry.new_state(started if started >= 0 else _clock.monotonic())
-                    delay = self._next_delay(state, attempt, None, result)
-                    if delay < 0:
-                        return result
-                    if delay > 0:
-                        await _clock.asleep(delay)
-                    attempt += 1
-                    continue
-            # the attempt failed with `failed`
-            retry = self.retry
-            if retry is None:
-                raise failed
-            if state is None:
-                state = retry.new_state(started if started >= 0 else _clock.monotonic())
-            delay = self._next_delay(state, attempt, failed, None)
-            if delay < 0:
-                raise failed
-            failed = None
-            if delay > 0:
-                await _clock.asleep(delay)
-            attempt += 1
-
     # ------------------------------------------------------------------- sync
 
     def run_sync(
@@ -439,11 +458,76 @@ class Pipeline:
         kwargs: dict[str, Any],
         failed: BaseException | None = None,
     ) -> Any:
-        """Run *fn* in the caller's thread through the pipeline (see run_async)."""
+        """Run *fn* in the caller's thread through the whole pipeline (see run_async)."""
         observer = self.observer
         began = _perf_counter() if observer is not None else 0.0
+        breaker = self.breaker
+        rate = self.rate
+        retry = self.retry
+        # Sync code cannot be interrupted: the total budget is checked between
+        # attempts (no sleep or new attempt starts after it), see docs/timeouts.md.
+        started = _clock.monotonic() if self.total is not None else -1.0
+        attempt = 1
+        state: tenacity.RetryCallState | None = None
         try:
-            result = self._retry_loop_sync(fn, args, kwargs, failed)
+            while True:
+                if failed is None:
+                    token: int | None = None
+                    measured = -1.0
+                    try:
+                        if breaker is not None:
+                            try:
+                                token = breaker.acquire()
+                            except CircuitOpenError as rejected:
+                                self._rejected(rejected)
+                                raise
+                            if breaker.needs_duration:
+                                measured = _clock.monotonic()
+                        result = fn(*args, **kwargs)
+                    except Exception as exc:
+                        if token is not None:
+                            assert breaker is not None
+                            breaker.on_failure(token, exc, _since(measured))
+                        if rate is not None:
+                            rate.record(True)
+                        failed = exc
+                    except BaseException:
+                        if token is not None:
+                            assert breaker is not None
+                            breaker.on_cancel(token)
+                        raise
+                    else:
+                        if token is not None:
+                            assert breaker is not None
+                            breaker.on_success(token, _since(measured))
+                        if rate is not None:
+                            rate.record(False)
+                        if retry is None or not retry.checks_result:
+                            break
+                        if state is None:
+                            state = retry.new_state(started if started >= 0 else _clock.monotonic())
+                        delay = self._next_delay(state, attempt, None, result)
+                        if delay < 0:
+                            break
+                        if delay > 0:
+                            _clock.sleep(delay)
+                        attempt += 1
+                        continue
+                if retry is not None:
+                    if state is None:
+                        state = retry.new_state(started if started >= 0 else _clock.monotonic())
+                    delay = self._next_delay(state, attempt, failed, None)
+                else:
+                    delay = -1.0
+                if delay < 0:
+                    try:
+                        raise failed
+                    finally:
+                        failed = None
+                failed = None
+                if delay > 0:
+                    _clock.sleep(delay)
+                attempt += 1
         except BaseException as exc:
             if self.fallback is not None and isinstance(exc, self.fallback_on):
                 self._fallback_used(exc)
@@ -457,80 +541,9 @@ class Pipeline:
             _observe(observer, "success", began)
         return result
 
-    def _retry_loop_sync(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        failed: BaseException | None,
-    ) -> Any:
-        breaker = self.breaker
-        rate = self.rate
-        # Sync code cannot be interrupted: the total budget is checked between
-        # attempts (no sleep or new attempt starts after it), see docs/timeouts.md.
-        started = _clock.monotonic() if self.total is not None else -1.0
-        attempt = 1
-        state: tenacity.RetryCallState | None = None
-        while True:
-            if failed is None:
-                token: int | None = None
-                began = -1.0
-                try:
-                    if breaker is not None:
-                        try:
-                            token = breaker.acquire()
-                        except CircuitOpenError as rejected:
-                            self._rejected(rejected)
-                            raise
-                        if breaker.needs_duration:
-                            began = _clock.monotonic()
-                    result = fn(*args, **kwargs)
-                except Exception as exc:
-                    if token is not None:
-                        assert breaker is not None
-                        breaker.on_failure(
-                            token, exc, (_clock.monotonic() - began) if began >= 0 else 0.0
-                        )
-                    if rate is not None:
-                        rate.record(True)
-                    failed = exc
-                except BaseException:
-                    if token is not None:
-                        assert breaker is not None
-                        breaker.on_cancel(token)
-                    raise
-                else:
-                    if token is not None:
-                        assert breaker is not None
-                        breaker.on_success(
-                            token, (_clock.monotonic() - began) if began >= 0 else 0.0
-                        )
-                    if rate is not None:
-                        rate.record(False)
-                    retry = self.retry
-                    if retry is None or not retry.checks_result:
-                        return result
-                    if state is None:
-                        state = retry.new_state(started if started >= 0 else _clock.monotonic())
-                    delay = self._next_delay(state, attempt, None, result)
-                    if delay < 0:
-                        return result
-                    if delay > 0:
-                        _clock.sleep(delay)
-                    attempt += 1
-                    continue
-            retry = self.retry
-            if retry is None:
-                raise failed
-            if state is None:
-                state = retry.new_state(started if started >= 0 else _clock.monotonic())
-            delay = self._next_delay(state, attempt, failed, None)
-            if delay < 0:
-                raise failed
-            failed = None
-            if delay > 0:
-                _clock.sleep(delay)
-            attempt += 1
+
+def _since(measured: float) -> float:
+    return (_clock.monotonic() - measured) if measured >= 0 else 0.0
 
 
 def _is_async_callable(obj: Any) -> bool:

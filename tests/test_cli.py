@@ -133,9 +133,7 @@ def test_validate_does_not_replace_the_active_policies(tmp_path: Path) -> None:
     assert not registry.loaded
 
 
-def test_validate_typo_suggests_the_key(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_validate_typo_suggests_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "resilience.yaml", TYPO)
     assert main(["validate", path]) == 1
     captured = capsys.readouterr()
@@ -145,9 +143,7 @@ def test_validate_typo_suggests_the_key(
     assert "did you mean 'max_attempts'?" in captured.err
 
 
-def test_validate_reports_every_problem(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_validate_reports_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "resilience.yaml", TWO_PROBLEMS)
     assert main(["validate", path]) == 1
     err = capsys.readouterr().err
@@ -174,7 +170,7 @@ def test_validate_pyproject(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     path = write(
         tmp_path,
         "pyproject.toml",
-        '[tool.resilient]\nversion = 1\n[tool.resilient.policies.db]\nretry = {max_attempts = 2}\n',
+        "[tool.resilient]\nversion = 1\n[tool.resilient.policies.db]\nretry = {max_attempts = 2}\n",
     )
     assert main(["validate", path]) == 0
     assert capsys.readouterr().out == f"ok {path} (1 policy: db)\n"
@@ -254,7 +250,8 @@ def test_schema_is_structurally_valid() -> None:
             assert set(kind) <= types
         for key in ("anyOf", "oneOf", "allOf", "enum"):
             if key in node:
-                assert isinstance(node[key], list) and node[key]
+                assert isinstance(node[key], list)
+                assert node[key]
 
 
 def test_schema_describes_the_loader_shorthands() -> None:
