@@ -21,7 +21,14 @@ import tenacity
 from resilient import _clock
 from resilient._models import Policy
 from resilient.errors import CircuitOpenError
-from resilient.pipeline import Pipeline, _is_async_callable
+from resilient.pipeline import (
+    LANE_DIRECT,
+    LANE_SINGLE,
+    Pipeline,
+    _current_task,
+    _is_async_callable,
+    _since,
+)
 from resilient.policy import registry
 
 __all__ = ["Attempt", "AttemptIterator", "acall", "attempts", "call", "resilient"]
@@ -129,33 +136,104 @@ def resilient(
             msg = f"{_qualname(fn)} is synchronous, so its fallback must be too"
             raise TypeError(msg)
         handle = _Handle(policy, key=name, callable_name=_qualname(fn), fallback=fallback)
-        get = handle.get
+        # The wrappers inline the two fast lanes chosen when the pipeline was
+        # built (see Pipeline.lane): a coroutine or call layer per call would
+        # cost more than the strategies themselves. Everything else goes
+        # through Pipeline.run_async / run_sync.
 
         if is_async:
             afn: Callable[..., Awaitable[Any]] = fn  # type: ignore[assignment]
 
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                pipeline = get()
-                if pipeline.direct:
+                generation, pipeline = handle.state
+                if generation != registry.generation or pipeline is None:
+                    pipeline = handle.rebuild()
+                lane = pipeline.lane
+                if lane == LANE_DIRECT:
                     try:
                         return await afn(*args, **kwargs)
                     except Exception as exc:
                         return await pipeline.run_async(afn, args, kwargs, exc)
-                return await pipeline.run_async(afn, args, kwargs)
+                if lane != LANE_SINGLE:
+                    return await pipeline.run_async(afn, args, kwargs)
+                # one attempt: breaker and/or per-attempt deadline
+                breaker = pipeline.breaker
+                token: int | None = None
+                measured = -1.0
+                if breaker is not None:
+                    try:
+                        token = breaker.acquire()
+                    except CircuitOpenError as rejected:
+                        pipeline._rejected(rejected)
+                        raise
+                    if breaker.needs_duration:
+                        measured = _clock.monotonic()
+                queues = pipeline.per_attempt_queues
+                entry = None
+                if queues is not None:
+                    task = _current_task()
+                    if task is not None:
+                        entry = queues.get(task.get_loop()).arm(task)
+                try:
+                    result = await afn(*args, **kwargs)
+                except BaseException as exc:
+                    error: BaseException = exc
+                    if entry is not None and entry.expired(exc):
+                        error = pipeline._timeout("per_attempt")
+                    if token is not None:
+                        assert breaker is not None
+                        if isinstance(error, Exception):
+                            breaker.on_failure(token, error, _since(measured))
+                        else:
+                            breaker.on_cancel(token)
+                    if error is exc:
+                        raise
+                    raise error from None
+                if entry is not None:
+                    entry.done = True
+                    if entry.fired:
+                        entry.expired(None)
+                if token is not None:
+                    assert breaker is not None
+                    breaker.on_success(token, _since(measured))
+                return result
 
             async_wrapper.__resilient_handle__ = handle  # type: ignore[attr-defined]
             return async_wrapper  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            pipeline = get()
-            if pipeline.direct:
+            generation, pipeline = handle.state
+            if generation != registry.generation or pipeline is None:
+                pipeline = handle.rebuild()
+            lane = pipeline.lane
+            if lane == LANE_DIRECT:
                 try:
                     return fn(*args, **kwargs)
                 except Exception as exc:
                     return pipeline.run_sync(fn, args, kwargs, exc)  # type: ignore[no-any-return]
-            return pipeline.run_sync(fn, args, kwargs)  # type: ignore[no-any-return]
+            if lane != LANE_SINGLE or pipeline.breaker is None:
+                return pipeline.run_sync(fn, args, kwargs)  # type: ignore[no-any-return]
+            # one attempt through the breaker (sync code cannot be interrupted,
+            # so a per-attempt deadline does not apply here; docs/timeouts.md)
+            breaker = pipeline.breaker
+            try:
+                token = breaker.acquire()
+            except CircuitOpenError as rejected:
+                pipeline._rejected(rejected)
+                raise
+            measured = _clock.monotonic() if breaker.needs_duration else -1.0
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:
+                breaker.on_failure(token, exc, _since(measured))
+                raise
+            except BaseException:
+                breaker.on_cancel(token)
+                raise
+            breaker.on_success(token, _since(measured))
+            return result
 
         sync_wrapper.__resilient_handle__ = handle  # type: ignore[attr-defined]
         return sync_wrapper
@@ -199,8 +277,8 @@ async def acall(
     **kwargs: P.kwargs,
 ) -> T:
     """Await the async function *fn* through *policy*: ``await acall("broker", send, o)``."""
-    result = await _handle_for(policy, None).get().run_async(fn, args, kwargs)
-    return result  # type: ignore[no-any-return]
+    pipeline = _handle_for(policy, None).get()
+    return await pipeline.run_async(fn, args, kwargs)  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- block form
