@@ -340,11 +340,21 @@ def _rotation(count: int, r: int) -> list[int]:
 # --------------------------------------------------------------------------- non-loop scenarios
 
 
-def retained_bytes(stmt: str, ns: dict[str, Any], count: int) -> tuple[int, int]:
-    """Bytes still allocated after *count* runs of *stmt* (after gc), and the peak, tracemalloc."""
+def retained_bytes(stmt: str, ns: dict[str, Any], count: int) -> tuple[int, int, float]:
+    """
+    Bytes still allocated after *count* runs of *stmt* (after gc), the peak above
+    the start (tracemalloc), and the objects per run that only the cyclic gc can
+    free (reference cycles, e.g. exception -> traceback -> frame -> exception).
+    """
     loop = compile_loop(stmt, ns, False)
     loop(2000)  # warm: caches, interned strings, lazily built objects
     gc.collect()
+    gc.disable()
+    try:
+        loop(1000)
+        cyclic = gc.collect() / 1000
+    finally:
+        gc.enable()
     tracemalloc.start()
     try:
         loop(1000)
@@ -356,7 +366,7 @@ def retained_bytes(stmt: str, ns: dict[str, Any], count: int) -> tuple[int, int]
         after, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    return after - before, peak - before
+    return after - before, peak - before, cyclic
 
 
 def threads_wall_ns(call: Callable[[], Any], threads: int, runs: int) -> float:
@@ -593,6 +603,13 @@ def render(data: dict[str, Any], rows: list[Row]) -> str:
     lines.append(
         f"| 4. memory flat over {n:,} rejections | {mem_ours:,} B retained | - | - | "
         f"≤ 16 KiB | {'PASS' if flat else 'FAIL'} |"
+    )
+    mem = data["memory"]
+    lines.append(
+        f"| 4. during {n:,} rejections: peak above start; cyclic garbage per rejection | "
+        f"{mem['ours'][1]:,} B; {mem['ours'][2]:g} objects | "
+        f"{mem['pybreaker'][1]:,} B; {mem['pybreaker'][2]:g} objects (pybreaker) "
+        "| - | - | (report) |"
     )
     wall = data["threads"]["ours"] / 1e6
     lines.append(

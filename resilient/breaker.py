@@ -56,7 +56,8 @@ until the first transition) and a half-open trial permit gets
 breaker tripped, was reset, ...) updates only the lifetime totals and never the
 current state. Negative tokens mark calls that were let through without being
 judged (``disabled`` mode, and ``metrics_only`` calls that a normal breaker
-would have rejected).
+would have rejected); reporting them is optional, they only feed the lifetime
+totals.
 """
 
 from __future__ import annotations
@@ -74,7 +75,13 @@ import pybreaker
 from resilient._models import CircuitBreakerConfig
 from resilient.errors import CircuitOpenError
 
-__all__ = ["STATE_CLOSED", "STATE_HALF_OPEN", "STATE_OPEN", "CircuitBreaker"]
+__all__ = [
+    "STATE_CLOSED",
+    "STATE_HALF_OPEN",
+    "STATE_OPEN",
+    "TRIALS_BUSY_RETRY_AFTER",
+    "CircuitBreaker",
+]
 
 _log = logging.getLogger("resilient.breaker")
 
@@ -394,7 +401,9 @@ class CircuitBreaker:
 
         Returns:
             An opaque token to pass to exactly one of ``on_success``,
-            ``on_failure`` or ``on_cancel``.
+            ``on_failure`` or ``on_cancel``. In closed state it is the same
+            value for every call (0 until the first transition); an odd one is
+            a half-open trial permit; a negative one need not be reported.
 
         Raises:
             CircuitOpenError: The breaker is open (``retry_after`` is the rest
@@ -561,7 +570,7 @@ class CircuitBreaker:
     def _window_trips(self, w: _CountWindow | _TimeWindow) -> bool:
         calls = w.calls
         return calls >= self._min_calls and (
-            w.failures / calls > self._rate_thr or w.slow / calls >= self._slow_thr
+            w.failures / calls >= self._rate_thr or w.slow / calls >= self._slow_thr
         )
 
     # ------------------------------------------------------------ transitions

@@ -33,7 +33,7 @@ class FakeClock:
         self.now += seconds
 
 
-class Recorder(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+class Recorder(pybreaker.CircuitBreakerListener):
     """A pybreaker listener that writes down what it is told."""
 
     def __init__(self) -> None:
@@ -52,7 +52,7 @@ class Recorder(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
         return [(e[2], e[3]) for e in self.events if e[0] == "state"]
 
 
-class Boom(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+class Boom(pybreaker.CircuitBreakerListener):
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         raise RuntimeError("listener bug")
 
@@ -781,10 +781,36 @@ class TestListeners:
         assert len(caplog.records) >= 5
         assert all(r.name == "resilient.breaker" for r in caplog.records)
 
+    def test_inherited_no_op_callbacks_cost_nothing(self) -> None:
+        class OnlyStates(pybreaker.CircuitBreakerListener):
+            def __init__(self) -> None:
+                self.changes: list[str] = []
+
+            def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+                self.changes.append(new_state.name)
+
+        class DuckTyped:
+            def __init__(self) -> None:
+                self.changes: list[str] = []
+
+            def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+                self.changes.append(new_state.name)
+
+        only, duck = OnlyStates(), DuckTyped()
+        cb, _ = make(failure_threshold=1, listeners=[only, duck])
+        assert cb._success_cbs == ()
+        assert cb._failure_cbs == ()
+        ok(cb)
+        bad(cb)
+        assert only.changes == duck.changes == ["open"]
+        rec = Recorder()
+        cb.add_listener(rec)
+        assert len(cb._success_cbs) == len(cb._failure_cbs) == 1
+
     def test_listener_may_inspect_the_breaker(self) -> None:
         seen: list[str] = []
 
-        class Inspect(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+        class Inspect(pybreaker.CircuitBreakerListener):
             def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
                 seen.append(cb.get_status()["state"])  # would deadlock if called under the lock
 
