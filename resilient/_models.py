@@ -11,7 +11,7 @@ from __future__ import annotations
 import builtins
 import importlib
 from collections.abc import Callable
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -26,10 +26,14 @@ from pydantic import (
 from pydantic.json_schema import GenerateJsonSchema, SkipJsonSchema
 
 __all__ = [
+    "PRIORITIES",
     "TRANSIENT_ERRORS",
+    "BulkheadConfig",
     "CircuitBreakerConfig",
     "FallbackConfig",
     "Policy",
+    "RateLimitConfig",
+    "RetryBudgetConfig",
     "RetryConfig",
     "RetryStrategy",
     "TimeoutConfig",
@@ -94,7 +98,7 @@ def _exception_list(value: object) -> tuple[type[BaseException], ...]:
         value = [value]
     if not isinstance(value, list | tuple | set | frozenset):
         msg = "expected a list of exception names"
-        raise ValueError(msg)  # noqa: TRY004 - pydantic wants ValueError
+        raise ValueError(msg)
     return tuple(resolve_exception(v) for v in value)
 
 
@@ -133,7 +137,7 @@ class _Model(BaseModel):
     )
 
 
-class RetryStrategy(str, Enum):
+class RetryStrategy(StrEnum):
     """How the delay between attempts grows."""
 
     EXPONENTIAL_BACKOFF = "exponential_backoff"
@@ -187,14 +191,15 @@ class CircuitBreakerConfig(_Model):
     timeout_seconds: PositiveFloat = 60.0
     """How long the breaker stays open before letting trial calls through."""
     half_open_timeout: PositiveFloat | None = 30.0
-    """Longest time in half-open state without a verdict; then it opens again. ``null``: no limit."""
+    """Longest time in half-open state without a verdict; then it opens again.
+    ``null``: no limit."""
     failure_rate_window: PositiveInt = 60
     """Size of the sliding window: seconds (``window_type: time``) or calls (``count``)."""
     min_requests_threshold: PositiveInt = 10
     """Calls the window must hold before its failure or slow-call rate can trip the breaker."""
     enable_ml_prediction: bool = True
-    """Stored for the adaptive breaker. The basic breaker ignores it: prediction only happens
-    in a policy that also has an ``adaptive`` section."""
+    """Stored for the adaptive (learning) breaker, which is not part of this release: the
+    basic breaker ignores it, and nothing predicts."""
     prediction_threshold: Fraction = 0.7
     """Failure probability above which the adaptive breaker opens early (see above)."""
 
@@ -244,6 +249,27 @@ class CircuitBreakerConfig(_Model):
         return self.half_open_max_calls or self.success_threshold
 
 
+class RetryBudgetConfig(_Model):
+    """
+    The ``retry.budget`` section: a token bucket that caps retries as a share of calls,
+    in the manner of gRPC retry throttling and Finagle's ``RetryBudget``.
+
+    Every call (its first attempt) deposits ``ratio`` tokens, every retry withdraws
+    one, and ``min_retries_per_second`` tokens trickle in with time, so a quiet
+    service can still retry. The balance never exceeds ``max_tokens``. When fewer than
+    one token is left, a failed attempt is not retried (the first attempt of every call
+    still runs) and a ``RetryBudgetExhausted`` event says so.
+    """
+
+    ratio: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.2
+    """Retries allowed per call, on average (Finagle's ``percentCanRetry``)."""
+    min_retries_per_second: NonNegativeFloat = 10.0
+    """Retries always allowed per second, whatever the traffic (Finagle's floor)."""
+    max_tokens: PositiveFloat = 100.0
+    """Most tokens saved up in quiet times: the largest burst of retries at the start
+    of an outage. The bucket starts full."""
+
+
 class RetryConfig(_Model):
     """
     The retry section of a policy (``retry:``).
@@ -262,7 +288,7 @@ class RetryConfig(_Model):
     """Growth factor of ``exponential_backoff`` and ``adaptive``."""
     jitter: Annotated[JitterKind, BeforeValidator(_jitter)] = "full"
     """``true``/``full``: uniform in [0, d]; ``equal``: d/2 + uniform in [0, d/2];
-    ``decorrelated``: uniform in [base_delay, 3 × previous]; ``false``/``none``: exact."""
+    ``decorrelated``: uniform in [base_delay, 3 * previous]; ``false``/``none``: exact."""
     strategy: RetryStrategy = RetryStrategy.EXPONENTIAL_BACKOFF
     """How the delay grows, see ``RetryStrategy``."""
     timeout: PositiveFloat | None = 60.0
@@ -283,6 +309,17 @@ class RetryConfig(_Model):
         default=None, exclude=True
     )
     """Python only: retry when this returns true for a *returned* value."""
+    budget: RetryBudgetConfig | None = None
+    """A retry budget shared by every call of the policy (see ``RetryBudgetConfig``).
+    ``null``: retries are limited by ``max_attempts`` only."""
+    retry_after: SkipJsonSchema[Callable[[Any], float | None] | None] = Field(
+        default=None, exclude=True
+    )
+    """Python only: reads a server-chosen delay (seconds) from the exception of a failed
+    attempt, or from the returned value that ``retry_if_result`` rejected; ``None`` keeps
+    the computed backoff. The delay is capped by ``max_delay``. A library rejection that
+    carries ``retry_after`` (``CircuitOpenError``, ``RateLimitedError``) is honoured
+    without a hook when it is retried."""
 
     @model_validator(mode="after")
     def _check(self) -> RetryConfig:
@@ -299,6 +336,95 @@ class TimeoutConfig(_Model):
     """Budget for each attempt."""
     total: PositiveFloat | None = None
     """Budget for the whole call: every attempt and every sleep between them."""
+
+
+#: Priority names, lowest to highest; waiting callers are served highest first.
+PRIORITIES: tuple[str, ...] = ("low", "normal", "high", "critical")
+
+PriorityName = Literal["low", "normal", "high", "critical"]
+
+
+class BulkheadConfig(_Model):
+    """
+    The ``bulkhead:`` section: how many calls of the policy run at once, and who
+    waits for a slot.
+
+    The first eight fields are the seed's, with the seed's defaults. A call that
+    finds every slot taken waits up to ``acquire_timeout`` in a queue of at most
+    ``max_queue`` callers (highest priority first, FIFO within a priority), then
+    gets ``BulkheadFullError``; a full queue rejects at once.
+    """
+
+    max_concurrent_requests: PositiveInt = 100
+    """Calls in flight at most (the ceiling of auto-scaling)."""
+    max_thread_pool_size: PositiveInt = 50
+    """Threads of the policy's own pool (``isolation: thread_pool``); calls in flight
+    are also capped by it."""
+    max_connection_pool_size: PositiveInt = 20
+    """Default size of the connection pools made by ``BulkheadManager.connection_pool``."""
+    enable_auto_scaling: bool = True
+    """Move the limit between ``min_concurrent_requests`` and ``max_concurrent_requests``
+    by utilisation and latency (see docs/bulkheads.md)."""
+    scale_up_threshold: Fraction = 0.8
+    """The limit only grows when calls in flight fill at least this share of it."""
+    scale_down_threshold: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.3
+    """The limit shrinks (10% per window) when calls in flight fill less than this share."""
+    acquire_timeout: NonNegativeFloat = 30.0
+    """Longest wait for a slot, in seconds; 0 rejects at once when the bulkhead is full."""
+    priority_queuing: bool = True
+    """Serve waiting callers by priority (else in arrival order)."""
+
+    max_queue: Annotated[int, Field(ge=0)] = 1024
+    """Callers waiting at most; the next one is rejected at once (0: never wait)."""
+    isolation: Literal["semaphore", "thread_pool"] = "semaphore"
+    """``semaphore``: the call runs in the caller's thread or task. ``thread_pool``: a sync
+    function runs in the policy's own pool of ``max_thread_pool_size`` threads, so a hung
+    dependency exhausts that pool, not the caller's threads (async functions are unchanged)."""
+    default_priority: PriorityName = "normal"
+    """Priority of a call that names none: ``low``, ``normal``, ``high`` or ``critical``."""
+    priority_aging: PositiveFloat | None = None
+    """Seconds of waiting that raise a caller by one priority level, so low priorities
+    never starve. ``null``: strict priorities."""
+    min_concurrent_requests: PositiveInt = 1
+    """Floor of auto-scaling; also the concurrency at which the no-load latency is
+    measured."""
+    latency_tolerance: NonNegativeFloat = 0.1
+    """Auto-scaling lowers the limit when the mean latency exceeds the no-load latency by
+    more than this share (Envoy's ``min_rtt_buffer``)."""
+    probe_interval: PositiveFloat = 60.0
+    """Seconds between re-measurements of the no-load latency (Envoy's
+    ``min_rtt_calc_interval``)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> BulkheadConfig:
+        if self.scale_down_threshold >= self.scale_up_threshold:
+            msg = (
+                f"scale_down_threshold ({self.scale_down_threshold}) must be smaller than "
+                f"scale_up_threshold ({self.scale_up_threshold})"
+            )
+            raise ValueError(msg)
+        if self.min_concurrent_requests > self.max_concurrent_requests:
+            msg = (
+                f"min_concurrent_requests ({self.min_concurrent_requests}) is larger than "
+                f"max_concurrent_requests ({self.max_concurrent_requests})"
+            )
+            raise ValueError(msg)
+        return self
+
+
+class RateLimitConfig(_Model):
+    """
+    The ``rate_limit:`` section: a leaky bucket of ``max_rate`` calls per
+    ``time_period`` seconds (bursts of up to ``max_rate`` allowed). A call that
+    would have to wait longer than ``max_wait`` gets ``RateLimitedError``.
+    """
+
+    max_rate: PositiveFloat
+    """Calls allowed per ``time_period``; also the largest burst."""
+    time_period: PositiveFloat = 1.0
+    """Length of the period, in seconds."""
+    max_wait: NonNegativeFloat = 0.0
+    """Longest a call waits for capacity, in seconds; 0 rejects at once."""
 
 
 def _fallback_shorthand(value: object) -> object:
@@ -330,6 +456,8 @@ class Policy(_Model):
     retry: RetryConfig | None = None
     timeout: TimeoutConfig | None = None
     fallback: Annotated[FallbackConfig | None, BeforeValidator(_fallback_shorthand)] = None
+    bulkhead: BulkheadConfig | None = None
+    rate_limit: RateLimitConfig | None = None
 
     @property
     def per_attempt_timeout(self) -> float | None:

@@ -112,6 +112,31 @@ class CircuitOpenError(RejectedError):
     call through.
     """
 
+    _reason: str
+
+    @classmethod
+    def fast(cls, policy: str, retry_after: float | None, reason: str) -> CircuitOpenError:
+        """
+        Build the error without running ``__init__`` and format its message only
+        when someone reads it: rejecting is the breaker's hot path while open.
+        """
+        self = cls.__new__(cls)
+        self.policy = policy
+        self.retry_after = retry_after
+        self._reason = reason
+        return self
+
+    def __str__(self) -> str:
+        if self.args:
+            return str(self.args[0])
+        message = f"circuit breaker of policy {self.policy!r} is {self._reason}"
+        if self.retry_after is not None:
+            message += f"; retry after {self.retry_after:.3g}s"
+        return message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
 
 class BulkheadFullError(RejectedError):
     """The policy's bulkhead had no free slot within its acquire timeout."""

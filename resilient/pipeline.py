@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import pybreaker
 import tenacity
 
 from resilient import _clock
@@ -89,20 +90,14 @@ def _observe(observer: CallObserver, outcome: str, began: float) -> None:
         _log.exception("call observer %r raised; ignoring it", observer)
 
 
-class _BusListener:
-    """pybreaker-style listener that puts breaker transitions on the event bus."""
+class _BusListener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+    """
+    pybreaker listener that puts breaker transitions on the event bus. It
+    inherits pybreaker's no-op success/failure, which the breaker skips per call.
+    """
 
     def __init__(self, policy: str) -> None:
         self.policy = policy
-
-    def before_call(self, cb: Any, func: Any, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def success(self, cb: Any) -> None:
-        return None
-
-    def failure(self, cb: Any, exc: BaseException) -> None:
-        return None
 
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         if bus.active:

@@ -209,6 +209,23 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+_SHOW_INPUT = frozenset(
+    {
+        "int_parsing",
+        "float_parsing",
+        "int_type",
+        "float_type",
+        "bool_parsing",
+        "greater_than",
+        "greater_than_equal",
+        "less_than_equal",
+        "less_than",
+        "enum",
+        "literal_error",
+    }
+)
+
+
 def _explain(err: Mapping[str, Any], model: type[BaseModel]) -> tuple[tuple[Any, ...], str]:
     """Turn one pydantic error into (key path, human text)."""
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
@@ -227,11 +244,7 @@ def _explain(err: Mapping[str, Any], model: type[BaseModel]) -> tuple[tuple[Any,
         return loc, "required key is missing"
     message = str(err["msg"])
     message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    if kind in {"int_parsing", "float_parsing", "int_type", "float_type", "bool_parsing"}:
-        message = f"{message} (got {value!r})"
-    elif kind in {"greater_than", "greater_than_equal", "less_than_equal", "less_than"}:
-        message = f"{message} (got {value!r})"
-    elif kind == "enum" or kind == "literal_error":
+    if kind in _SHOW_INPUT:
         message = f"{message} (got {value!r})"
     return loc, message
 
