@@ -114,6 +114,10 @@ _INF: Final = math.inf
 _Events = list[tuple[str, str]]
 
 
+# Rejections build their error without __init__ (see CircuitOpenError.fast).
+_new_error = BaseException.__new__
+
+
 class _StateName:
     """What listeners get as ``old_state``/``new_state``: pybreaker-style, ``.name`` only."""
 
@@ -310,6 +314,7 @@ class CircuitBreaker:
         "_permits",
         "_rate_thr",
         "_record",
+        "_reject_open",
         "_rejections",
         "_slow_s",
         "_slow_thr",
@@ -416,6 +421,19 @@ class CircuitBreaker:
         token = self._fast_token
         if token >= 0:
             return token
+        if self._reject_open:
+            # Rejecting while open takes no lock and no extra call: the end of
+            # the open period is read once; a transition racing with this read
+            # at worst rejects a call at the very edge of the period.
+            now = self._clock()
+            open_until = self._open_until
+            if now < open_until:
+                next(self._rejections)
+                error = _new_error(CircuitOpenError)
+                error.policy = self.name
+                error.retry_after = open_until - now
+                error._reason = "open"
+                raise error
         return self._acquire_slow()
 
     def on_success(self, token: int, duration: float) -> None:
@@ -511,15 +529,6 @@ class CircuitBreaker:
 
     def _acquire_slow(self) -> int:
         mode = self._mode
-        if mode == "normal" and self._state == STATE_OPEN:
-            # Rejecting while open takes no lock: the state and the end of the
-            # open period are read once each; a transition racing with this
-            # read at worst rejects a call at the very edge of the period.
-            now = self._clock()
-            open_until = self._open_until
-            if now < open_until and self._state == STATE_OPEN:
-                next(self._rejections)
-                raise CircuitOpenError.fast(self.name, open_until - now, "open")
         if mode == "disabled":
             return _TOKEN_PASS
         if mode == "forced_open":
@@ -650,6 +659,7 @@ class CircuitBreaker:
         self._closed_token = self._gen * 2 if recording else _NEVER
         fast = recording and self._mode in ("normal", "metrics_only")
         self._fast_token = self._closed_token if fast else -1
+        self._reject_open = self._state == STATE_OPEN and self._mode == "normal"
 
     # -------------------------------------------------------------- listeners
 

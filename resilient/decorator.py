@@ -21,6 +21,7 @@ import tenacity
 from resilient import _clock
 from resilient._models import Policy
 from resilient.errors import CircuitOpenError
+from resilient.events import bus
 from resilient.pipeline import (
     LANE_DIRECT,
     LANE_SINGLE,
@@ -162,11 +163,10 @@ def resilient(
                 token: int | None = None
                 measured = -1.0
                 if breaker is not None:
-                    try:
+                    if bus.active:
+                        token = pipeline._acquire_reporting(breaker)
+                    else:
                         token = breaker.acquire()
-                    except CircuitOpenError as rejected:
-                        pipeline._rejected(rejected)
-                        raise
                     if breaker.needs_duration:
                         measured = _clock.monotonic()
                 queues = pipeline.per_attempt_queues
@@ -218,11 +218,7 @@ def resilient(
             # one attempt through the breaker (sync code cannot be interrupted,
             # so a per-attempt deadline does not apply here; docs/timeouts.md)
             breaker = pipeline.breaker
-            try:
-                token = breaker.acquire()
-            except CircuitOpenError as rejected:
-                pipeline._rejected(rejected)
-                raise
+            token = pipeline._acquire_reporting(breaker) if bus.active else breaker.acquire()
             measured = _clock.monotonic() if breaker.needs_duration else -1.0
             try:
                 result = fn(*args, **kwargs)

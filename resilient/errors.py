@@ -21,6 +21,8 @@ traceback) with a note saying how many attempts were made.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AttemptTimeoutError",
     "BulkheadFullError",
@@ -46,6 +48,17 @@ class ResilienceError(Exception):
     def __init__(self, message: str, *, policy: str | None = None) -> None:
         super().__init__(message)
         self.policy = policy
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # BaseException pickles by calling cls(*args), which our keyword-only
+        # attributes do not survive; rebuild from args, slots and __dict__.
+        slots = {
+            name: getattr(self, name)
+            for klass in type(self).__mro__
+            for name in getattr(klass, "__slots__", ())
+            if hasattr(self, name)
+        }
+        return (_restore, (type(self), self.args, slots, dict(self.__dict__)))
 
 
 class PolicyError(ResilienceError, ValueError):
@@ -95,6 +108,10 @@ class RejectedError(ResilienceError):
         retry_after: Seconds after which trying again has a chance, or ``None``.
     """
 
+    # Slots rather than the instance dict: a rejection is built on the hot path
+    # of an open breaker, and slot stores save the dict's creation.
+    __slots__ = ("policy", "retry_after")
+
     retry_after: float | None
 
     def __init__(
@@ -104,6 +121,16 @@ class RejectedError(ResilienceError):
         self.retry_after = retry_after
 
 
+def _restore(
+    cls: type[ResilienceError], args: tuple[Any, ...], slots: dict[str, Any], extra: dict[str, Any]
+) -> ResilienceError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    for name, value in {**slots, **extra}.items():
+        setattr(error, name, value)
+    return error
+
+
 class CircuitOpenError(RejectedError):
     """
     The policy's circuit breaker is open (or its half-open trial calls are taken).
@@ -111,6 +138,8 @@ class CircuitOpenError(RejectedError):
     ``retry_after`` says how many seconds remain until the breaker lets a trial
     call through.
     """
+
+    __slots__ = ("_reason",)
 
     _reason: str
 

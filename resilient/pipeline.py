@@ -90,7 +90,7 @@ def _observe(observer: CallObserver, outcome: str, began: float) -> None:
         _log.exception("call observer %r raised; ignoring it", observer)
 
 
-class _BusListener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+class _BusListener(pybreaker.CircuitBreakerListener):
     """
     pybreaker listener that puts breaker transitions on the event bus. It
     inherits pybreaker's no-op success/failure, which the breaker skips per call.
@@ -298,6 +298,14 @@ class Pipeline:
             error = type(exc).__name__ if exc is not None else "result"
             bus.emit(RetryScheduled(self.name, self.callable_name, attempt, delay, error))
         return delay
+
+    def _acquire_reporting(self, breaker: CircuitBreaker) -> int:
+        """``breaker.acquire()``, putting a rejection on the event bus."""
+        try:
+            return breaker.acquire()
+        except CircuitOpenError as rejected:
+            self._rejected(rejected)
+            raise
 
     def _rejected(self, exc: CircuitOpenError) -> None:
         if bus.active:

@@ -1,0 +1,66 @@
+"""The exception tree: builtin bases, attributes, messages, pickling."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+import resilient
+from resilient import (
+    AttemptTimeoutError,
+    BulkheadFullError,
+    CircuitOpenError,
+    PolicyError,
+    RateLimitedError,
+    RejectedError,
+    ResilienceError,
+)
+
+
+def test_tree() -> None:
+    """Every library error descends from ResilienceError and the builtin that fits."""
+    assert issubclass(PolicyError, ResilienceError)
+    assert issubclass(PolicyError, ValueError)
+    assert issubclass(AttemptTimeoutError, TimeoutError)
+    for rejected in (CircuitOpenError, BulkheadFullError, RateLimitedError):
+        assert issubclass(rejected, RejectedError)
+        assert issubclass(rejected, ResilienceError)
+
+
+def test_fast_rejection_message() -> None:
+    """A rejection built on the hot path still reads well."""
+    error = CircuitOpenError.fast("broker", 2.5, "open")
+    assert str(error) == "circuit breaker of policy 'broker' is open; retry after 2.5s"
+    assert error.policy == "broker"
+    assert error.retry_after == 2.5
+    assert "broker" in repr(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(CircuitOpenError.fast("p", 1.0, "open"), id="fast"),
+        pytest.param(CircuitOpenError("m", policy="p", retry_after=3.0), id="init"),
+        pytest.param(RateLimitedError("m", policy="p", retry_after=0.5), id="rate"),
+        pytest.param(BulkheadFullError("m", policy="p"), id="bulkhead"),
+        pytest.param(AttemptTimeoutError("m", policy="p", timeout=1.0, kind="total"), id="timeout"),
+        pytest.param(PolicyError("m", source="f.yaml", line=3, key="a.b"), id="policy"),
+    ],
+)
+def test_pickle_round_trip(error: ResilienceError) -> None:
+    """Errors survive pickling (multiprocessing, task queues) with their attributes."""
+    error.add_note("a note")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)
+    assert copy.policy == error.policy
+    assert copy.__notes__ == ["a note"]
+    if isinstance(error, RejectedError):
+        assert isinstance(copy, RejectedError)
+        assert copy.retry_after == error.retry_after
+
+
+def test_errors_exported() -> None:
+    """The public names are the same objects as the module's."""
+    assert resilient.errors.CircuitOpenError is CircuitOpenError
