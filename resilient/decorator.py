@@ -174,7 +174,7 @@ def resilient(
                 if queues is not None:
                     task = _current_task()
                     if task is not None:
-                        entry = queues.get(task.get_loop()).arm(task)
+                        entry = queues.arm(task)
                 try:
                     result = await afn(*args, **kwargs)
                 except BaseException as exc:

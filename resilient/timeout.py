@@ -122,7 +122,11 @@ class DeadlineQueue:
 
 
 class _QueueCache:
-    """Per-duration map loop -> queue; the last loop used is kept in one tuple."""
+    """
+    The deadline queues of one budget, one per event loop, with the last loop
+    used kept in one tuple (read atomically, so threads with loops of their own
+    never see half an update).
+    """
 
     __slots__ = ("by_loop", "duration", "last")
 
@@ -132,7 +136,8 @@ class _QueueCache:
         self.last: tuple[asyncio.AbstractEventLoop | None, DeadlineQueue | None] = (None, None)
 
     def get(self, loop: asyncio.AbstractEventLoop) -> DeadlineQueue:
-        last_loop, queue = self.last  # one tuple read: safe against other threads
+        """The queue of *loop*, made on first use."""
+        last_loop, queue = self.last
         if last_loop is loop and queue is not None:
             return queue
         queue = self.by_loop.get(loop)
@@ -144,6 +149,34 @@ class _QueueCache:
             self.by_loop[loop] = queue
         self.last = (loop, queue)
         return queue
+
+    def arm(self, task: asyncio.Task[Any]) -> Deadline:
+        """
+        Start a budget for *task* on its loop's queue.
+
+        The body repeats DeadlineQueue.arm on purpose: this is the per-call
+        path of every guarded async call, and one Python call less is a
+        quarter of its cost.
+        """
+        loop = task.get_loop()
+        last_loop, queue = self.last
+        if last_loop is not loop or queue is None:
+            queue = self.get(loop)
+        entry = _new_deadline(Deadline)
+        entry.task = task
+        entry.deadline = deadline = queue._time() + queue.duration
+        entry.cancelling = task.cancelling()
+        entry.done = False
+        entry.fired = False
+        entries = queue.queue
+        while entries and entries[0].done:
+            entries.popleft()
+        entries.append(entry)
+        if queue._handle is None:
+            queue._handle = loop.call_at(deadline, queue._fire)
+        elif len(entries) > 256 and not len(entries) & 255:
+            queue._compact()
+        return entry
 
 
 def deadline_queue(duration: float) -> _QueueCache:
