@@ -430,6 +430,9 @@ class RateLimitConfig(_Model):
 def _fallback_shorthand(value: object) -> object:
     # A mapping is always the full form ({value: ..., on: [...]}) so that a typo in
     # it is reported instead of silently becoming the fallback value.
+    if isinstance(value, dict) and True in value and "on" not in value:
+        # YAML 1.1 reads a bare `on:` key as the boolean true.
+        value = {("on" if key is True else key): v for key, v in value.items()}
     if value is None or isinstance(value, dict | FallbackConfig):
         return value
     return {"value": value}

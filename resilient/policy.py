@@ -496,8 +496,8 @@ def _apply_env(
             )
             continue
         policy_key, *path = parts
-        name = by_env_name.get(policy_key.upper())
-        if name is None:
+        policy_name = by_env_name.get(policy_key.upper())
+        if policy_name is None:
             close = difflib.get_close_matches(policy_key.upper(), list(by_env_name), n=1)
             hint = f" (did you mean '{by_env_name[close[0]]}'?)" if close else ""
             known = ", ".join(sorted(policies)) or "(none)"
@@ -507,14 +507,14 @@ def _apply_env(
             )
             continue
         keys = [p.lower() for p in path]
-        target: dict[str, Any] = policies[name]
+        target: dict[str, Any] = policies[policy_name]
         for key in keys[:-1]:
             child = target.get(key)
             child = dict(child) if isinstance(child, Mapping) else {}
             target[key] = child
             target = child
         target[keys[-1]] = _parse_env_value(env[var])
-        origins[(name, tuple(keys))] = var
+        origins[(policy_name, tuple(keys))] = var
 
 
 def _env_name(policy_name: str) -> str:
@@ -640,19 +640,24 @@ def load_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None) ->
     return parse_policies(data, source=source, lines=lines, env=env)
 
 
-def discover(env: Mapping[str, str] | None = None) -> tuple[dict[str, Policy], str]:
+def discover(
+    env: Mapping[str, str] | None = None, *, apply_env: bool = True
+) -> tuple[dict[str, Policy], str]:
     """
     Find and load the policy file the way DESIGN §4 orders the sources:
     ``RESILIENCE_POLICY_FILE``, ``./resilience.yaml`` (or ``.yml``),
     ``[tool.resilient]`` in ``./pyproject.toml``, else the built-in ``default``.
+    With *apply_env* false, ``RESILIENCE_*`` overrides are not applied (the
+    file is still found through ``RESILIENCE_POLICY_FILE``).
     """
     environ = os.environ if env is None else env
+    overrides = environ if apply_env else None
     explicit = environ.get("RESILIENCE_POLICY_FILE")
     if explicit:
-        return load_file(explicit, env=environ), explicit
+        return load_file(explicit, env=overrides), explicit
     for candidate in ("resilience.yaml", "resilience.yml"):
         if Path(candidate).is_file():
-            return load_file(candidate, env=environ), candidate
+            return load_file(candidate, env=overrides), candidate
     pyproject = Path("pyproject.toml")
     if pyproject.is_file():
         import tomllib
@@ -662,10 +667,10 @@ def discover(env: Mapping[str, str] | None = None) -> tuple[dict[str, Policy], s
         except (OSError, tomllib.TOMLDecodeError):
             has_table = False
         if has_table:
-            return load_file(pyproject, env=environ), "pyproject.toml"
+            return load_file(pyproject, env=overrides), "pyproject.toml"
     defaults = _builtin_defaults()
     data = {"version": 1, "policies": {k: v.model_dump() for k, v in defaults.items()}}
-    return parse_policies(data, source="<built-in defaults>", env=environ), "<built-in defaults>"
+    return parse_policies(data, source="<built-in defaults>", env=overrides), "<built-in defaults>"
 
 
 def load_policies(
@@ -693,7 +698,7 @@ def load_policies(
     """
     environ: Mapping[str, str] | None = (os.environ if env is None else env) if apply_env else None
     if source is None:
-        policies, where = discover(environ or {})
+        policies, where = discover(os.environ if env is None else env, apply_env=apply_env)
     elif isinstance(source, Mapping):
         policies, where = parse_policies(source, env=environ), "<python>"
     else:

@@ -19,7 +19,6 @@ recent failure rate.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -27,6 +26,7 @@ import tenacity
 from tenacity import stop as _stop
 from tenacity import wait as _wait
 
+from resilient import _clock
 from resilient._models import RetryConfig, RetryStrategy
 from resilient.errors import RejectedError
 
@@ -190,7 +190,7 @@ class RetryPlan:
         self.total = total
         self.rate = rate
         self.wait = build_wait(cfg, rate)
-        stop: tenacity.stop_base = _stop.stop_after_attempt(cfg.max_attempts)
+        stop: _stop.stop_base = _stop.stop_after_attempt(cfg.max_attempts)
         if total is not None:
             stop = stop | _stop.stop_before_delay(total)
         self.stop = stop
@@ -217,7 +217,7 @@ class RetryPlan:
         """
         state.attempt_number = attempt
         state.outcome = cast(Any, _Outcome(exc, result))
-        state.outcome_timestamp = time.monotonic()
+        state.outcome_timestamp = _clock.monotonic()
         if not self.retry(state):
             return -1.0, "not_retryable"
         delay = self.wait(state)

@@ -443,3 +443,31 @@ class TestDiscovery:
         """The model produces a JSON schema that lists the sections."""
         schema = policy_file_schema()["$defs"]["Policy"]
         assert {"circuit_breaker", "retry", "timeout", "fallback"} <= set(schema["properties"])
+
+
+class TestYamlQuirks:
+    def test_bare_on_key_in_fallback(self, tmp_path: Path) -> None:
+        """YAML 1.1 reads `on:` as true; the fallback section still understands it."""
+        path = write(
+            tmp_path,
+            """
+            version: 1
+            policies:
+              p:
+                fallback: {value: [], on: [KeyError]}
+            """,
+        )
+        fallback = load_file(path, env=None)["p"].fallback
+        assert fallback is not None
+        assert fallback.on == (KeyError,)
+
+    def test_apply_env_false_still_finds_file(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """apply_env=False ignores overrides but still honours RESILIENCE_POLICY_FILE."""
+        path = write(tmp_path, GOOD, "elsewhere.yaml")
+        monkeypatch.setenv("RESILIENCE_POLICY_FILE", str(path))
+        monkeypatch.setenv("RESILIENCE_MAX_RETRY_ATTEMPTS", "9")
+        policies = resilient.load_policies(apply_env=False)
+        assert policies["broker"].retry is not None
+        assert policies["broker"].retry.max_attempts == 2
