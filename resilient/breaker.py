@@ -69,12 +69,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
-
-import pybreaker
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from resilient._models import CircuitBreakerConfig
 from resilient.errors import CircuitOpenError
+
+if TYPE_CHECKING:
+    from resilient.backends import BreakerBackend, BreakerLink
 
 __all__ = [
     "STATE_CLOSED",
@@ -86,9 +87,19 @@ __all__ = [
 
 _log = logging.getLogger("resilient.breaker")
 
-STATE_CLOSED: Final[str] = pybreaker.STATE_CLOSED
-STATE_OPEN: Final[str] = pybreaker.STATE_OPEN
-STATE_HALF_OPEN: Final[str] = pybreaker.STATE_HALF_OPEN
+# pybreaker's state names (a test checks they still match). pybreaker itself is
+# imported when the first breaker is built, not with this module: it imports
+# redis at import time whenever redis is installed, and `import resilient`
+# must not pull in optional dependencies.
+STATE_CLOSED: Final[str] = "closed"
+STATE_OPEN: Final[str] = "open"
+STATE_HALF_OPEN: Final[str] = "half-open"
+
+
+def _pybreaker() -> Any:
+    import pybreaker
+
+    return pybreaker
 
 Mode = Literal["normal", "disabled", "metrics_only", "forced_open"]
 
@@ -293,15 +304,19 @@ class CircuitBreaker:
     """
 
     __slots__ = (
+        "_backend",
         "_clock",
         "_closed_token",
         "_consecutive",
         "_failure_cbs",
         "_failure_threshold",
         "_fast_token",
+        "_fleet_calls",
+        "_fleet_failures",
         "_gen",
         "_half_open_until",
         "_ignore",
+        "_link",
         "_listeners",
         "_lock",
         "_min_calls",
@@ -309,6 +324,7 @@ class CircuitBreaker:
         "_n_failures",
         "_n_ignored",
         "_n_successes",
+        "_offline",
         "_open_until",
         "_opened_at_wall",
         "_permits",
@@ -339,6 +355,7 @@ class CircuitBreaker:
         *,
         clock: Callable[[], float] | None = None,
         listeners: Iterable[Any] = (),
+        backend: BreakerBackend | None = None,
     ) -> None:
         """
         Create a closed breaker.
@@ -351,6 +368,8 @@ class CircuitBreaker:
             listeners: ``pybreaker.CircuitBreakerListener`` instances (or any
                 objects with its ``state_change``, ``failure`` and ``success``
                 methods).
+            backend: Where the state is shared (:mod:`resilient.backends`);
+                ``None`` or the memory backend: this process only.
         """
         self.name = name
         self.config = config
@@ -360,7 +379,7 @@ class CircuitBreaker:
         self._failure_cbs: tuple[Callable[[Any, BaseException], object], ...] = ()
         self._set_listeners(tuple(listeners))
         self._lock = threading.Lock()
-        self._storage: Any = pybreaker.CircuitMemoryStorage(STATE_CLOSED)
+        self._storage: Any = _pybreaker().CircuitMemoryStorage(STATE_CLOSED)
 
         self.needs_duration = config.slow_call_duration is not None
         self._slow_s = config.slow_call_duration if config.slow_call_duration is not None else _INF
@@ -398,7 +417,17 @@ class CircuitBreaker:
         self._rejections = itertools.count()
         self._closed_token = 0
         self._fast_token = 0
+        # Fleet state (resilient.backends): the link, what the other replicas
+        # counted in the window (refreshed by the backend's flusher) and the
+        # behaviour while the backend is unreachable ("open"/"closed", or None).
+        self._offline: str | None = None
+        self._fleet_calls = 0
+        self._fleet_failures = 0
+        self._backend = backend
+        self._link: BreakerLink | None = None
         self._sync_tokens()
+        if backend is not None:
+            self._link = backend.attach(self)
 
     # ------------------------------------------------------------------ hot path
 
@@ -527,21 +556,28 @@ class CircuitBreaker:
 
     # ------------------------------------------------------------- slow paths
 
-    def _acquire_slow(self) -> int:
+    def _acquire_slow(self, shared: bool = True) -> int:
         mode = self._mode
         if mode == "disabled":
             return _TOKEN_PASS
         if mode == "forced_open":
             next(self._rejections)
             raise CircuitOpenError.fast(self.name, None, "forced open")
+        offline = self._offline
+        if offline is not None:
+            return self._acquire_offline(offline)
+        link = self._link
         with self._lock:
             now = self._clock()
             events = self._advance(now)
             state = self._state
             token = _TOKEN_SHADOW
             retry_after = 0.0
+            ask_fleet = shared and link is not None and link.usable and state == STATE_HALF_OPEN
             if state == STATE_CLOSED:
                 token = self._closed_token
+            elif ask_fleet:
+                pass  # the fleet's permit, asked below without the lock
             elif state == STATE_HALF_OPEN and self._permits < self._trial_calls:
                 self._permits += 1
                 token = self._gen * 2 + 1
@@ -555,8 +591,53 @@ class CircuitBreaker:
             metrics_only = self._mode == "metrics_only"
         if events is not None:
             self._notify(events)
+        if ask_fleet:
+            return self._acquire_trial()
         if token != _TOKEN_SHADOW or metrics_only:
             return token
+        reason = "open" if state == STATE_OPEN else "half-open, trial calls taken"
+        raise CircuitOpenError.fast(self.name, retry_after, reason)
+
+    def _acquire_offline(self, offline: str) -> int:
+        """``acquire()`` while the shared backend is unreachable and the policy is open/closed."""
+        if offline == "open" and self._mode != "metrics_only":
+            next(self._rejections)
+            raise CircuitOpenError.fast(self.name, TRIALS_BUSY_RETRY_AFTER, "backend unavailable")
+        with self._lock:
+            return self._closed_token if self._state == STATE_CLOSED else _TOKEN_SHADOW
+
+    def _acquire_trial(self) -> int:
+        """
+        Half-open with a shared backend: one short round trip for a fleet-wide permit.
+
+        Runs without the lock. If the backend does not answer in time the permit
+        is decided as ``on_backend_failure`` says (``local``: this process's own
+        permits).
+        """
+        link = self._link
+        assert link is not None
+        granted = link.trial_permit()  # may adopt a newer shared state meanwhile
+        if granted is None:
+            offline = self._offline
+            if offline is not None:
+                return self._acquire_offline(offline)
+            return self._acquire_slow(shared=False)
+        with self._lock:
+            state = self._state
+            if granted and state == STATE_HALF_OPEN:
+                self._permits += 1
+                return self._gen * 2 + 1
+            if state == STATE_CLOSED:
+                return self._closed_token
+            metrics_only = self._mode == "metrics_only"
+            next(self._rejections)
+            now = self._clock()
+            if state == STATE_OPEN:
+                retry_after = max(self._open_until - now, 0.0)
+            else:
+                retry_after = max(min(TRIALS_BUSY_RETRY_AFTER, self._half_open_until - now), 0.001)
+        if metrics_only:
+            return _TOKEN_SHADOW
         reason = "open" if state == STATE_OPEN else "half-open, trial calls taken"
         raise CircuitOpenError.fast(self.name, retry_after, reason)
 
@@ -569,6 +650,11 @@ class CircuitBreaker:
             if token == self._gen * 2 + 1 and self._state == STATE_HALF_OPEN:
                 if duration >= self._slow_s:
                     return [self._transition(STATE_OPEN, now)]
+                link = self._link
+                if link is not None and link.usable and self._offline is None:
+                    # the fleet counts trial successes; its verdict comes back by adoption
+                    link.trial_result(True)
+                    return events
                 self._trial_successes += 1
                 if self._trial_successes >= self.config.success_threshold:
                     return [self._transition(STATE_CLOSED, now)]
@@ -584,11 +670,15 @@ class CircuitBreaker:
     def _release_permit(self, token: int) -> None:
         if token == self._gen * 2 + 1 and self._state == STATE_HALF_OPEN and self._permits > 0:
             self._permits -= 1
+            if self._link is not None and self._link.usable:
+                self._link.release_permit()
 
     def _window_trips(self, w: _CountWindow | _TimeWindow) -> bool:
-        calls = w.calls
+        # _fleet_*: the other replicas' share of the window (0 without a shared backend)
+        calls = w.calls + self._fleet_calls
         return calls >= self._min_calls and (
-            w.failures / calls >= self._rate_thr or w.slow / calls >= self._slow_thr
+            (w.failures + self._fleet_failures) / calls >= self._rate_thr
+            or w.slow / calls >= self._slow_thr
         )
 
     # ------------------------------------------------------------ transitions
@@ -613,12 +703,13 @@ class CircuitBreaker:
             events = [event] if events is None else [*events, event]
         return events
 
-    def _transition(self, new: str, now: float) -> tuple[str, str]:
+    def _transition(self, new: str, now: float, *, remote: bool = False) -> tuple[str, str]:
         """
         Move to *new* at time *now* (lock held); return ``(old, new)`` for the listeners.
 
         Every transition, even to the same state, starts a new generation:
-        tokens issued before it no longer count.
+        tokens issued before it no longer count. A local transition (*remote*
+        false) is handed to the shared backend, if any, without waiting for it.
         """
         old = self._state
         self._gen += 1
@@ -642,7 +733,10 @@ class CircuitBreaker:
             self._opened_at_wall = None
             storage.reset_counter()
         storage.state = new
+        self._fleet_calls = self._fleet_failures = 0
         self._sync_tokens()
+        if not remote and self._link is not None:
+            self._link.transitioned(old, new)
         return (old, new)
 
     def _open_duration(self) -> float:
@@ -657,9 +751,94 @@ class CircuitBreaker:
         """Recompute the hot-path tokens after a transition or mode switch (lock held)."""
         recording = self._state == STATE_CLOSED and self._mode != "disabled"
         self._closed_token = self._gen * 2 if recording else _NEVER
-        fast = recording and self._mode in ("normal", "metrics_only")
+        fast = recording and self._mode in ("normal", "metrics_only") and self._offline != "open"
         self._fast_token = self._closed_token if fast else -1
-        self._reject_open = self._state == STATE_OPEN and self._mode == "normal"
+        self._reject_open = (
+            self._state == STATE_OPEN and self._mode == "normal" and self._offline is None
+        )
+
+    # ------------------------------------------------------------ fleet state
+
+    @property
+    def backend(self) -> BreakerBackend | None:
+        """The state backend this breaker was built with (``None``: local only)."""
+        return self._backend
+
+    def _adopt(
+        self,
+        gen: int,
+        state: str,
+        open_for: float,
+        half_open_for: float | None,
+        trips: int,
+        *,
+        fresh: bool,
+    ) -> bool:
+        """
+        Take on the fleet's state (called by the backend's threads, never on a call path).
+
+        Args:
+            gen: The shared generation. A pub/sub message (*fresh* false) older
+                than the last one seen is ignored; a fresh read of Redis always wins.
+            state: The shared state.
+            open_for: Seconds left in the shared open period.
+            half_open_for: Seconds left before a half-open period times out (``None``: no limit).
+            trips: The shared count of consecutive trips.
+
+        Returns:
+            Whether anything changed.
+        """
+        link = self._link
+        if link is None:
+            return False
+        events = None
+        with self._lock:
+            if gen == link.known_gen and state == link.known_state:
+                return False
+            if not fresh and gen <= link.known_gen:
+                return False
+            link.known_gen = gen
+            link.known_state = state
+            now = self._clock()
+            if state != self._state:
+                events = [self._transition(state, now, remote=True)]
+            elif state == STATE_CLOSED:
+                self._consecutive = 0
+                self._window.clear()
+                self._fleet_calls = self._fleet_failures = 0
+            self._trips = trips
+            if state == STATE_OPEN:
+                self._open_until = now + open_for
+            elif state == STATE_HALF_OPEN:
+                self._half_open_until = now + half_open_for if half_open_for is not None else _INF
+        if events is not None:
+            self._notify(events)
+        return True
+
+    def _set_offline(self, offline: str | None) -> None:
+        """Backend down: behave as ``on_backend_failure`` says; ``None`` when it is up."""
+        with self._lock:
+            self._offline = offline
+            self._sync_tokens()
+
+    def _fleet_check(self, others_calls: int, others_failures: int) -> None:
+        """Take in the other replicas' window counts and trip if the fleet's rate says so."""
+        events = None
+        with self._lock:
+            self._fleet_calls = others_calls
+            self._fleet_failures = others_failures
+            if (
+                self._state == STATE_CLOSED
+                and self._mode in ("normal", "metrics_only")
+                and others_failures
+            ):
+                w = self._window
+                now = self._clock()
+                w.expire(now)
+                if self._window_trips(w):
+                    events = [self._transition(STATE_OPEN, now)]
+        if events is not None:
+            self._notify(events)
 
     # -------------------------------------------------------------- listeners
 
@@ -703,7 +882,7 @@ class CircuitBreaker:
         hot path: one inherited unchanged from ``pybreaker.CircuitBreakerListener``
         (or missing) costs nothing per call.
         """
-        base = pybreaker.CircuitBreakerListener
+        base = _pybreaker().CircuitBreakerListener
         self._listeners = listeners
         self._success_cbs = tuple(
             listener.success
@@ -887,6 +1066,18 @@ class CircuitBreaker:
             }
         if events is not None:
             self._notify(events)
+        link = self._link
+        if link is not None:
+            status["fleet"] = {
+                "backend": self._backend.name if self._backend is not None else None,
+                "connected": link.usable,
+                "generation": link.known_gen,
+                "state": link.known_state,
+                "other_replicas_window": {
+                    "calls": self._fleet_calls,
+                    "failures": self._fleet_failures,
+                },
+            }
         status["config"] = {
             "failure_threshold": cfg.failure_threshold,
             "success_threshold": cfg.success_threshold,

@@ -236,6 +236,51 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _demo.run(duration=args.duration, seed=args.seed, quiet=args.quiet)
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    try:
+        from resilient.backends import BackendConfig
+        from resilient.backends.redis import fleet_status
+    except ImportError:
+        sys.stderr.write(
+            "resilient status: needs redis-py (pip install 'resilient-policies[redis]')\n"
+        )
+        return EXIT_INVALID
+    config = BackendConfig(
+        redis_url=args.redis, key_prefix=args.prefix, socket_timeout=2.0, connect_timeout=2.0
+    )
+    try:
+        status = fleet_status(config)
+    except Exception as exc:  # redis errors: unreachable, auth, ...
+        sys.stderr.write(
+            f"resilient status: {status_url(args.redis)}: {type(exc).__name__}: {exc}\n"
+        )
+        return EXIT_INVALID
+    if args.json:
+        sys.stdout.write(json.dumps(status, indent=2) + "\n")
+        return EXIT_OK
+    sys.stdout.write(f"{status['url']}: {len(status['replicas'])} replica(s) seen\n")
+    for replica, info in sorted(status["replicas"].items()):
+        sys.stdout.write(f"  {replica}  policies: {', '.join(info.get('policies', []))}\n")
+    if not status["policies"]:
+        sys.stdout.write("no shared breaker state\n")
+    for name, entry in status["policies"].items():
+        detail = f"generation {entry['generation']}, trips {entry['trips']}"
+        if entry["retry_after"] is not None:
+            detail += f", trial calls in {entry['retry_after']:.3g}s"
+        if entry["state"] == "half-open":
+            detail += f", trial permits taken {entry['trial_permits_taken']}"
+        sys.stdout.write(
+            f"{name:<24} {entry['state']:<9} {detail}; replicas: {len(entry['replicas'])}\n"
+        )
+    return EXIT_OK
+
+
+def status_url(url: str) -> str:
+    from resilient.backends.redis import redact
+
+    return redact(url)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -319,6 +364,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("-q", "--quiet", action="store_true", help="print only the summary table")
     demo.set_defaults(handler=_cmd_demo)
+
+    status = commands.add_parser(
+        "status",
+        help="print the fleet's shared breaker state (Redis backend)",
+        description="Read the shared state from Redis: each policy's breaker state, "
+        "generation and trips, and the replicas seen (docs/distributed.md).",
+    )
+    status.add_argument(
+        "--redis", required=True, metavar="URL", help="redis://, rediss:// or unix:// URL"
+    )
+    status.add_argument(
+        "--prefix", default="resilient", help="key prefix (backend.key_prefix; default: resilient)"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_cmd_status)
+
+    from resilient.testing._cli import add_simulate_parser  # stdlib-only module
+
+    add_simulate_parser(commands)
     return parser
 
 

@@ -9,6 +9,7 @@ call and again after every reload; a warm call checks one integer.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import threading
@@ -19,7 +20,9 @@ from typing import Any, ParamSpec, TypeVar
 import tenacity
 
 from resilient import _clock
+from resilient import pipeline as _pipeline
 from resilient._models import Policy
+from resilient.bulkhead import priority_level
 from resilient.errors import CircuitOpenError
 from resilient.events import bus
 from resilient.pipeline import (
@@ -32,7 +35,7 @@ from resilient.pipeline import (
 )
 from resilient.policy import registry
 
-__all__ = ["Attempt", "AttemptIterator", "acall", "attempts", "call", "resilient"]
+__all__ = ["Attempt", "AttemptIterator", "acall", "acall_sync", "attempts", "call", "resilient"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -41,7 +44,7 @@ T = TypeVar("T")
 class _Handle:
     """Compiles a pipeline lazily and rebuilds it when the registry changes."""
 
-    __slots__ = ("_lock", "callable_name", "fallback", "key", "policy", "state")
+    __slots__ = ("_lock", "callable_name", "fallback", "key", "policy", "priority", "state")
 
     def __init__(
         self,
@@ -50,6 +53,7 @@ class _Handle:
         key: str | None,
         callable_name: str,
         fallback: Callable[[BaseException], Any] | None,
+        priority: str | None = None,
     ) -> None:
         if not isinstance(policy, str | Policy):
             msg = f"policy must be a policy name or a resilient.Policy, not {policy!r}"
@@ -58,6 +62,7 @@ class _Handle:
         self.key = key
         self.callable_name = callable_name
         self.fallback = fallback
+        self.priority = priority
         self._lock = threading.Lock()
         # (registry generation, pipeline): read as one tuple so that another
         # thread rebuilding it can never be seen half-way.
@@ -79,11 +84,20 @@ class _Handle:
                 name = self.key or self.callable_name
             generation = registry.generation
             current = self.state[1]
-            if current is not None and current.policy is policy and current.name == name:
+            if (
+                current is not None
+                and current.policy is policy
+                and current.name == name
+                and current.factory is _pipeline._observer_factory
+            ):
                 pipeline = current
             else:
                 pipeline = Pipeline(
-                    policy, name=name, callable_name=self.callable_name, fallback=self.fallback
+                    policy,
+                    name=name,
+                    callable_name=self.callable_name,
+                    fallback=self.fallback,
+                    priority=self.priority,
                 )
             self.state = (generation, pipeline)
             return pipeline
@@ -109,6 +123,7 @@ def resilient(
     *,
     fallback: Callable[[BaseException], Any] | None = None,
     name: str | None = None,
+    priority: str | None = None,
 ) -> Callable[[Callable[P, T]], Callable[P, T]]:
     """
     Guard a sync or async function with a policy.
@@ -119,12 +134,17 @@ def resilient(
         fallback: Called with the exception when the call fails for good; its
             return value is returned instead. For an async function it may be
             sync or async. Replaces the policy's ``fallback`` value.
-        name: Give this function its own breaker (and, later, bulkhead and rate
-            limiter) instead of sharing the ones of the policy name.
+        name: Give this function its own breaker, bulkhead, rate limiter and
+            retry budget instead of sharing the ones of the policy name.
+        priority: Priority of this function's waits for a bulkhead slot
+            (``low``, ``normal``, ``high``, ``critical``); a
+            ``resilient.priority`` block around the call wins over it. Default:
+            the policy's ``bulkhead.default_priority``.
 
     Raises:
         TypeError: At decoration, for generator functions, or an async fallback
             on a sync function.
+        PolicyError: At decoration, for an unknown *priority* name.
     """
 
     def decorate(fn: Callable[P, T]) -> Callable[P, T]:
@@ -136,7 +156,11 @@ def resilient(
         if fallback is not None and not is_async and _is_async_callable(fallback):
             msg = f"{_qualname(fn)} is synchronous, so its fallback must be too"
             raise TypeError(msg)
-        handle = _Handle(policy, key=name, callable_name=_qualname(fn), fallback=fallback)
+        if priority is not None:
+            priority_level(priority)  # an unknown name fails at decoration (PolicyError)
+        handle = _Handle(
+            policy, key=name, callable_name=_qualname(fn), fallback=fallback, priority=priority
+        )
         # The wrappers inline the two fast lanes chosen when the pipeline was
         # built (see Pipeline.lane): a coroutine or call layer per call would
         # cost more than the strategies themselves. Everything else goes
@@ -239,21 +263,27 @@ def resilient(
 
 # --------------------------------------------------------------------------- call forms
 
-_call_handles: dict[tuple[str | int, str | None], _Handle] = {}
+_call_handles: dict[tuple[str | int, str | None], tuple[str | Policy, _Handle]] = {}
 _call_lock = threading.Lock()
 
 
 def _handle_for(policy: str | Policy, name: str | None) -> _Handle:
+    # Handles of Policy objects are keyed by identity and keep the object alive
+    # (so the id is not reused); the table is bounded for code that builds a new
+    # Policy per call.
     key = (policy if isinstance(policy, str) else id(policy), name)
-    handle = _call_handles.get(key)
-    if handle is None:
-        with _call_lock:
-            handle = _call_handles.get(key)
-            if handle is None:
-                label = name or (policy if isinstance(policy, str) else "<policy>")
-                handle = _Handle(policy, key=name, callable_name=f"call:{label}", fallback=None)
-                if isinstance(policy, str):
-                    _call_handles[key] = handle
+    cached = _call_handles.get(key)
+    if cached is not None and (isinstance(policy, str) or cached[0] is policy):
+        return cached[1]
+    with _call_lock:
+        if isinstance(policy, str):
+            label = name or policy
+        else:
+            label = name or f"policy-{policy.description or format(id(policy), 'x')}"
+            if len(_call_handles) >= 512:
+                _call_handles.clear()
+        handle = _Handle(policy, key=name or label, callable_name=f"call:{label}", fallback=None)
+        _call_handles[key] = (policy, handle)
     return handle
 
 
@@ -273,8 +303,29 @@ async def acall(
     **kwargs: P.kwargs,
 ) -> T:
     """Await the async function *fn* through *policy*: ``await acall("broker", send, o)``."""
+    if not _is_async_callable(fn):
+        msg = "resilient.acall() awaits async functions; use resilient.call() for sync ones"
+        raise TypeError(msg)
     pipeline = _handle_for(policy, None).get()
     return await pipeline.run_async(fn, args, kwargs)  # type: ignore[no-any-return]
+
+
+async def acall_sync(
+    policy: str | Policy, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """
+    Await the *sync* function *fn* through *policy* without blocking the loop:
+    ``await acall_sync("db", query, sql)``. The sync pipeline runs in a worker
+    thread (``asyncio.to_thread``, which carries the ``resilient.priority``
+    context along); with ``bulkhead.isolation: thread_pool`` the function
+    itself runs in the policy's own threads and the per-attempt timeout frees
+    the caller.
+    """
+    if _is_async_callable(fn):
+        msg = "resilient.acall_sync() runs sync functions; use `await resilient.acall(...)`"
+        raise TypeError(msg)
+    pipeline = _handle_for(policy, None).get()
+    return await asyncio.to_thread(pipeline.run_sync, fn, args, kwargs)
 
 
 # --------------------------------------------------------------------------- block form
@@ -372,6 +423,8 @@ class AttemptIterator:
         self.delay = 0.0
         self.started = _clock.monotonic()
         self.state: tenacity.RetryCallState | None = None
+        if pipeline.budget is not None:
+            pipeline.budget.deposit()
 
     def __iter__(self) -> Iterator[Attempt]:
         while not self.finished:

@@ -21,12 +21,17 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 __all__ = [
+    "BackendDown",
+    "BackendUp",
     "BreakerStateChanged",
     "CallRejected",
+    "ChaosInjected",
     "Event",
     "EventBus",
     "FallbackUsed",
+    "HealthChanged",
     "RetriesExhausted",
+    "RetryBudgetExhausted",
     "RetryScheduled",
     "bus",
     "subscribe",
@@ -57,7 +62,7 @@ class RetriesExhausted:
     attempts: int
     error_type: str
     reason: str
-    """``"attempts"``, ``"total_timeout"`` or ``"not_retryable"``."""
+    """``"attempts"``, ``"total_timeout"``, ``"not_retryable"`` or ``"budget"``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +76,10 @@ class BreakerStateChanged:
 
 @dataclass(frozen=True, slots=True)
 class CallRejected:
-    """A call was refused before reaching the function (breaker open, bulkhead full ...)."""
+    """
+    A call was refused before reaching the function: *reason* is ``"circuit_open"``,
+    ``"bulkhead_full"`` or ``"rate_limited"``.
+    """
 
     policy: str
     callable: str
@@ -88,8 +96,76 @@ class FallbackUsed:
     error_type: str
 
 
+@dataclass(frozen=True, slots=True)
+class RetryBudgetExhausted:
+    """
+    A failed attempt was not retried because the policy's retry budget is spent;
+    the error goes to the caller (a ``RetriesExhausted`` with reason ``"budget"``
+    follows).
+    """
+
+    policy: str
+    callable: str
+    attempt: int
+    """The attempt that failed."""
+    error_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChanged:
+    """The health status of a service (or policy) moved from *old_status* to *new_status*."""
+
+    service: str
+    old_status: str
+    """``"healthy"``, ``"degraded"``, ``"unhealthy"`` or ``"unknown"``."""
+    new_status: str
+    score: float
+    """Health score after the change, 0.0 (down) to 1.0 (fully healthy)."""
+    reason: str
+    """What the status was derived from, e.g. ``"circuit_breaker:open"``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChaosInjected:
+    """Chaos injection replaced or delayed an attempt of *callable* with a *fault*."""
+
+    policy: str
+    callable: str
+    fault: str
+    """The failure mode injected, e.g. ``"network_delay"``, ``"timeout"``, ``"exception"``."""
+    experiment: str | None
+    """Name of the experiment that injected it, if any."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendDown:
+    """The shared state backend became unreachable; the process carries on with local state."""
+
+    backend: str
+    """Backend kind, e.g. ``"redis"`` (never a URL: URLs can hold passwords)."""
+    error_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackendUp:
+    """The shared state backend is reachable again (or was reached for the first time)."""
+
+    backend: str
+    down_for: float | None
+    """Seconds it was down, or ``None`` on the first connection."""
+
+
 Event: TypeAlias = (
-    RetryScheduled | RetriesExhausted | BreakerStateChanged | CallRejected | FallbackUsed
+    RetryScheduled
+    | RetriesExhausted
+    | BreakerStateChanged
+    | CallRejected
+    | FallbackUsed
+    | RetryBudgetExhausted
+    | HealthChanged
+    | ChaosInjected
+    | BackendDown
+    | BackendUp
 )
 Subscriber: TypeAlias = Callable[[Any], Any]
 

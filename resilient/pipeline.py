@@ -3,7 +3,8 @@ The call pipeline: one compiled object per (function, policy).
 
 Order, outermost first (DESIGN §3)::
 
-    fallback -> total timeout -> retry -> circuit breaker -> per-attempt timeout -> function
+    fallback -> total timeout -> retry -> circuit breaker -> rate limiter
+      -> bulkhead -> per-attempt timeout -> function
 
 A strategy the policy does not enable is absent: its attribute is ``None`` and
 the code path that would use it is skipped by one ``is None`` test. All the
@@ -22,22 +23,32 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import pybreaker
 import tenacity
 
 from resilient import _clock
 from resilient._models import CircuitBreakerConfig, Policy, RetryStrategy
 from resilient.breaker import CircuitBreaker
-from resilient.errors import AttemptTimeoutError, CircuitOpenError, PolicyError, RejectedError
+from resilient.budget import RetryBudget, _budget_for
+from resilient.bulkhead import Bulkhead, bulkhead_manager, priority_level
+from resilient.errors import (
+    AttemptTimeoutError,
+    BulkheadFullError,
+    CircuitOpenError,
+    PolicyError,
+    RateLimitedError,
+    RejectedError,
+)
 from resilient.events import (
     BreakerStateChanged,
     CallRejected,
     FallbackUsed,
     RetriesExhausted,
+    RetryBudgetExhausted,
     RetryScheduled,
     bus,
 )
 from resilient.policy import registry
+from resilient.ratelimit import RateLimiter, _limiter_for, _LoopLimiter
 from resilient.retry import FailureRate, RetryPlan
 from resilient.timeout import _QueueCache, deadline_queue
 
@@ -90,10 +101,10 @@ def _observe(observer: CallObserver, outcome: str, began: float) -> None:
         _log.exception("call observer %r raised; ignoring it", observer)
 
 
-class _BusListener(pybreaker.CircuitBreakerListener):
+class _BusListener:
     """
-    pybreaker listener that puts breaker transitions on the event bus. It
-    inherits pybreaker's no-op success/failure, which the breaker skips per call.
+    pybreaker-style listener that puts breaker transitions on the event bus.
+    It has no success/failure methods, so the breaker calls nothing per call.
     """
 
     def __init__(self, policy: str) -> None:
@@ -114,13 +125,18 @@ _breakers: dict[str, tuple[CircuitBreakerConfig, CircuitBreaker]] = {}
 
 def _breaker_for(key: str, config: CircuitBreakerConfig) -> CircuitBreaker:
     """The shared breaker for *key*; kept across reloads while its config is unchanged."""
+    from resilient import backends  # the state backend (memory, or Redis: fleet-wide state)
+
+    backend = backends.current()
     with _breakers_lock:
         known = _breakers.get(key)
-        if known is not None and known[0] == config:
+        if known is not None and known[0] == config and known[1].backend is backend:
             return known[1]
         # The clock is read from the seam when the breaker is made, so a breaker
         # built under a virtual clock (resilient.testing) lives in virtual time.
-        breaker = CircuitBreaker(key, config, clock=_clock.monotonic, listeners=[_BusListener(key)])
+        breaker = CircuitBreaker(
+            key, config, clock=_clock.monotonic, listeners=[_BusListener(key)], backend=backend
+        )
         _breakers[key] = (config, breaker)
         return breaker
 
@@ -180,23 +196,34 @@ class Pipeline:
         callable_name: Qualified name of the guarded function (for events).
         fallback: Callable taking the exception; overrides the policy's static
             fallback value.
+        priority: Priority name of this callable's bulkhead waits (a
+            ``resilient.priority`` block wins over it).
     """
 
     __slots__ = (
         "breaker",
+        "budget",
+        "bulkhead",
         "callable_name",
         "direct",
+        "factory",
         "fallback",
         "fallback_async",
         "fallback_on",
         "lane",
+        "limiter",
+        "max_delay",
         "name",
         "observer",
         "per_attempt",
         "per_attempt_queues",
         "policy",
+        "pooled",
+        "priority",
         "rate",
         "retry",
+        "retry_after",
+        "slot_timed",
         "total",
         "total_queues",
     )
@@ -208,10 +235,31 @@ class Pipeline:
         name: str,
         callable_name: str = "<call>",
         fallback: Callable[[BaseException], Any] | None = None,
+        priority: str | None = None,
     ) -> None:
         self.policy = policy
         self.name = name
         self.callable_name = callable_name
+        # Rate limiter, bulkhead and retry budget are shared per policy name (or
+        # name=), like the breaker, and kept across reloads while unchanged.
+        self.priority = priority_level(priority) if priority is not None else None
+        bh = policy.bulkhead
+        self.bulkhead: Bulkhead | None = (
+            bulkhead_manager.bulkhead_for(name, bh) if bh is not None else None
+        )
+        self.slot_timed = self.bulkhead is not None and self.bulkhead.controller is not None
+        self.pooled = self.bulkhead is not None and self.bulkhead.pooled
+        rl = policy.rate_limit
+        self.limiter: RateLimiter | None = _limiter_for(name, rl) if rl is not None else None
+        rc = policy.retry
+        self.budget: RetryBudget | None = None
+        self.retry_after: Callable[[Any], float | None] | None = None
+        self.max_delay = 0.0
+        if rc is not None and rc.max_attempts > 1:
+            if rc.budget is not None:
+                self.budget = _budget_for(name, rc.budget)
+            self.retry_after = rc.retry_after
+            self.max_delay = rc.max_delay
         cb = policy.circuit_breaker
         self.breaker = _breaker_for(name, cb) if cb is not None else None
         self.per_attempt = policy.per_attempt_timeout
@@ -247,7 +295,9 @@ class Pipeline:
             self.fallback = None
             self.fallback_on = ()
         self.fallback_async = self.fallback is not None and _is_async_callable(self.fallback)
-        factory = _observer_factory
+        # The factory is remembered so that a handle rebuilding after
+        # set_observer_factory() makes a new pipeline instead of reusing this one.
+        self.factory = factory = _observer_factory
         self.observer: CallObserver | None = factory(self) if factory is not None else None
         # Fast lanes, chosen once here and read by the decorator's wrappers:
         # DIRECT calls the function with no wrapping at all and only enters the
@@ -262,6 +312,7 @@ class Pipeline:
             and self.breaker is None
             and self.per_attempt is None
             and self.rate is None
+            and self.budget is None
             and (self.retry is None or not self.retry.checks_result)
         ):
             self.lane = LANE_DIRECT
@@ -290,6 +341,13 @@ class Pipeline:
         plan = self.retry
         assert plan is not None
         delay, reason = plan.decide(state, attempt, exc, result)
+        if delay >= 0 and (self.retry_after is not None or isinstance(exc, RejectedError)):
+            delay, reason = self._server_delay(plan, state, delay, exc, result)
+        if delay >= 0 and self.budget is not None and not self.budget.try_withdraw():
+            delay, reason = -1.0, "budget"
+            if bus.active:
+                error = type(exc).__name__ if exc is not None else "result"
+                bus.emit(RetryBudgetExhausted(self.name, self.callable_name, attempt, error))
         if delay < 0:
             if exc is not None:
                 self._give_up(exc, attempt, reason)
@@ -306,6 +364,75 @@ class Pipeline:
         except CircuitOpenError as rejected:
             self._rejected(rejected)
             raise
+
+    def _server_delay(
+        self,
+        plan: RetryPlan,
+        state: tenacity.RetryCallState,
+        delay: float,
+        exc: BaseException | None,
+        result: Any,
+    ) -> tuple[float, str]:
+        """Honour a Retry-After: the hook's answer, else a rejection's ``retry_after``."""
+        hint: float | None = None
+        if self.retry_after is not None:
+            try:
+                hint = self.retry_after(exc if exc is not None else result)
+            except Exception:
+                _log.exception("retry_after hook of policy %r raised; ignoring it", self.name)
+        if hint is None and isinstance(exc, RejectedError):
+            hint = exc.retry_after
+        if hint is None:
+            return delay, ""
+        wait = min(max(float(hint), 0.0), self.max_delay)
+        state.idle_for += wait - delay
+        state.upcoming_sleep = wait
+        if plan.stop(state):  # the server's delay outlives the total budget
+            return -1.0, "total_timeout"
+        return wait, ""
+
+    def _refused(self, exc: RejectedError, reason: str) -> None:
+        if bus.active:
+            bus.emit(CallRejected(self.name, self.callable_name, reason, exc.retry_after))
+
+    async def _rate_wait_async(self, limiter: RateLimiter, loop_limiter: _LoopLimiter) -> None:
+        try:
+            await limiter.wait_async(loop_limiter)
+        except RateLimitedError as exc:
+            self._refused(exc, "rate_limited")
+            raise
+
+    def _rate_acquire_sync(self, limiter: RateLimiter) -> None:
+        try:
+            limiter.acquire_sync()
+        except RateLimitedError as exc:
+            self._refused(exc, "rate_limited")
+            raise
+
+    async def _bulkhead_wait_async(self, bulkhead: Bulkhead) -> None:
+        try:
+            await bulkhead.acquire_async(self.priority)
+        except BulkheadFullError as exc:
+            self._refused(exc, "bulkhead_full")
+            raise
+
+    def _bulkhead_wait_sync(self, bulkhead: Bulkhead) -> None:
+        try:
+            bulkhead.acquire_sync(self.priority)
+        except BulkheadFullError as exc:
+            self._refused(exc, "bulkhead_full")
+            raise
+
+    def _release_slot(self, began: float) -> None:
+        bulkhead = self.bulkhead
+        assert bulkhead is not None
+        if self.slot_timed:
+            bulkhead.release_timed(_clock.monotonic() - began)
+        else:
+            bulkhead.release()
+
+    def _attempt_timeout(self) -> AttemptTimeoutError:
+        return self._timeout("per_attempt")
 
     def _rejected(self, exc: CircuitOpenError) -> None:
         if bus.active:
@@ -347,13 +474,18 @@ class Pipeline:
         queues = self.per_attempt_queues
         rate = self.rate
         retry = self.retry
+        limiter = self.limiter
+        bulkhead = self.bulkhead
+        slot_timed = self.slot_timed
+        if self.budget is not None:
+            self.budget.deposit()
         total_entry = None
         started = -1.0
         if self.total_queues is not None:
             task = _current_task()
             if task is not None:
                 started = _clock.monotonic()
-                total_entry = self.total_queues.get(task.get_loop()).arm(task)
+                total_entry = self.total_queues.arm(task)
         attempt = 1
         state: tenacity.RetryCallState | None = None
         try:
@@ -361,6 +493,7 @@ class Pipeline:
                 if failed is None:
                     token: int | None = None
                     measured = -1.0
+                    held = admitted = False
                     try:
                         if breaker is not None:
                             try:
@@ -370,10 +503,20 @@ class Pipeline:
                                 raise
                             if breaker.needs_duration:
                                 measured = _clock.monotonic()
+                        if limiter is not None:
+                            loop_limiter = limiter.for_loop()
+                            if not loop_limiter.try_take():
+                                await self._rate_wait_async(limiter, loop_limiter)
+                        if bulkhead is not None:
+                            if not bulkhead.try_acquire():
+                                await self._bulkhead_wait_async(bulkhead)
+                            held = True
+                            slot_began = _clock.monotonic() if slot_timed else 0.0
+                        admitted = True
                         if queues is not None:
                             task = _current_task()
                             assert task is not None
-                            entry = queues.get(task.get_loop()).arm(task)
+                            entry = queues.arm(task)
                             try:
                                 result = await fn(*args, **kwargs)
                             except BaseException as exc:
@@ -386,18 +529,31 @@ class Pipeline:
                         else:
                             result = await fn(*args, **kwargs)
                     except Exception as exc:
+                        if held:
+                            self._release_slot(slot_began)
                         if token is not None:
                             assert breaker is not None
-                            breaker.on_failure(token, exc, _since(measured))
+                            if admitted:
+                                breaker.on_failure(token, exc, _since(measured))
+                            else:  # refused by the rate limiter or the bulkhead
+                                breaker.on_cancel(token)
                         if rate is not None:
                             rate.record(True)
                         failed = exc
                     except BaseException:
+                        if held:
+                            self._release_slot(slot_began)
                         if token is not None:
                             assert breaker is not None
                             breaker.on_cancel(token)
                         raise
                     else:
+                        if held:
+                            assert bulkhead is not None
+                            if slot_timed:
+                                bulkhead.release_timed(_clock.monotonic() - slot_began)
+                            else:
+                                bulkhead.release()
                         if token is not None:
                             assert breaker is not None
                             breaker.on_success(token, _since(measured))
@@ -467,6 +623,12 @@ class Pipeline:
         breaker = self.breaker
         rate = self.rate
         retry = self.retry
+        limiter = self.limiter
+        bulkhead = self.bulkhead
+        slot_timed = self.slot_timed
+        pooled = self.pooled
+        if self.budget is not None:
+            self.budget.deposit()
         # Sync code cannot be interrupted: the total budget is checked between
         # attempts (no sleep or new attempt starts after it), see docs/timeouts.md.
         started = _clock.monotonic() if self.total is not None else -1.0
@@ -477,6 +639,7 @@ class Pipeline:
                 if failed is None:
                     token: int | None = None
                     measured = -1.0
+                    held = admitted = False
                     try:
                         if breaker is not None:
                             try:
@@ -486,20 +649,49 @@ class Pipeline:
                                 raise
                             if breaker.needs_duration:
                                 measured = _clock.monotonic()
-                        result = fn(*args, **kwargs)
+                        if limiter is not None:
+                            self._rate_acquire_sync(limiter)
+                        if bulkhead is not None:
+                            if not bulkhead.try_acquire():
+                                self._bulkhead_wait_sync(bulkhead)
+                            if pooled:
+                                # the pool's thread gives the slot back when fn ends
+                                admitted = True
+                                result = bulkhead.run_in_pool(
+                                    fn, args, kwargs, self.per_attempt, self._attempt_timeout
+                                )
+                            else:
+                                held = True
+                                slot_began = _clock.monotonic() if slot_timed else 0.0
+                        if not pooled:
+                            admitted = True
+                            result = fn(*args, **kwargs)
                     except Exception as exc:
+                        if held:
+                            self._release_slot(slot_began)
                         if token is not None:
                             assert breaker is not None
-                            breaker.on_failure(token, exc, _since(measured))
+                            if admitted:
+                                breaker.on_failure(token, exc, _since(measured))
+                            else:  # refused by the rate limiter or the bulkhead
+                                breaker.on_cancel(token)
                         if rate is not None:
                             rate.record(True)
                         failed = exc
                     except BaseException:
+                        if held:
+                            self._release_slot(slot_began)
                         if token is not None:
                             assert breaker is not None
                             breaker.on_cancel(token)
                         raise
                     else:
+                        if held:
+                            assert bulkhead is not None
+                            if slot_timed:
+                                bulkhead.release_timed(_clock.monotonic() - slot_began)
+                            else:
+                                bulkhead.release()
                         if token is not None:
                             assert breaker is not None
                             breaker.on_success(token, _since(measured))

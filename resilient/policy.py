@@ -36,6 +36,7 @@ from resilient._models import (
     RetryStrategy,
     TimeoutConfig,
 )
+from resilient.backends._config import BackendConfig
 from resilient.errors import PolicyError
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 SUPPORTED_VERSIONS = (1,)
-_TOP_LEVEL_KEYS = ("version", "policies")
+_TOP_LEVEL_KEYS = ("version", "policies", "redis_url", "backend")
 _POLICY_KEYS = (*Policy.model_fields, "extends")
 # Per-policy override: RESILIENCE_POLICY__<NAME>__<SECTION>__<FIELD>=value
 # (double underscores throughout, so it never collides with RESILIENCE_POLICY_FILE)
@@ -357,8 +358,40 @@ def parse_policies(
                 else:
                     origin = _origin_through_chain(doc, chains.get(name, [name]), loc)
                 problems.add(text, key=key, origin=origin)
+    fleet = _parse_backend(data, doc, problems)
     problems.raise_if_any()
-    return policies
+    result = PolicySet(policies)
+    result.fleet = fleet
+    return result
+
+
+class PolicySet(dict[str, Policy]):
+    """The policies of one source, plus its ``redis_url``/``backend`` settings (``fleet``)."""
+
+    fleet: BackendConfig | None = None
+
+
+def _parse_backend(data: Mapping[str, Any], doc: _Document, problems: _Problems) -> Any:
+    """Validate the top-level ``redis_url`` and ``backend`` keys (resilient.backends)."""
+    if "redis_url" not in data and "backend" not in data:
+        return None
+    body = data.get("backend") or {}
+    if not isinstance(body, Mapping) or "redis_url" in body:
+        where = doc.origin(("backend",))
+        problems.add(
+            "'backend' must be a mapping of settings (redis_url goes at the top level)",
+            key=("backend",),
+            origin=where,
+        )
+        return None
+    try:
+        return BackendConfig.model_validate({**body, "redis_url": data.get("redis_url")})
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            loc, text = _explain(err, BackendConfig)
+            key = loc if loc == ("redis_url",) else ("backend", *loc)
+            problems.add(text, key=key, origin=doc.origin(key))
+    return None
 
 
 def _env_origin(origins: Mapping[tuple[str, Path_], str], name: str, loc: Path_) -> str | None:
@@ -453,6 +486,8 @@ GLOBAL_ENV_OVERRIDES: tuple[tuple[str, str, str | None], ...] = (
     ("RESILIENCE_ADAPTIVE_CIRCUIT_BREAKER_ENABLED", "circuit_breaker", "enable_ml_prediction"),
     ("RESILIENCE_RETRY_ENABLED", "retry", None),
     ("RESILIENCE_MAX_RETRY_ATTEMPTS", "retry", "max_attempts"),
+    ("RESILIENCE_BULKHEAD_ENABLED", "bulkhead", None),
+    ("RESILIENCE_MAX_CONCURRENT_REQUESTS", "bulkhead", "max_concurrent_requests"),
 )
 
 
@@ -533,7 +568,7 @@ class PolicyRegistry:
     path costs one integer comparison.
     """
 
-    __slots__ = ("_explicit", "_lock", "_policies", "_source", "generation")
+    __slots__ = ("_explicit", "_lock", "_policies", "_source", "fleet", "generation")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -541,6 +576,8 @@ class PolicyRegistry:
         self._source = "<not loaded>"
         self._explicit = False
         self.generation = 0
+        #: ``redis_url``/``backend`` of the policy file (resilient.backends), or None
+        self.fleet: BackendConfig | None = None
 
     @property
     def source(self) -> str:
@@ -558,6 +595,7 @@ class PolicyRegistry:
         """Swap in a new set of policies; pipelines rebuild on their next call."""
         with self._lock:
             self._policies = dict(policies)
+            self.fleet = getattr(policies, "fleet", None)
             self._source = source
             self._explicit = explicit
             self.generation += 1
@@ -571,6 +609,7 @@ class PolicyRegistry:
         """Forget every policy; the next look-up discovers files again."""
         with self._lock:
             self._policies = None
+            self.fleet = None
             self._source = "<not loaded>"
             self._explicit = False
             self.generation += 1
@@ -583,6 +622,7 @@ class PolicyRegistry:
                 if self._policies is None:
                     policies, source = discover()
                     self._policies = policies
+                    self.fleet = getattr(policies, "fleet", None)
                     self._source = source
                     self.generation += 1
                 current = self._policies

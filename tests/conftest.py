@@ -12,6 +12,11 @@ from resilient import _clock
 from resilient.events import bus
 from resilient.pipeline import _reset_breakers
 from resilient.policy import registry
+from resilient.testing import load_hypothesis_profile
+
+# Hypothesis profiles: "ci" (fast, the default) or "nightly" (thorough), chosen with
+# HYPOTHESIS_PROFILE=nightly; see docs/testing.md.
+load_hypothesis_profile()
 
 
 @pytest.fixture(autouse=True)

@@ -413,3 +413,20 @@ def test_demo_quiet_prints_only_the_summary(capsys: pytest.CaptureFixture[str]) 
     assert "|" not in out
     assert "summary after" in out
     assert "broker" in out
+
+
+def test_simulate_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`resilient simulate` runs a file's policy against a scenario in virtual time."""
+    path = tmp_path / "resilience.yaml"
+    path.write_text(
+        "version: 1\npolicies:\n  broker:\n"
+        "    retry: {max_attempts: 2, base_delay: 0.1}\n"
+        "    circuit_breaker: {failure_threshold: 3, timeout_seconds: 5}\n"
+    )
+    code = main(
+        ["simulate", str(path), "--policy", "broker", "--scenario", "outage", "--duration", "30"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "closed -> open" in out
+    assert "rejected by breaker" in out

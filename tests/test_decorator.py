@@ -9,7 +9,7 @@ import asyncio
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from conftest import NO_TIMEOUTS, Sleeps, load
@@ -141,9 +141,7 @@ class TestRetry:
 
     def test_exception_predicate(self, colour: Colour) -> None:
         """retry_if_exception adds exceptions to retry by a predicate."""
-        policy = Policy(
-            retry=RetryConfig(**RETRY, retry_if_exception=lambda e: "again" in str(e))
-        )
+        policy = Policy(retry=RetryConfig(**RETRY, retry_if_exception=lambda e: "again" in str(e)))
         script = Script(RuntimeError("again"), RuntimeError("again"), "ok")
         assert colour.run(colour.decorate(script, policy)) == "ok"
 
@@ -198,7 +196,7 @@ class TestRetry:
 
 
 class TestBreaker:
-    POLICY = {
+    POLICY: ClassVar[dict[str, Any]] = {
         "circuit_breaker": {
             "failure_threshold": 2,
             "timeout_seconds": 30,

@@ -421,7 +421,7 @@ class TestDiscovery:
     def test_pyproject_table(self, tmp_path: Path) -> None:
         """[tool.resilient] in pyproject.toml is the next source."""
         (tmp_path / "pyproject.toml").write_text(
-            '[tool.resilient]\nversion = 1\n[tool.resilient.policies.db.retry]\nmax_attempts = 4\n'
+            "[tool.resilient]\nversion = 1\n[tool.resilient.policies.db.retry]\nmax_attempts = 4\n"
         )
         policies, source = discover({})
         assert source == "pyproject.toml"

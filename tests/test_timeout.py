@@ -34,7 +34,12 @@ class TestAsyncTimeouts:
 
     async def test_per_attempt_timeout_is_retried(self) -> None:
         """A timed-out attempt is retried (TimeoutError is transient)."""
-        load(p={"retry": {"max_attempts": 3, "base_delay": 0, **NO_TIMEOUTS}, "timeout": {"per_attempt": 0.05}})
+        load(
+            p={
+                "retry": {"max_attempts": 3, "base_delay": 0, **NO_TIMEOUTS},
+                "timeout": {"per_attempt": 0.05},
+            }
+        )
         calls = 0
 
         @resilient.resilient("p")
@@ -50,7 +55,12 @@ class TestAsyncTimeouts:
 
     async def test_total_timeout(self) -> None:
         """The total budget covers every attempt and sleep."""
-        load(p={"retry": {"max_attempts": 100, "base_delay": 0.01, "jitter": False}, "timeout": {"total": 0.2}})
+        load(
+            p={
+                "retry": {"max_attempts": 100, "base_delay": 0.01, "jitter": False},
+                "timeout": {"total": 0.2},
+            }
+        )
         calls = 0
 
         @resilient.resilient("p")

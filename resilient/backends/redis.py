@@ -1,0 +1,779 @@
+"""
+Fleet state on Redis: one breaker state, one half-open budget, one failure window.
+
+The protocol (docs/distributed.md has the diagram):
+
+* Per policy, four keys in one hash slot ``{<prefix>:<policy>}``: ``:state`` (hash:
+  ``g`` generation, ``s`` state, ``ou``/``hu`` end of the open / half-open period in
+  Redis server milliseconds, ``t`` consecutive trips), ``:trial`` (hash: the
+  generation the half-open permits belong to, ``n`` permits taken, ``ok`` trial
+  successes), ``:win`` (hash: the fleet's failure-rate window as a ring of buckets,
+  cleared at every generation) and ``:replicas`` (sorted set: replica -> last flush).
+* Every change is a Lua script, so it is atomic and compare-and-set on the
+  generation; every transition is published on ``<prefix>:events`` as JSON.
+* The success path of a closed breaker sends nothing: a daemon thread flushes the
+  breaker's call counters every ``flush_interval`` (one pipelined round trip for all
+  breakers), reading back the fleet's window and state in the same script (that is
+  also the reconcile for missed pub/sub messages). A second daemon thread listens
+  on pub/sub. Local transitions are queued to the flusher, which wakes at once.
+* Only a caller that finds the breaker half-open pays a round trip (the fleet-wide
+  trial permit), bounded by ``socket_timeout``.
+
+Redis being slow or down never fails a call: every command has a short timeout and
+no retries; on error the process carries on under ``on_backend_failure``, emits
+:class:`~resilient.events.BackendDown`, reconnects with back-off and re-syncs
+(a state record lost with a restarted Redis is re-seeded from the local state).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.retry import Retry
+
+from resilient.backends._config import BackendConfig
+from resilient.breaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN
+from resilient.events import BackendDown, BackendUp, bus
+
+if TYPE_CHECKING:
+    from resilient.breaker import CircuitBreaker
+
+__all__ = ["RedisBackend", "fleet_status", "make_client", "redact"]
+
+_log = logging.getLogger("resilient.backends.redis")
+
+#: Errors that mean "Redis is not answering properly": the process carries on without it.
+_BACKEND_ERRORS = (RedisError, RedisClusterException, OSError, ValueError)
+
+# --------------------------------------------------------------------------- Lua
+
+_PRELUDE = """
+local name, chan = ARGV[1], ARGV[2]
+local base, mult, maxd, ho = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
+  tonumber(ARGV[6])
+local origin = ARGV[7]
+local t0 = redis.call('TIME')
+local now = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
+local v = redis.call('HMGET', KEYS[1], 'g', 's', 'ou', 'hu', 't')
+local g, s = tonumber(v[1]) or 0, v[2] or 'closed'
+local ou, hu, t = tonumber(v[3]) or 0, tonumber(v[4]) or 0, tonumber(v[5]) or 0
+local function dur(trips)
+  local d = base * (mult ^ (trips - 1))
+  if d > maxd then d = maxd end
+  return math.floor(d)
+end
+local function rec(code)
+  local orem, hrem = 0, -1
+  if s == 'open' then orem = math.max(ou - now, 0) end
+  if s == 'half-open' and hu > 0 then hrem = math.max(hu - now, 0) end
+  return {code, g, s, orem, hrem, t}
+end
+local function store()
+  redis.call('HSET', KEYS[1], 'g', g, 's', s, 'ou', ou, 'hu', hu, 't', t)
+  local r = rec(0)
+  redis.call('PUBLISH', chan, cjson.encode({name, g, s, r[4], r[5], t, origin}))
+end
+local function set(ns)
+  g = g + 1
+  if ns == 'open' then
+    t = t + 1; ou = now + dur(t); hu = 0
+  elseif ns == 'half-open' then
+    if ho > 0 then hu = now + ho else hu = 0 end
+  else
+    t = 0; ou = 0; hu = 0
+  end
+  s = ns
+  store()
+end
+local function advance()
+  if s == 'half-open' and hu > 0 and now >= hu then set('open') end
+end
+"""
+
+# Compare-and-set: ARGV[8] the generation the caller saw, ARGV[9] the new state.
+_TRANSITION = """
+local expected = tonumber(ARGV[8])
+if g ~= expected then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return rec(0) end
+  g = expected
+end
+set(ARGV[9])
+return rec(1)
+"""
+
+# A half-open trial permit, fleet-wide: ARGV[8] cap, ARGV[9] key TTL (ms).
+# Codes: 1 granted, 0 all taken, 2 closed, 3 open.
+_TRIAL = """
+advance()
+if s == 'open' then
+  if now < ou then return rec(3) end
+  set('half-open')
+end
+if s ~= 'half-open' then return rec(2) end
+if tonumber(redis.call('HGET', KEYS[2], 'g')) ~= g then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'g', g, 'n', 0, 'ok', 0)
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[9])
+local n = redis.call('HINCRBY', KEYS[2], 'n', 1)
+if n > tonumber(ARGV[8]) then
+  redis.call('HINCRBY', KEYS[2], 'n', -1)
+  return rec(0)
+end
+return rec(1)
+"""
+
+# A trial's verdict: ARGV[8] generation, ARGV[9] 'ok' or 'rel' (permit given back),
+# ARGV[10] success_threshold. Code 1: this success closed the breaker.
+_RESULT = """
+advance()
+if s ~= 'half-open' or g ~= tonumber(ARGV[8])
+    or tonumber(redis.call('HGET', KEYS[2], 'g')) ~= g then
+  return rec(0)
+end
+if ARGV[9] == 'rel' then
+  if (tonumber(redis.call('HGET', KEYS[2], 'n')) or 0) > 0 then
+    redis.call('HINCRBY', KEYS[2], 'n', -1)
+  end
+  return rec(0)
+end
+if redis.call('HINCRBY', KEYS[2], 'ok', 1) >= tonumber(ARGV[10]) then
+  set('closed')
+  return rec(1)
+end
+return rec(0)
+"""
+
+# Flush + reconcile + heartbeat. ARGV[8] generation the counts belong to, [9] calls,
+# [10] failures, [11] bucket width (ms), [12] buckets (0: no fleet window),
+# [13] replica id, [14] replica TTL (ms), [15..17] local state/open ms/trips to seed a
+# record that Redis lost. Returns the record + current bucket, fleet calls, failures,
+# whether the counts were added.
+_FLUSH = """
+local known = tonumber(ARGV[8])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  g = known + 1; s = ARGV[15]; t = tonumber(ARGV[17]); ou = 0; hu = 0
+  if s == 'open' then ou = now + tonumber(ARGV[16])
+  elseif s == 'half-open' and ho > 0 then hu = now + ho end
+  store()
+end
+advance()
+local ttl = tonumber(ARGV[14])
+redis.call('ZADD', KEYS[4], now, ARGV[13])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[4], ttl)
+local width, nb = tonumber(ARGV[11]), tonumber(ARGV[12])
+local cur, tc, tf, applied = 0, 0, 0, 0
+if nb > 0 then
+  cur = math.floor(now / width)
+  if tonumber(redis.call('HGET', KEYS[3], 'g')) ~= g then
+    redis.call('DEL', KEYS[3])
+    redis.call('HSET', KEYS[3], 'g', g)
+  end
+  local dc, df = tonumber(ARGV[9]), tonumber(ARGV[10])
+  if s == 'closed' and g == known and dc > 0 then
+    local slot = cur % nb
+    if tonumber(redis.call('HGET', KEYS[3], 'i' .. slot)) ~= cur then
+      redis.call('HSET', KEYS[3], 'i' .. slot, cur, 'c' .. slot, 0, 'f' .. slot, 0)
+    end
+    redis.call('HINCRBY', KEYS[3], 'c' .. slot, dc)
+    redis.call('HINCRBY', KEYS[3], 'f' .. slot, df)
+    applied = 1
+  end
+  redis.call('PEXPIRE', KEYS[3], width * nb * 2)
+  local all = redis.call('HGETALL', KEYS[3])
+  local idx, cs, fs = {}, {}, {}
+  for i = 1, #all, 2 do
+    local kind, sl, val = string.sub(all[i], 1, 1), string.sub(all[i], 2), tonumber(all[i + 1])
+    if kind == 'i' then idx[sl] = val elseif kind == 'c' then cs[sl] = val
+    elseif kind == 'f' then fs[sl] = val end
+  end
+  for sl, i in pairs(idx) do
+    if i > cur - nb then tc = tc + (cs[sl] or 0); tf = tf + (fs[sl] or 0) end
+  end
+end
+local r = rec(0)
+return {r[1], r[2], r[3], r[4], r[5], r[6], cur, tc, tf, applied}
+"""
+
+_SCRIPTS = {
+    "transition": _PRELUDE + _TRANSITION,
+    "trial": _PRELUDE + _TRIAL,
+    "result": _PRELUDE + _RESULT,
+    "flush": _PRELUDE + _FLUSH,
+}
+_SHA = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SCRIPTS.items()}
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def _split_cluster(url: str, cluster: bool) -> tuple[str, bool]:
+    """Remove a ``cluster=`` query parameter (ours, not redis-py's) from *url*."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(k, v) for k, v in query if k != "cluster"]
+    for k, v in query:
+        if k == "cluster":
+            cluster = v.lower() in ("1", "true", "yes", "on")
+    return urlunsplit(parts._replace(query=urlencode(kept))), cluster
+
+
+def redact(url: str) -> str:
+    """*url* without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def make_client(config: BackendConfig, *, socket_timeout: float | None = None) -> Any:
+    """
+    A synchronous redis-py client for *config*: short timeouts and **no retries**
+    (a retry would multiply the time a hung Redis can cost).
+    """
+    assert config.redis_url is not None
+    url, cluster = _split_cluster(config.redis_url, config.cluster)
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout if socket_timeout is not None else config.socket_timeout,
+        "socket_connect_timeout": config.connect_timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": True,
+    }
+    if cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, retry_on_timeout=False, **options)
+
+
+# --------------------------------------------------------------------------- link
+
+
+class _Link:
+    """One breaker's connection to the fleet (see resilient.backends.BreakerLink)."""
+
+    def __init__(self, backend: RedisBackend, breaker: CircuitBreaker) -> None:
+        self.backend = backend
+        self.breaker = breaker
+        self.name = breaker.name
+        cfg = breaker.config
+        self.known_gen = 0
+        self.known_state = STATE_CLOSED
+        self.usable = backend.up
+        tag = f"{{{backend.config.key_prefix}:{breaker.name}}}"
+        self.keys = (f"{tag}:state", f"{tag}:trial", f"{tag}:win", f"{tag}:replicas")
+        self.common: tuple[Any, ...] = (
+            breaker.name,
+            backend.channel,
+            int(cfg.timeout_seconds * 1000),
+            cfg.open_duration_multiplier,
+            int(cfg.max_open_duration * 1000),
+            int((cfg.half_open_timeout or 0) * 1000),
+            backend.replica_id,
+        )
+        self.trial_ttl = int(max(cfg.half_open_timeout or 0, cfg.max_open_duration) * 2000) + 1000
+        if cfg.window_type == "time":
+            self.buckets = min(cfg.failure_rate_window, 60)
+            self.width_ms = max(int(cfg.failure_rate_window * 1000 / self.buckets), 1)
+        else:  # a count window stays per process (docs/distributed.md)
+            self.buckets = 0
+            self.width_ms = 1000
+        self._plock = threading.Lock()
+        self.pending: tuple[int, str] | None = None
+        self.results: collections.deque[tuple[str, int]] = collections.deque()
+        self.exhausted_gen = -1
+        self.last_s = breaker._n_successes
+        self.last_f = breaker._n_failures
+        self.own: collections.deque[tuple[int, int, int]] = collections.deque()
+        self.next_reconcile = 0.0
+
+    # ---- called by the breaker (lock held; never blocks)
+
+    def transitioned(self, old: str, new: str) -> None:
+        if old == STATE_OPEN and new == STATE_HALF_OPEN:
+            return  # the fleet moves to half-open in the trial script, when someone asks
+        with self._plock:
+            self.pending = (self.known_gen, new)
+        self.backend._wake.set()
+
+    def trial_result(self, success: bool) -> None:
+        self.results.append(("ok", self.known_gen))
+        self.backend._wake.set()
+
+    def release_permit(self) -> None:
+        self.results.append(("rel", self.known_gen))
+        self.backend._wake.set()
+
+    # ---- called by the breaker without its lock: one short round trip
+
+    def trial_permit(self) -> bool | None:
+        if self.exhausted_gen == self.known_gen and self.known_state == STATE_HALF_OPEN:
+            return False
+        backend = self.backend
+        try:
+            reply = backend._eval(
+                "trial",
+                self.keys[:2],
+                (*self.common, self.breaker.config.trial_calls, self.trial_ttl),
+            )
+        except ResponseError:
+            _log.exception("resilient: trial permit script failed for %r", self.name)
+            return None
+        except _BACKEND_ERRORS as exc:
+            backend._mark_down(exc)
+            return None
+        self.apply(reply, fresh=True)
+        code = int(reply[0])
+        if code == 0:
+            self.exhausted_gen = int(reply[1])
+        return code == 1
+
+    # ---- called by the backend's threads
+
+    def apply(self, reply: Any, *, fresh: bool) -> None:
+        """Adopt the record ``(code, g, s, open ms, half-open ms, trips)``."""
+        gen = int(reply[1])
+        pending = self.pending
+        if fresh and pending is not None and gen == pending[0]:
+            return  # our own transition is on its way; this read predates it
+        half = int(reply[4])
+        self.breaker._adopt(
+            gen,
+            str(reply[2]),
+            int(reply[3]) / 1000,
+            half / 1000 if half >= 0 else None,
+            int(reply[5]),
+            fresh=fresh,
+        )
+
+    def take_pending(self) -> tuple[int, str] | None:
+        with self._plock:
+            pending, self.pending = self.pending, None
+        return pending
+
+    def flush_args(self) -> tuple[Any, ...]:
+        breaker = self.breaker
+        s, f = breaker._n_successes, breaker._n_failures
+        ds, df = s - self.last_s, f - self.last_f
+        self.last_s, self.last_f = s, f
+        if ds < 0 or df < 0:  # reset() cleared the totals
+            ds = df = 0
+        calls, fails = (ds + df, df) if self.buckets else (0, 0)
+        state = breaker._state
+        open_ms = max(int((breaker._open_until - breaker._clock()) * 1000), 0)
+        return (
+            *self.common,
+            self.known_gen,
+            calls,
+            fails,
+            self.width_ms,
+            self.buckets,
+            self.backend.replica_id,
+            int(self.backend.config.heartbeat_ttl * 1000),
+            state,
+            open_ms if state == STATE_OPEN else 0,
+            breaker._trips,
+        )
+
+    def has_news(self) -> bool:
+        b = self.breaker
+        return b._n_successes != self.last_s or b._n_failures != self.last_f
+
+    def flushed(self, args: tuple[Any, ...], reply: Any) -> None:
+        cur, total_c, total_f, applied = (int(x) for x in reply[6:10])
+        if applied:
+            self.own.append((cur, int(args[8]), int(args[9])))
+        while self.own and self.own[0][0] <= cur - self.buckets:
+            self.own.popleft()
+        self.apply(reply, fresh=True)
+        if self.buckets and self.known_state == STATE_CLOSED:
+            own_c = sum(c for _, c, _ in self.own)
+            own_f = sum(f for _, _, f in self.own)
+            self.breaker._fleet_check(max(total_c - own_c, 0), max(total_f - own_f, 0))
+
+
+# --------------------------------------------------------------------------- backend
+
+_instances: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
+
+
+class RedisBackend:
+    """
+    Shares breaker state through Redis. One per process (see ``resilient.backends.configure``).
+
+    Two daemon threads, started with the first breaker: the *flusher* (counts,
+    queued transitions and trial verdicts, reconcile, heartbeat, reconnection) and
+    the *listener* (pub/sub). Both use the synchronous client, so sync and async
+    callers are served alike and no event loop is ever involved.
+    """
+
+    name = "redis"
+
+    def __init__(self, config: BackendConfig) -> None:
+        if not config.redis_url:
+            msg = "RedisBackend needs a redis_url"
+            raise ValueError(msg)
+        self.config = config
+        self.url = redact(config.redis_url)
+        self.channel = f"{config.key_prefix}:events"
+        self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(24):06x}"
+        self._client = make_client(config)
+        self._cluster = _split_cluster(config.redis_url, config.cluster)[1]
+        self._links: dict[str, _Link] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.up = False
+        self.subscribed = False
+        self._ever_up = False
+        self._down_since = 0.0
+        self._last_heartbeat = 0.0
+        self._force = False
+        _instances.add(self)
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend {self.url} {'up' if self.up else 'down'}>"
+
+    # ---- breakers
+
+    def attach(self, breaker: CircuitBreaker) -> _Link:
+        """Link *breaker* to the fleet (replacing an earlier breaker of the same name)."""
+        link = _Link(self, breaker)
+        with self._lock:
+            self._links[breaker.name] = link
+            if not self._threads:
+                self._start()
+        if not self.up and self.config.on_backend_failure != "local":
+            breaker._set_offline(self.config.on_backend_failure)
+        self._force = True
+        self._wake.set()
+        return link
+
+    def wait_ready(self, timeout: float = 5.0) -> bool:
+        """Wait until Redis answered and the pub/sub subscription is in place."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.up and self.subscribed and not self._force:
+                return True
+            time.sleep(0.005)
+        return False
+
+    def _start(self) -> None:
+        self._stop.clear()
+        self._threads = [
+            threading.Thread(target=self._run, name="resilient-redis-flusher", daemon=True),
+            threading.Thread(target=self._listen, name="resilient-redis-listener", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def close(self) -> None:
+        """Stop the threads and close the connections (the shared state stays in Redis)."""
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=2.0)
+        self._threads = []
+        for link in self._links.values():
+            link.usable = False
+        with contextlib.suppress(*_BACKEND_ERRORS):
+            self._client.close()
+
+    # ---- Redis calls
+
+    def _eval(self, name: str, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        try:
+            return self._client.evalsha(_SHA[name], len(keys), *keys, *args)
+        except NoScriptError:
+            self._load_scripts()
+            return self._client.evalsha(_SHA[name], len(keys), *keys, *args)
+
+    def _flush(self, sent: list[tuple[_Link, tuple[Any, ...]]]) -> list[Any]:
+        """One flush script per breaker: pipelined (one round trip), or one by one on a
+        cluster (redis-py refuses EVALSHA in cluster pipelines; each breaker's keys are
+        in one slot anyway)."""
+        sha = _SHA["flush"]
+        if not self._cluster:
+            pipe = self._client.pipeline(transaction=False)
+            for link, args in sent:
+                pipe.evalsha(sha, 4, *link.keys, *args)
+            try:
+                return list(pipe.execute())
+            except NoScriptError:
+                self._load_scripts()
+        return [self._eval("flush", link.keys, args) for link, args in sent]
+
+    def _load_scripts(self) -> None:
+        for src in _SCRIPTS.values():
+            self._client.script_load(src)
+
+    # ---- up / down
+
+    def _mark_down(self, exc: BaseException) -> None:
+        with self._lock:
+            if not self.up:
+                return
+            self.up = False
+            self._down_since = time.monotonic()
+            links = list(self._links.values())
+        for link in links:
+            link.usable = False
+        policy = self.config.on_backend_failure
+        if policy != "local":
+            for link in links:
+                link.breaker._set_offline(policy)
+        _log.warning(
+            "resilient: Redis backend %s unreachable (%s: %s); carrying on with %s state",
+            self.url,
+            type(exc).__name__,
+            exc,
+            "local" if policy == "local" else f"breakers {policy}",
+        )
+        if bus.active:
+            bus.emit(BackendDown("redis", type(exc).__name__))
+        self._wake.set()
+
+    def _mark_up(self) -> None:
+        with self._lock:
+            self.up = True
+            links = list(self._links.values())
+            first = not self._ever_up
+            self._ever_up = True
+        for link in links:
+            link.usable = True
+            link.exhausted_gen = -1
+            link.breaker._set_offline(None)
+        down_for = None if first else time.monotonic() - self._down_since
+        if not first:
+            _log.warning("resilient: Redis backend %s is back after %.3gs", self.url, down_for)
+        if bus.active:
+            bus.emit(BackendUp("redis", down_for))
+
+    # ---- the flusher thread
+
+    def _run(self) -> None:
+        delay = 0.02
+        interval = self.config.flush_interval
+        while not self._stop.is_set():
+            if not self.up:
+                try:
+                    self._client.ping()
+                    self._load_scripts()
+                    self._tick(force=True)
+                except Exception as exc:  # whatever it is, try again later
+                    _log.debug("resilient: Redis %s still unreachable: %s", self.url, exc)
+                    self._stop.wait(delay * random.uniform(0.5, 1.0))
+                    delay = min(delay * 2, self.config.max_reconnect_delay)
+                    continue
+                delay = 0.02
+                self._mark_up()
+                continue
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self._tick(force=self._force)
+            except ResponseError:  # a script or server-side problem, not an outage
+                _log.exception("resilient: Redis flusher got an error reply")
+            except _BACKEND_ERRORS as exc:
+                self._mark_down(exc)
+            except Exception:  # pragma: no cover - a bug must not kill the thread
+                _log.exception("resilient: Redis flusher failed")
+
+    def _tick(self, *, force: bool) -> None:
+        self._force = False
+        with self._lock:
+            links = list(self._links.values())
+        now = time.monotonic()
+        for link in links:
+            pending = link.take_pending()
+            if pending is not None:
+                try:
+                    reply = self._eval("transition", link.keys[:1], (*link.common, *pending))
+                except BaseException:
+                    with link._plock:  # keep it for the re-sync
+                        if link.pending is None:
+                            link.pending = pending
+                    raise
+                link.apply(reply, fresh=True)
+            while link.results:
+                kind, gen = link.results[0]
+                args = (*link.common, gen, kind, link.breaker.config.success_threshold)
+                link.apply(self._eval("result", link.keys[:2], args), fresh=True)
+                link.results.popleft()
+        due = [
+            link
+            for link in links
+            if force or now >= link.next_reconcile or (link.has_news() and link.buckets)
+        ]
+        if due:
+            sent = [(link, link.flush_args()) for link in due]
+            replies = self._flush(sent)
+            for (link, args), reply in zip(sent, replies, strict=True):
+                link.next_reconcile = now + self.config.reconcile_interval
+                link.flushed(args, reply)
+        if now - self._last_heartbeat >= self.config.heartbeat_ttl / 3:
+            self._last_heartbeat = now
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "policies": sorted(link.name for link in links),
+            }
+            self._client.set(
+                f"{self.config.key_prefix}:replica:{self.replica_id}",
+                json.dumps(info),
+                px=int(self.config.heartbeat_ttl * 1000),
+            )
+
+    # ---- the listener thread
+
+    def _listen(self) -> None:
+        pubsub: Any = None
+        listener: Any = None
+        delay = 0.02
+        while not self._stop.is_set():
+            if pubsub is None:
+                try:
+                    if listener is None:
+                        # its own client: a blocking read on this thread delays no caller,
+                        # so it need not give up after socket_timeout
+                        listener = make_client(self.config, socket_timeout=5.0)
+                    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self.channel)
+                except _BACKEND_ERRORS:
+                    pubsub = self._close_pubsub(pubsub)
+                    self._stop.wait(delay * random.uniform(0.5, 1.0))
+                    delay = min(delay * 2, self.config.max_reconnect_delay)
+                    continue
+                delay = 0.02
+                self.subscribed = True
+                self._force = True  # messages may have been missed: reconcile now
+                self._wake.set()
+            try:
+                message = pubsub.get_message(timeout=0.25)
+            except _BACKEND_ERRORS:
+                pubsub = self._close_pubsub(pubsub)
+                continue
+            except Exception:  # pragma: no cover - a bug must not kill the thread
+                _log.exception("resilient: Redis listener failed")
+                pubsub = self._close_pubsub(pubsub)
+                continue
+            if message is not None and message.get("type") == "message":
+                self._on_message(message.get("data"))
+        self._close_pubsub(pubsub)
+        if listener is not None:
+            with contextlib.suppress(*_BACKEND_ERRORS):
+                listener.close()
+
+    def _close_pubsub(self, pubsub: Any) -> Any:
+        self.subscribed = False
+        if pubsub is not None:
+            with contextlib.suppress(*_BACKEND_ERRORS):
+                pubsub.close()
+        return None
+
+    def _on_message(self, data: Any) -> None:
+        try:
+            name, gen, state, open_ms, half_ms, trips, _origin = json.loads(data)
+        except (TypeError, ValueError):
+            _log.debug("resilient: ignoring pub/sub message %r", data)
+            return
+        link = self._links.get(str(name))
+        if link is not None:
+            link.apply((0, gen, state, open_ms, half_ms, trips), fresh=False)
+
+    # ---- fork
+
+    def _after_fork(self) -> None:
+        """In a forked child: no threads survive a fork; start afresh with a new identity."""
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.up = self.subscribed = False
+        self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(24):06x}"
+        self._client = make_client(self.config)
+        for link in self._links.values():
+            link.usable = False
+            link._plock = threading.Lock()
+            link.common = (*link.common[:6], self.replica_id)
+        self._threads = []
+        if self._links:
+            self._start()
+
+
+def _reinit_after_fork() -> None:
+    for backend in list(_instances):
+        if backend._threads and not backend._stop.is_set():
+            backend._after_fork()
+
+
+os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+# --------------------------------------------------------------------------- status
+
+
+def fleet_status(config: BackendConfig) -> dict[str, Any]:
+    """
+    The fleet's view, read from Redis: every policy's shared state and the replicas seen.
+
+    Raises:
+        redis.RedisError: Redis cannot be reached.
+    """
+    client = make_client(config)
+    prefix = config.key_prefix
+    try:
+        now_s, now_us = client.time()
+        now_ms = int(now_s) * 1000 + int(now_us) // 1000
+        policies: dict[str, Any] = {}
+        for key in sorted(set(client.scan_iter(match=f"{{{prefix}:*}}:state", count=500))):
+            name = key[len(prefix) + 2 : -len("}:state")]
+            record = client.hgetall(key)
+            tag = f"{{{prefix}:{name}}}"
+            seen = client.zrangebyscore(
+                f"{tag}:replicas", now_ms - int(config.heartbeat_ttl * 1000), "+inf"
+            )
+            trial = client.hgetall(f"{tag}:trial")
+            state = record.get("s", STATE_CLOSED)
+            gen = int(record.get("g", 0))
+            policies[name] = {
+                "state": state,
+                "generation": gen,
+                "trips": int(record.get("t", 0)),
+                "retry_after": max(int(record.get("ou", 0)) - now_ms, 0) / 1000
+                if state == STATE_OPEN
+                else None,
+                "trial_permits_taken": int(trial.get("n", 0))
+                if state == STATE_HALF_OPEN and int(trial.get("g", -1)) == gen
+                else 0,
+                "replicas": sorted(seen),
+            }
+        replicas = {}
+        for key in client.scan_iter(match=f"{prefix}:replica:*", count=500):
+            raw = client.get(key)
+            if raw is not None:
+                replicas[key[len(prefix) + len(":replica:") :]] = json.loads(raw)
+        return {"url": redact(config.redis_url or ""), "policies": policies, "replicas": replicas}
+    finally:
+        client.close()

@@ -1,0 +1,140 @@
+"""
+Retry budgets: retries capped as a share of calls, so that an outage does not
+turn every call into ``max_attempts`` calls (a retry storm).
+
+The model is gRPC's retry throttling and Finagle's ``RetryBudget``: a token
+bucket per policy. Each call deposits ``ratio`` tokens, each retry withdraws
+one, ``min_retries_per_second`` tokens trickle in with time, and the balance
+is capped at ``max_tokens`` (the bucket starts full).
+
+The success path only counts: a deposit is ``next()`` on an
+``itertools.count``, which is atomic under the GIL and takes no lock. The
+counted deposits (and the time-based trickle) are folded into the balance
+under a lock when a retry asks for a token, which happens on the failure path
+only. Folding late changes nothing: with no withdrawal in between,
+``min(cap, min(cap, b + r) + r) == min(cap, b + 2r)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from resilient import _clock
+from resilient._models import RetryBudgetConfig
+
+__all__ = ["RetryBudget", "retry_budgets"]
+
+
+class RetryBudget:
+    """
+    The retry budget of one policy (or of one ``name=``).
+
+    Attributes:
+        deposit: Call once per call (its first attempt); cheap, lock-free.
+        retries: Retries allowed so far.
+        refused: Retries refused so far.
+    """
+
+    __slots__ = (
+        "_calls",
+        "_folded",
+        "_last",
+        "_lock",
+        "_reads",
+        "clock",
+        "config",
+        "deposit",
+        "name",
+        "refused",
+        "retries",
+        "tokens",
+    )
+
+    def __init__(
+        self, name: str, config: RetryBudgetConfig, *, clock: Callable[[], float] | None = None
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.clock = clock or _clock.monotonic
+        self.tokens = config.max_tokens
+        self._calls = itertools.count()
+        self.deposit: Callable[[], Any] = self._calls.__next__
+        self._reads = 0
+        self._folded = 0
+        self._last = self.clock()
+        self._lock = threading.Lock()
+        self.retries = 0
+        self.refused = 0
+
+    def _fold(self) -> None:
+        """Under the lock: turn counted calls and elapsed time into tokens."""
+        # Each read is itself one next(); subtract the reads to get the deposits.
+        calls = next(self._calls) - self._reads
+        self._reads += 1
+        now = self.clock()
+        cfg = self.config
+        tokens = (
+            self.tokens
+            + (calls - self._folded) * cfg.ratio
+            + max(0.0, now - self._last) * cfg.min_retries_per_second
+        )
+        self._folded = calls
+        self._last = now
+        self.tokens = tokens if tokens < cfg.max_tokens else cfg.max_tokens
+
+    def try_withdraw(self) -> bool:
+        """Take a token for one retry; false (and nothing taken) when under one."""
+        with self._lock:
+            self._fold()
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                self.retries += 1
+                return True
+            self.refused += 1
+            return False
+
+    @property
+    def calls(self) -> int:
+        """Calls counted so far."""
+        with self._lock:
+            self._fold()
+            return self._folded
+
+    def get_status(self) -> dict[str, Any]:
+        """Balance, calls, retries allowed and refused."""
+        with self._lock:
+            self._fold()
+            return {
+                "name": self.name,
+                "tokens": self.tokens,
+                "calls": self._folded,
+                "retries": self.retries,
+                "refused": self.refused,
+            }
+
+
+_budgets_lock = threading.Lock()
+_budgets: dict[str, RetryBudget] = {}
+
+
+def _budget_for(key: str, config: RetryBudgetConfig) -> RetryBudget:
+    """The shared budget for *key*; kept across reloads while its config is unchanged."""
+    with _budgets_lock:
+        known = _budgets.get(key)
+        if known is not None and known.config == config:
+            return known
+        budget = _budgets[key] = RetryBudget(key, config, clock=_clock.monotonic)
+        return budget
+
+
+def retry_budgets() -> dict[str, RetryBudget]:
+    """Every retry budget made so far, by policy (or ``name=``)."""
+    return dict(_budgets)
+
+
+def _reset_budgets() -> None:
+    with _budgets_lock:
+        _budgets.clear()

@@ -1,0 +1,911 @@
+"""
+Bulkheads: concurrency isolation with a priority queue, auto-scaling, a
+thread pool per policy for sync functions, and pools of user resources.
+
+One :class:`Bulkhead` serves async tasks (of any event loop) and threads at
+the same time. Its state is a counter under a ``threading.Lock`` that is held
+for a few bytecodes, never while user code runs:
+
+* **Fast path.** ``try_acquire()`` takes a slot when one is free and nobody
+  waits: one lock round trip, no allocation, no coroutine. ``release()`` gives
+  it back the same way. That is cheaper than ``async with asyncio.Semaphore``,
+  which creates two coroutines per call (see docs/isolation-performance.md).
+* **Slow path.** When the bulkhead is full a caller joins a heap of waiters
+  ordered by priority, then arrival. A released slot is *handed over* to the
+  head waiter under the lock (its count never drops), so a newcomer cannot
+  overtake a waiter. An async waiter waits on a future of its own loop (woken
+  with ``call_soon_threadsafe`` from other threads or loops), a thread waits
+  on a lock. Timeouts and cancellations race with hand-overs; whoever takes
+  the lock first wins, and a waiter that was handed a slot it no longer wants
+  passes it on. Dead entries stay in the heap and are skipped (compacted when
+  they outnumber live ones), so 10,000 cancellations cost O(n log n).
+
+Aging needs no timer: with every waiter rising one level per ``priority_aging``
+seconds, the order of two waiters never changes while they wait, so the heap
+key ``enqueued / aging - level`` is fixed at entry.
+
+Auto-scaling (:class:`_GradientLimit`) is a latency-gradient controller in the
+manner of Envoy's adaptive concurrency filter and Netflix's concurrency-limits:
+see its docstring and docs/bulkheads.md.
+
+Nothing here is written by hand for lack of reading: asyncio.Semaphore is per
+loop, not thread-safe and has no priorities or timeouts; ``threading.Semaphore``
+blocks the loop; hyx's bulkhead is two asyncio semaphores. A bulkhead that
+sync and async callers share must be its own primitive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import difflib
+import heapq
+import inspect
+import itertools
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from resilient import _clock
+from resilient._models import PRIORITIES, BulkheadConfig
+from resilient.errors import BulkheadFullError, PolicyError
+
+__all__ = [
+    "Bulkhead",
+    "BulkheadManager",
+    "ConnectionPool",
+    "bulkhead_manager",
+    "current_priority",
+    "get_bulkhead",
+    "priority",
+    "priority_level",
+]
+
+C = TypeVar("C")
+
+_LEVELS: dict[str, int] = {name: i for i, name in enumerate(PRIORITIES)}
+_priority: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "resilient_priority", default=None
+)
+
+
+def priority_level(name: str) -> int:
+    """
+    The level of a priority name (``low`` 0 ... ``critical`` 3).
+
+    Raises:
+        PolicyError: *name* is not a priority; the message lists the known ones.
+    """
+    level = _LEVELS.get(name) if isinstance(name, str) else None
+    if level is None:
+        close = difflib.get_close_matches(str(name), PRIORITIES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        msg = f"unknown priority {name!r}{hint}; known priorities: {', '.join(PRIORITIES)}"
+        raise PolicyError(msg)
+    return level
+
+
+class priority:  # lowercase: used like a function, `with resilient.priority("high"):`
+    """
+    Give every bulkhead wait inside the block a priority::
+
+        with resilient.priority("high"):
+            await checkout(cart)        # all calls it makes queue as "high"
+
+    The priority lives in a context variable, so it follows the request through
+    ``await`` and into tasks and threads started with a copied context. It wins
+    over the decorator's ``priority=`` and the policy's ``default_priority``.
+
+    Raises:
+        PolicyError: At construction, for an unknown priority name.
+    """
+
+    __slots__ = ("_tokens", "level", "name")
+
+    def __init__(self, name: str) -> None:
+        self.level = priority_level(name)
+        self.name = name
+        self._tokens: list[contextvars.Token[int | None]] = []
+
+    def __enter__(self) -> priority:
+        self._tokens.append(_priority.set(self.level))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _priority.reset(self._tokens.pop())
+
+
+def current_priority() -> str | None:
+    """The priority set by an enclosing ``resilient.priority`` block, or ``None``."""
+    level = _priority.get()
+    return None if level is None else PRIORITIES[level]
+
+
+# --------------------------------------------------------------------------- waiters
+
+_WAITING, _GRANTED, _ABANDONED = 0, 1, 2
+
+
+class _Waiter:
+    """One caller waiting for a slot; ``wake`` is called (outside the lock) once granted."""
+
+    __slots__ = ("loop", "signal", "state")
+
+    def __init__(self, signal: Any, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.state = _WAITING
+        self.signal = signal  # an asyncio.Future (async) or a held threading.Lock (sync)
+        self.loop = loop
+
+    def wake(self) -> bool:
+        """Tell the waiter it holds a slot; false if it can no longer be told."""
+        loop = self.loop
+        if loop is None:
+            self.signal.release()
+            return True
+        if asyncio._get_running_loop() is loop:
+            _resolve(self.signal, True)
+            return True
+        try:
+            loop.call_soon_threadsafe(_resolve, self.signal, True)
+        except RuntimeError:  # its loop is closed: nobody will ever take the slot
+            return False
+        return True
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+# --------------------------------------------------------------------------- auto-scaling
+
+
+class _GradientLimit:
+    """
+    The auto-scaling controller: moves a concurrency limit between a floor and
+    a ceiling from the latency and the utilisation of completed calls.
+
+    Calls are grouped in windows of ``max(10, limit)`` completions (about one
+    round trip of the whole limit, as TCP Vegas updates once per RTT). At the
+    end of a window, with ``avg`` its mean latency, ``base`` the no-load latency
+    and ``target = base * (1 + latency_tolerance)``:
+
+    * ``avg > target``: the dependency queues, so the limit falls in proportion,
+      ``limit * max(0.5, target / avg)`` (Envoy's gradient);
+    * else, when calls in flight filled at least ``scale_up_threshold`` of the
+      limit, it grows by ``max(1, limit * (1 - avg / target))``: quickly while
+      latency is flat, by one as it nears the target (additive increase);
+    * when they filled less than ``scale_down_threshold``, it shrinks by 10%,
+      not below what they used (divided by ``scale_up_threshold``);
+    * else it holds.
+
+    ``base`` is the lowest window mean seen since the last *probe*: the first
+    busy window, and then one every ``probe_interval`` seconds, runs at the
+    floor concurrency for ten calls to measure it afresh (Envoy's minRTT
+    measurement), so ``base`` cannot creep up with a limit that stays past
+    the knee.
+    """
+
+    __slots__ = (
+        "base",
+        "ceiling",
+        "clock",
+        "down",
+        "effective",
+        "floor",
+        "limit",
+        "load",
+        "n",
+        "next_probe",
+        "probe_every",
+        "probing",
+        "saved",
+        "skip",
+        "tolerance",
+        "total",
+        "up",
+        "window",
+    )
+
+    PROBE_SAMPLES = 10
+
+    def __init__(self, cfg: BulkheadConfig, ceiling: int, clock: Callable[[], float]) -> None:
+        self.ceiling = float(ceiling)
+        self.floor = float(min(cfg.min_concurrent_requests, ceiling))
+        self.tolerance = cfg.latency_tolerance
+        self.up = cfg.scale_up_threshold
+        self.down = cfg.scale_down_threshold
+        self.probe_every = cfg.probe_interval
+        self.clock = clock
+        self.limit = self.ceiling
+        self.effective = ceiling
+        self.skip = 0
+        self.base = float("inf")
+        self.next_probe = float("-inf")
+        self.probing = False
+        self.saved = self.ceiling
+        self.n = 0
+        self.total = 0.0
+        self.load = 0
+        self.window = max(10, ceiling)
+
+    def sample(self, latency: float, in_use: int) -> int:
+        """Record one completed call (*in_use* counts it); return the limit to use."""
+        if self.skip:
+            # A call admitted before the limit fell: its latency is old news, and
+            # counting it would lower the limit again and again.
+            self.skip -= 1
+            return self.effective
+        self.n += 1
+        self.total += latency
+        self.load += in_use
+        if self.n >= self.window:
+            self._end_window(in_use - 1)
+        return self.effective
+
+    def _set(self, limit: float) -> None:
+        self.limit = limit
+        self.effective = max(1, int(limit + 0.5))
+        self.window = max(10, self.effective)
+
+    def _end_window(self, in_flight: int) -> None:
+        avg = self.total / self.n
+        mean_in_use = self.load / self.n
+        utilisation = mean_in_use / self.effective
+        self.n, self.total, self.load = 0, 0.0, 0
+        if self.probing:
+            self.probing = False
+            self.base = avg
+            self._set(self.saved)
+            return
+        if avg < self.base:
+            self.base = avg
+        limit = self.limit
+        target = self.base * (1.0 + self.tolerance)
+        if avg > target:
+            limit = max(self.floor, limit * max(0.5, target / avg))
+            self.skip = in_flight
+        elif utilisation >= self.up:
+            limit = min(self.ceiling, limit + max(1.0, limit * (1.0 - avg / target)))
+        elif utilisation < self.down:
+            limit = max(self.floor, limit * 0.9, mean_in_use / self.up)
+        self._set(limit)
+        if utilisation >= self.up and self.floor < limit:
+            now = self.clock()
+            if now >= self.next_probe:
+                self.next_probe = now + self.probe_every
+                self.probing = True
+                self.saved = limit
+                self._set(self.floor)
+                self.window = self.PROBE_SAMPLES
+                self.skip = in_flight  # measure only calls admitted at the floor
+
+
+# --------------------------------------------------------------------------- thread pool
+
+
+class _DaemonPool:
+    """
+    A fixed-size pool of daemon threads.
+
+    ``concurrent.futures.ThreadPoolExecutor`` joins its workers at interpreter
+    exit, so a single call hung in a dependency would hang the shutdown of the
+    whole process: the very failure isolation is meant to contain. The bulkhead
+    admits at most ``size`` calls, so no queue builds up here.
+    """
+
+    __slots__ = ("_idle", "_lock", "_queue", "_threads", "name", "size")
+
+    def __init__(self, size: int, name: str) -> None:
+        self.size = size
+        self.name = name
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, run: Callable[[], None]) -> None:
+        self._queue.put(run)
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                return
+            if self._threads >= self.size:
+                return
+            self._threads += 1
+            number = self._threads
+        threading.Thread(
+            target=self._work, name=f"resilient-{self.name}-{number}", daemon=True
+        ).start()
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            get()()
+            with self._lock:
+                self._idle += 1
+
+
+# --------------------------------------------------------------------------- bulkhead
+
+
+class Bulkhead:
+    """
+    The concurrency limit of one policy (or of one ``name=``), shared by every
+    call of it, async and sync.
+
+    Use it through a policy's ``bulkhead:`` section; directly, ``async with
+    bulkhead:`` and ``with bulkhead:`` take and give back a slot.
+
+    Attributes:
+        name: The policy (or ``name=``) it belongs to.
+        config: Its section.
+        limit: The current concurrency limit.
+        in_use: Slots taken now.
+        rejected: Calls refused so far.
+    """
+
+    __slots__ = (
+        "_acq",
+        "_aging",
+        "_clock",
+        "_dead",
+        "_heap",
+        "_lock",
+        "_pool",
+        "_prioritise",
+        "_rel",
+        "_seq",
+        "acquire_timeout",
+        "config",
+        "controller",
+        "default_level",
+        "in_use",
+        "limit",
+        "max_queue",
+        "name",
+        "pooled",
+        "queued",
+        "rejected",
+    )
+
+    def __init__(
+        self, name: str, config: BulkheadConfig, *, clock: Callable[[], float] | None = None
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._clock = clock or _clock.monotonic
+        self._lock = threading.Lock()
+        self._acq = self._lock.acquire
+        self._rel = self._lock.release
+        self.pooled = config.isolation == "thread_pool"
+        ceiling = config.max_concurrent_requests
+        if self.pooled:
+            ceiling = min(ceiling, config.max_thread_pool_size)
+        self.controller: _GradientLimit | None = (
+            _GradientLimit(config, ceiling, self._clock) if config.enable_auto_scaling else None
+        )
+        self.limit = ceiling
+        self.in_use = 0
+        self.queued = 0
+        self.rejected = 0
+        self.max_queue = config.max_queue
+        self.acquire_timeout = config.acquire_timeout
+        self.default_level = _LEVELS[config.default_priority]
+        self._prioritise = config.priority_queuing
+        self._aging = config.priority_aging
+        self._heap: list[tuple[float, int, _Waiter]] = []
+        self._dead = 0
+        self._seq = itertools.count()
+        self._pool: _DaemonPool | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Bulkhead {self.name!r} in_use={self.in_use} limit={self.limit} "
+            f"queued={self.queued} rejected={self.rejected}>"
+        )
+
+    # ------------------------------------------------------------ hot path
+
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody waits; never blocks."""
+        self._acq()
+        if self.in_use < self.limit and not self.queued:
+            self.in_use += 1
+            self._rel()
+            return True
+        self._rel()
+        return False
+
+    def release(self) -> None:
+        """Give a slot back (handing it to the first waiter, if any)."""
+        self._acq()
+        self.in_use -= 1
+        if self.queued:
+            woken = self._grant()
+            self._rel()
+            self._wake(woken)
+            return
+        self._rel()
+
+    def release_timed(self, latency: float) -> None:
+        """``release()`` plus a latency sample for auto-scaling (seconds the call took)."""
+        controller = self.controller
+        self._acq()
+        if controller is not None:
+            self.limit = controller.sample(latency, self.in_use)
+        self.in_use -= 1
+        if self.queued and self.in_use < self.limit:
+            woken = self._grant()
+            self._rel()
+            self._wake(woken)
+            return
+        self._rel()
+
+    # ------------------------------------------------------------ slow path
+
+    def _grant(self) -> list[_Waiter]:
+        """Under the lock: hand free slots to the first waiters."""
+        heap = self._heap
+        woken: list[_Waiter] = []
+        while self.queued and self.in_use < self.limit:
+            waiter = heapq.heappop(heap)[2]
+            if waiter.state != _WAITING:
+                self._dead -= 1
+                continue
+            waiter.state = _GRANTED
+            self.queued -= 1
+            self.in_use += 1
+            woken.append(waiter)
+        return woken
+
+    def _wake(self, woken: list[_Waiter]) -> None:
+        for waiter in woken:
+            if not waiter.wake():
+                self.release()
+
+    def _level(self, level: int | None) -> int:
+        # An enclosing `priority` block wins, then the caller's level, then the policy's.
+        context = _priority.get()
+        if context is not None:
+            return context
+        return self.default_level if level is None else level
+
+    def _enqueue(self, waiter: _Waiter, level: int) -> bool:
+        """Under the lock: take a free slot (false) or join the queue (true); raise if full."""
+        self._acq()
+        try:
+            if self.in_use < self.limit and not self.queued:
+                self.in_use += 1
+                return False
+            if self.queued >= self.max_queue or self.acquire_timeout <= 0:
+                self.rejected += 1
+                raise self._full("its waiting queue is full" if self.max_queue else "it is full")
+            if not self._prioritise:
+                key = 0.0
+            elif self._aging is None:
+                key = -float(level)
+            else:
+                key = self._clock() / self._aging - level
+            heapq.heappush(self._heap, (key, next(self._seq), waiter))
+            self.queued += 1
+            return True
+        finally:
+            self._rel()
+
+    def _abandon(self, waiter: _Waiter, *, timed_out: bool) -> bool:
+        """A waiter gives up; true if it was granted a slot meanwhile (it now holds it)."""
+        with self._lock:
+            if waiter.state == _GRANTED:
+                return True
+            waiter.state = _ABANDONED
+            self.queued -= 1
+            self._dead += 1
+            if timed_out:
+                self.rejected += 1
+            if self._dead > 64 and self._dead > self.queued:
+                self._heap = [entry for entry in self._heap if entry[2].state == _WAITING]
+                heapq.heapify(self._heap)
+                self._dead = 0
+            return False
+
+    def _full(self, why: str) -> BulkheadFullError:
+        return BulkheadFullError(
+            f"policy {self.name!r}: bulkhead full ({self.in_use}/{self.limit} in use, "
+            f"{self.queued} waiting): {why}",
+            policy=self.name,
+        )
+
+    async def acquire_async(self, level: int | None = None) -> None:
+        """
+        Take a slot, waiting up to ``acquire_timeout`` seconds (never blocks the loop).
+
+        Args:
+            level: Priority level of this caller (``priority_level("high")``);
+                an enclosing ``priority`` block wins over it, and without
+                either the policy's ``default_priority`` applies.
+
+        Raises:
+            BulkheadFullError: No slot within the timeout, or the queue is full.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        waiter = _Waiter(future, loop)
+        if not self._enqueue(waiter, self._level(level)):
+            return
+        handle = loop.call_later(self.acquire_timeout, _resolve, future, False)
+        try:
+            granted = await future
+        except BaseException:
+            handle.cancel()
+            if self._abandon(waiter, timed_out=False):
+                self.release()
+            raise
+        handle.cancel()
+        if granted or self._abandon(waiter, timed_out=True):
+            return
+        raise self._full(f"no slot within {self.acquire_timeout}s")
+
+    def acquire_sync(self, level: int | None = None) -> None:
+        """The blocking twin of :meth:`acquire_async`, for threads."""
+        signal = threading.Lock()
+        signal.acquire()
+        waiter = _Waiter(signal, None)
+        if not self._enqueue(waiter, self._level(level)):
+            return
+        try:
+            granted = signal.acquire(timeout=self.acquire_timeout)
+        except BaseException:
+            if self._abandon(waiter, timed_out=False):
+                self.release()
+            raise
+        if granted or self._abandon(waiter, timed_out=True):
+            return
+        raise self._full(f"no slot within {self.acquire_timeout}s")
+
+    # ------------------------------------------------------------ thread pool
+
+    def run_in_pool(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        on_timeout: Callable[[], BaseException],
+    ) -> Any:
+        """
+        Run *fn* in the policy's own threads; the caller must hold a slot, which
+        is given back when *fn* ends (not when the caller stops waiting, so a
+        hung call keeps its slot and the pool never overcommits).
+
+        Raises:
+            BaseException: What *fn* raised, or ``on_timeout()`` when it ran
+                longer than *timeout* (the thread is left to finish on its own).
+        """
+        future: Future[Any] = Future()
+        self._submit(future, fn, args, kwargs)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.done():
+                return future.result()
+            raise on_timeout() from None
+
+    def _submit(self, future: Future[Any], fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
+        pool = self._pool
+        if pool is None:
+            with self._lock:
+                pool = self._pool
+                if pool is None:
+                    pool = self._pool = _DaemonPool(self.config.max_thread_pool_size, self.name)
+        context = contextvars.copy_context()
+        timed = self.controller is not None
+        clock = self._clock
+
+        def run() -> None:
+            began = clock() if timed else 0.0
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        result = context.run(fn, *args, **kwargs)
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                    else:
+                        future.set_result(result)
+            finally:
+                if timed:
+                    self.release_timed(clock() - began)
+                else:
+                    self.release()
+
+        try:
+            pool.submit(run)
+        except BaseException:
+            self.release()
+            raise
+
+    # ------------------------------------------------------------ context managers
+
+    async def __aenter__(self) -> Bulkhead:
+        if not self.try_acquire():
+            await self.acquire_async()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __enter__(self) -> Bulkhead:
+        if not self.try_acquire():
+            self.acquire_sync()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    # ------------------------------------------------------------ status
+
+    def get_status(self) -> dict[str, Any]:
+        """In use, waiting, limit, rejected and utilisation (in use / limit), as a dict."""
+        with self._lock:
+            in_use, queued, limit, rejected = self.in_use, self.queued, self.limit, self.rejected
+        return {
+            "name": self.name,
+            "kind": "thread_pool" if self.pooled else "semaphore",
+            "in_use": in_use,
+            "queued": queued,
+            "limit": limit,
+            "max_limit": self.config.max_concurrent_requests,
+            "rejected": rejected,
+            "utilisation": in_use / limit if limit else 1.0,
+        }
+
+
+# --------------------------------------------------------------------------- connection pools
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class ConnectionPool(Generic[C]):
+    """
+    A bounded pool of resources you create yourself (clients, sockets,
+    sessions) for libraries that have no pool of their own::
+
+        pool = resilient.bulkhead_manager.connection_pool("db", connect, close=Conn.close)
+        async with pool.connection() as conn:
+            await conn.execute(sql)
+
+    At most ``max_size`` resources exist; a caller waits for one like for a
+    bulkhead slot (same priorities, ``acquire_timeout``, ``BulkheadFullError``).
+
+    Args:
+        name: Pool name (in ``get_all_pools_status()``).
+        factory: Makes a resource; sync or async.
+        max_size: Most resources at once (default: the policy's
+            ``max_connection_pool_size``, 20).
+        validate: Checked at checkout (sync or async); a resource for which it
+            returns false is closed and replaced.
+        close: Closes a resource (sync or async).
+        discard_on_error: Close a resource whose ``async with`` block raised,
+            instead of putting it back (it may be broken).
+        config: Acquire timeout, queue bound and priorities come from it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        factory: Callable[[], C | Awaitable[C]],
+        *,
+        max_size: int | None = None,
+        validate: Callable[[C], bool | Awaitable[bool]] | None = None,
+        close: Callable[[C], Any] | None = None,
+        discard_on_error: bool = True,
+        config: BulkheadConfig | None = None,
+    ) -> None:
+        base = config or BulkheadConfig()
+        size = max_size if max_size is not None else base.max_connection_pool_size
+        if size <= 0:
+            msg = f"max_size must be positive, got {size}"
+            raise PolicyError(msg, policy=name)
+        cfg = base.model_copy(
+            update={
+                "max_concurrent_requests": size,
+                "enable_auto_scaling": False,
+                "isolation": "semaphore",
+                "min_concurrent_requests": 1,
+            }
+        )
+        self.name = name
+        self.max_size = size
+        self.slots = Bulkhead(name, cfg)
+        self._factory = factory
+        self._validate = validate
+        self._close = close
+        self._discard_on_error = discard_on_error
+        self._idle: deque[C] = deque()
+        self.created = 0
+        self.closed = 0
+
+    @contextlib.asynccontextmanager
+    async def connection(self, priority: str | None = None) -> AsyncIterator[C]:
+        """Check a resource out for the block; it goes back (or is closed) at the end."""
+        slots = self.slots
+        if not slots.try_acquire():
+            await slots.acquire_async(priority_level(priority) if priority else None)
+        try:
+            conn = await self._checkout()
+        except BaseException:
+            slots.release()
+            raise
+        ok = False
+        try:
+            yield conn
+            ok = True
+        finally:
+            try:
+                if ok or not self._discard_on_error:
+                    self._idle.append(conn)
+                else:
+                    await self._dispose(conn)
+            finally:
+                slots.release()
+
+    async def _checkout(self) -> C:
+        while self._idle:
+            conn = self._idle.pop()
+            if self._validate is None or await _maybe_await(self._validate(conn)):
+                return conn
+            await self._dispose(conn)
+        conn = await _maybe_await(self._factory())
+        self.created += 1
+        return conn
+
+    async def _dispose(self, conn: C) -> None:
+        self.closed += 1
+        if self._close is not None:
+            await _maybe_await(self._close(conn))
+
+    async def aclose(self) -> None:
+        """Close every idle resource."""
+        while self._idle:
+            await self._dispose(self._idle.pop())
+
+    def get_status(self) -> dict[str, Any]:
+        """The bulkhead status plus ``idle``, ``size`` (open resources) and ``max_size``."""
+        status = self.slots.get_status()
+        status.update(
+            kind="connection_pool",
+            idle=len(self._idle),
+            size=self.created - self.closed,
+            max_size=self.max_size,
+        )
+        return status
+
+
+# --------------------------------------------------------------------------- manager
+
+
+class BulkheadManager:
+    """
+    Every bulkhead and connection pool of the process, by name (the seed's
+    ``bulkhead_manager``). Bulkheads are made by the pipelines, one per policy
+    name (or ``name=``), and kept across reloads while their section is unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bulkheads: dict[str, Bulkhead] = {}
+        self._pools: dict[str, ConnectionPool[Any]] = {}
+
+    def bulkhead_for(self, key: str, config: BulkheadConfig) -> Bulkhead:
+        """The shared bulkhead for *key*, made (or remade, if *config* changed) on demand."""
+        with self._lock:
+            known = self._bulkheads.get(key)
+            if known is not None and known.config == config:
+                return known
+            bulkhead = Bulkhead(key, config, clock=_clock.monotonic)
+            self._bulkheads[key] = bulkhead
+            return bulkhead
+
+    def get(self, name: str) -> Bulkhead:
+        """
+        The bulkhead of policy (or ``name=``) *name*.
+
+        Raises:
+            PolicyError: No such bulkhead, and no policy of that name with a
+                ``bulkhead`` section.
+        """
+        known = self._bulkheads.get(name)
+        if known is not None:
+            return known
+        from resilient.policy import registry
+
+        policy = registry.get(name)
+        if policy.bulkhead is None:
+            msg = f"policy {name!r} has no bulkhead section"
+            raise PolicyError(msg, policy=name)
+        return self.bulkhead_for(name, policy.bulkhead)
+
+    def bulkheads(self) -> dict[str, Bulkhead]:
+        """Every bulkhead made so far, by name."""
+        return dict(self._bulkheads)
+
+    def connection_pool(
+        self,
+        name: str,
+        factory: Callable[[], C | Awaitable[C]],
+        **options: Any,
+    ) -> ConnectionPool[C]:
+        """
+        Make (or return the existing) connection pool *name*; *options* are those
+        of :class:`ConnectionPool`. When a policy called *name* has a ``bulkhead``
+        section, its ``max_connection_pool_size``, ``acquire_timeout``,
+        ``max_queue`` and priorities apply.
+        """
+        with self._lock:
+            known = self._pools.get(name)
+            if known is not None:
+                return known
+        if "config" not in options:
+            from resilient.policy import registry
+
+            with contextlib.suppress(PolicyError):
+                options["config"] = registry.get(name).bulkhead
+        pool: ConnectionPool[C] = ConnectionPool(name, factory, **options)
+        with self._lock:
+            return self._pools.setdefault(name, pool)
+
+    def connection(self, name: str, priority: str | None = None) -> Any:
+        """``async with manager.connection("db") as conn``: check out of pool *name*."""
+        pool = self._pools.get(name)
+        if pool is None:
+            msg = f"no connection pool {name!r}; make it with connection_pool({name!r}, factory)"
+            raise PolicyError(msg, policy=name)
+        return pool.connection(priority)
+
+    def get_pool_status(self, name: str) -> dict[str, Any]:
+        """Status of one bulkhead or connection pool."""
+        pool = self._pools.get(name)
+        return pool.get_status() if pool is not None else self.get(name).get_status()
+
+    def get_all_pools_status(self) -> dict[str, dict[str, Any]]:
+        """
+        Per bulkhead and connection pool: ``in_use``, ``queued``, ``limit``,
+        ``rejected``, ``utilisation`` (and ``kind``, ``max_limit``; pools add
+        ``idle``, ``size`` and ``max_size``).
+        """
+        status = {name: b.get_status() for name, b in list(self._bulkheads.items())}
+        status.update({name: p.get_status() for name, p in list(self._pools.items())})
+        return status
+
+    def reset(self) -> None:
+        """Forget every bulkhead and pool (tests)."""
+        with self._lock:
+            self._bulkheads.clear()
+            self._pools.clear()
+
+
+bulkhead_manager = BulkheadManager()
+
+
+def get_bulkhead(name: str) -> Bulkhead:
+    """The bulkhead shared by every call of policy *name* (see ``BulkheadManager.get``)."""
+    return bulkhead_manager.get(name)

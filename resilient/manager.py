@@ -1,0 +1,1311 @@
+"""
+The seed's ``ResilienceManager``: a facade over the decorator's machinery.
+
+    manager = await create_resilience_manager(service_name="trading_app")
+    await manager.register_service("database", db, service_config={"failure_threshold": 5})
+    async with manager.resilient_call("database", "query"):
+        rows = await db.query("SELECT 1")
+
+Every registered service gets a :class:`resilient.Policy` (from the flat
+``service_config`` keys, or a named policy from the files) and runs through
+:class:`resilient.pipeline.Pipeline`, the object ``@resilient`` compiles: the same
+breaker, retry, bulkhead, rate limiter and time budgets, the same events and
+the same metrics. A service's breaker, bulkhead and rate limiter are keyed by
+the *service name*, like ``@resilient(..., name=...)``.
+
+docs/manager.md has the flat-key table and the shapes of the status dicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from resilient import _clock
+from resilient import _logging as _log_events
+from resilient import events as _events
+from resilient import pipeline as _pipeline
+from resilient._models import (
+    BulkheadConfig,
+    CircuitBreakerConfig,
+    Policy,
+    PositiveFloat,
+    PositiveInt,
+    RetryConfig,
+)
+from resilient.breaker import CircuitBreaker
+from resilient.bulkhead import BulkheadManager, bulkhead_manager
+from resilient.decorator import AttemptIterator
+from resilient.errors import PolicyError, ResilienceError
+from resilient.policy import registry
+
+__all__ = [
+    "FLAT_KEYS",
+    "FeatureDisabledError",
+    "HealthMonitor",
+    "ResilienceConfig",
+    "ResilienceManager",
+    "RetryManager",
+    "ServiceExistsError",
+    "ServiceNotFoundError",
+    "create_resilience_manager",
+]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ServiceNotFoundError(ResilienceError, KeyError):
+    """
+    No service of that name is registered with the manager; the message lists
+    the registered ones. A ``KeyError``, so ``manager.circuit_breakers.get(name)``
+    and ``except KeyError`` work.
+
+    Attributes:
+        service: The name asked for.
+        registered: The names that are registered.
+    """
+
+    def __init__(self, service: str, registered: list[str], what: str = "service") -> None:
+        hint = ""
+        close = difflib.get_close_matches(service, registered, n=1)
+        if close:
+            hint = f" (did you mean {close[0]!r}?)"
+        known = ", ".join(repr(n) for n in sorted(registered)) or "(none)"
+        super().__init__(f"no {what} {service!r}{hint}; registered: {known}")
+        self.service = service
+        self.registered = sorted(registered)
+
+    def __str__(self) -> str:
+        # KeyError would show the message in quotes.
+        return str(self.args[0])
+
+
+class ServiceExistsError(ResilienceError, ValueError):
+    """``register_service`` named a service that is already registered (pass ``replace=True``)."""
+
+
+class FeatureDisabledError(ResilienceError, RuntimeError):
+    """The method needs a feature that ``ResilienceConfig`` switches off."""
+
+
+# --------------------------------------------------------------------------- config
+
+#: The seed's environment variables and the ``ResilienceConfig`` field each one sets.
+ENV_VARS: Mapping[str, str] = {
+    "RESILIENCE_SERVICE_NAME": "service_name",
+    "RESILIENCE_ENVIRONMENT": "environment",
+    "RESILIENCE_REDIS_URL": "redis_url",
+    "RESILIENCE_CIRCUIT_BREAKER_ENABLED": "circuit_breaker_enabled",
+    "RESILIENCE_ADAPTIVE_CIRCUIT_BREAKER_ENABLED": "adaptive_circuit_breaker_enabled",
+    "RESILIENCE_RETRY_ENABLED": "retry_enabled",
+    "RESILIENCE_MAX_RETRY_ATTEMPTS": "max_retry_attempts",
+    "RESILIENCE_HEALTH_MONITORING_ENABLED": "health_monitoring_enabled",
+    "RESILIENCE_HEALTH_CHECK_INTERVAL": "health_check_interval",
+    "RESILIENCE_BULKHEAD_ENABLED": "bulkhead_enabled",
+    "RESILIENCE_MAX_CONCURRENT_REQUESTS": "max_concurrent_requests",
+    "RESILIENCE_CHAOS_ENGINEERING_ENABLED": "chaos_engineering_enabled",
+    "RESILIENCE_METRICS_ENABLED": "metrics_enabled",
+    "RESILIENCE_PROMETHEUS_ENABLED": "prometheus_enabled",
+}
+
+
+class ResilienceConfig(BaseModel):
+    """
+    What a :class:`ResilienceManager` switches on, with the seed's field names.
+
+    A field not passed to the constructor is read from its ``RESILIENCE_*``
+    environment variable (see ``ENV_VARS``), else takes its default: explicit
+    arguments win over the environment, the environment over defaults. A feature
+    switched off is absent from every service (no section in its policy, no
+    entry in ``circuit_breakers`` ...).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    service_name: str = "resilient"
+    """Name of the application (reported in the status)."""
+    environment: str = "development"
+    """Deployment environment (reported in the status)."""
+    redis_url: str | None = None
+    """Shared state across processes. The Redis backend is not part of this version:
+    a URL makes ``initialize()`` raise ``NotImplementedError``."""
+    circuit_breaker_enabled: bool = True
+    """Give every service a circuit breaker."""
+    adaptive_circuit_breaker_enabled: bool = False
+    """Ask for the learning breaker. Not part of this version: the basic breaker is used
+    and the status lists it under ``unavailable``."""
+    retry_enabled: bool = True
+    """Give every service retries (the ``attempts`` and ``call`` forms use them)."""
+    max_retry_attempts: PositiveInt | None = None
+    """Attempts in all, the first included, for services whose ``service_config`` names
+    none. ``None``: ``retry_config.max_attempts``."""
+    health_monitoring_enabled: bool = True
+    """Keep ``manager.health_monitor`` (status derived from the breakers, see docs)."""
+    health_check_interval: PositiveFloat = 30.0
+    """Seconds between active health checks (used once health probes land)."""
+    bulkhead_enabled: bool = True
+    """Give every service a bulkhead."""
+    max_concurrent_requests: PositiveInt | None = None
+    """Bulkhead size for services whose ``service_config`` has no ``max_concurrent``.
+    ``None``: ``bulkhead_config.max_concurrent_requests``."""
+    chaos_engineering_enabled: bool = False
+    """Allow chaos experiments (experiments land with the chaos issue)."""
+    metrics_enabled: bool = True
+    """Keep per-service call counts (in the status dicts)."""
+    prometheus_enabled: bool = False
+    """Export Prometheus metrics (``resilient.metrics.enable()`` while the manager runs;
+    needs ``metrics_enabled`` and the ``prometheus`` extra)."""
+    logging_enabled: bool = True
+    """Log events on the ``resilient.*`` loggers while the manager runs."""
+    circuit_breaker_config: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    """Breaker settings every flat ``service_config`` starts from."""
+    retry_config: RetryConfig = Field(default_factory=RetryConfig)
+    """Retry settings every flat ``service_config`` starts from."""
+    bulkhead_config: BulkheadConfig = Field(default_factory=BulkheadConfig)
+    """Bulkhead settings every flat ``service_config`` starts from."""
+
+    _ADAPTERS: ClassVar[dict[str, TypeAdapter[Any]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        merged = dict(data)
+        for var, field in ENV_VARS.items():
+            if field in merged:
+                continue
+            raw = os.environ.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            adapter = cls._ADAPTERS.get(field)
+            if adapter is None:
+                annotation = cls.model_fields[field].annotation
+                assert annotation is not None
+                adapter = TypeAdapter(annotation)
+                cls._ADAPTERS[field] = adapter
+            try:
+                merged[field] = adapter.validate_python(raw.strip())
+            except ValidationError as exc:
+                problem = exc.errors()[0]["msg"]
+                shown = "<hidden>" if field == "redis_url" else repr(raw)
+                msg = f"environment variable {var}={shown}: {problem}"
+                raise ValueError(msg) from None
+        return merged
+
+
+# --------------------------------------------------------------------------- flat keys
+
+#: The seed's flat ``service_config`` keys: key -> (policy section, field).
+#: ``failure_modes`` has no section: it is kept for chaos experiments.
+FLAT_KEYS: Mapping[str, tuple[str, str] | None] = {
+    "failure_threshold": ("circuit_breaker", "failure_threshold"),
+    "timeout_seconds": ("circuit_breaker", "timeout_seconds"),
+    "max_retry_attempts": ("retry", "max_attempts"),
+    "retry_base_delay": ("retry", "base_delay"),
+    "max_threads": ("bulkhead", "max_thread_pool_size"),
+    "max_connections": ("bulkhead", "max_connection_pool_size"),
+    "max_concurrent": ("bulkhead", "max_concurrent_requests"),
+    "failure_modes": None,
+}
+
+_SECTION_FLAGS = {
+    "circuit_breaker": "circuit_breaker_enabled",
+    "retry": "retry_enabled",
+    "bulkhead": "bulkhead_enabled",
+}
+
+
+def _flat_policy(
+    service: str, flat: Mapping[str, Any], config: ResilienceConfig
+) -> tuple[Policy, tuple[str, ...]]:
+    """The policy of a flat ``service_config`` under *config*, and its failure modes."""
+    unknown = [key for key in flat if key not in FLAT_KEYS]
+    if unknown:
+        problems = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), list(FLAT_KEYS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown service_config key {key!r}{hint}")
+        known = ", ".join(FLAT_KEYS)
+        msg = f"service {service!r}: {'; '.join(problems)}; known keys: {known}"
+        raise PolicyError(msg, policy=service, key=f"service_config.{unknown[0]}")
+    updates: dict[str, dict[str, Any]] = {"circuit_breaker": {}, "retry": {}, "bulkhead": {}}
+    if config.max_retry_attempts is not None:
+        updates["retry"]["max_attempts"] = config.max_retry_attempts
+    if config.max_concurrent_requests is not None:
+        updates["bulkhead"]["max_concurrent_requests"] = config.max_concurrent_requests
+    origin: dict[tuple[str, str], str] = {}
+    for key, value in flat.items():
+        target = FLAT_KEYS[key]
+        if target is not None:
+            updates[target[0]][target[1]] = value
+            origin[target] = key
+    bases: dict[str, BaseModel] = {
+        "circuit_breaker": config.circuit_breaker_config,
+        "retry": config.retry_config,
+        "bulkhead": config.bulkhead_config,
+    }
+    cb = updates["circuit_breaker"]
+    if "timeout_seconds" in cb:
+        # a long open period must not trip the "max_open_duration >= timeout_seconds" rule
+        cb.setdefault(
+            "max_open_duration",
+            _max_float(config.circuit_breaker_config.max_open_duration, cb["timeout_seconds"]),
+        )
+    sections: dict[str, Any] = {}
+    for section, base in bases.items():
+        if not getattr(config, _SECTION_FLAGS[section]):
+            continue  # switched off: absent, whatever the keys say
+        try:
+            sections[section] = type(base)(**{**dict(base), **updates[section]})
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                field = str(err["loc"][0]) if err["loc"] else ""
+                key = origin.get((section, field), f"{section}.{field}")
+                problems.append(f"service_config[{key!r}]: {err['msg']}")
+            msg = f"service {service!r}: " + "; ".join(problems)
+            raise PolicyError(msg, policy=service, problems=tuple(problems)) from None
+    modes = flat.get("failure_modes") or ()
+    if isinstance(modes, str) or not all(isinstance(m, str) for m in modes):
+        msg = f"service {service!r}: service_config['failure_modes'] must be a list of names"
+        raise PolicyError(msg, policy=service, key="service_config.failure_modes")
+    return Policy(description=f"service {service}", **sections), tuple(modes)
+
+
+def _max_float(a: float, b: Any) -> Any:
+    try:
+        return max(a, float(b))
+    except (TypeError, ValueError):
+        return a  # let validation report the bad value
+
+
+def _switch_off(policy: Policy, config: ResilienceConfig) -> Policy:
+    """*policy* without the sections *config* switches off."""
+    off = {
+        section: None
+        for section, flag in _SECTION_FLAGS.items()
+        if not getattr(config, flag) and getattr(policy, section) is not None
+    }
+    return policy.model_copy(update=off) if off else policy
+
+
+# --------------------------------------------------------------------------- services
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class _CallStats:
+    """Per-service call counts kept by the manager's own entry points."""
+
+    __slots__ = ("counts", "duration", "fallbacks", "last_error_type", "last_failure_at")
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(("success", "failure", "rejected", "timeout", "cancelled"), 0)
+        self.duration = 0.0
+        self.fallbacks = 0
+        self.last_failure_at: str | None = None
+        self.last_error_type: str | None = None
+
+    def record(self, error: BaseException | None, began: float) -> None:
+        self.duration += time.perf_counter() - began
+        if error is None:
+            self.counts["success"] += 1
+            return
+        outcome = _pipeline._outcome(error)
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        if outcome != "cancelled":
+            self.last_failure_at = _now_iso()
+            self.last_error_type = type(error).__name__
+
+    def snapshot(self) -> dict[str, Any]:
+        total = sum(self.counts.values())
+        return {
+            "total": total,
+            **self.counts,
+            "fallbacks": self.fallbacks,
+            "average_duration": self.duration / total if total else 0.0,
+            "last_failure_at": self.last_failure_at,
+            "last_error_type": self.last_error_type,
+        }
+
+
+class RetryManager:
+    """
+    The retry side of one service (the seed's ``retry_managers[name]``): its
+    settings and what its retries did, counted from the event bus while the
+    manager runs. Calls of ``@resilient(..., name=<service>)`` share the name
+    and are counted too.
+    """
+
+    def __init__(self, service: str, pipeline_of: Callable[[], _pipeline.Pipeline]) -> None:
+        self.service = service
+        self._pipeline_of = pipeline_of
+        self._lock = threading.Lock()
+        self._scheduled = 0
+        self._delay = 0.0
+        self._exhausted: dict[str, int] = {}
+        self._budget = 0
+        self._last_error: str | None = None
+
+    def _record(self, event: object) -> None:
+        with self._lock:
+            if isinstance(event, _events.RetryScheduled):
+                self._scheduled += 1
+                self._delay += event.delay
+                self._last_error = event.error_type
+            elif isinstance(event, _events.RetriesExhausted):
+                self._exhausted[event.reason] = self._exhausted.get(event.reason, 0) + 1
+                self._last_error = event.error_type
+            elif isinstance(event, _events.RetryBudgetExhausted):
+                self._budget += 1
+
+    def get_metrics(self) -> dict[str, Any]:
+        """
+        A JSON-serialisable dict: ``service``, ``config`` (``max_attempts``,
+        ``strategy``, ``base_delay``, ``max_delay``, ``multiplier``, ``jitter``,
+        ``retry_on``), ``retries_scheduled``, ``total_delay``, ``average_delay``,
+        ``exhausted`` (total) and ``exhausted_by_reason``, ``budget_exhausted``,
+        ``last_error_type``, and ``budget`` (the retry budget's status, or ``None``).
+        """
+        pipeline = self._pipeline_of()
+        retry = pipeline.policy.retry
+        config: dict[str, Any] | None = None
+        if retry is not None:
+            config = {
+                "max_attempts": retry.max_attempts,
+                "strategy": retry.strategy.value,
+                "base_delay": retry.base_delay,
+                "max_delay": retry.max_delay,
+                "multiplier": retry.multiplier,
+                "jitter": retry.jitter,
+                "retry_on": [e.__name__ for e in retry.retry_on],
+            }
+        with self._lock:
+            scheduled, delay = self._scheduled, self._delay
+            exhausted = dict(self._exhausted)
+            budget_hits, last = self._budget, self._last_error
+        return {
+            "service": self.service,
+            "config": config,
+            "retries_scheduled": scheduled,
+            "total_delay": delay,
+            "average_delay": delay / scheduled if scheduled else 0.0,
+            "exhausted": sum(exhausted.values()),
+            "exhausted_by_reason": exhausted,
+            "budget_exhausted": budget_hits,
+            "last_error_type": last,
+            "budget": pipeline.budget.get_status() if pipeline.budget is not None else None,
+        }
+
+
+class _ServiceHandle:
+    """
+    The service's pipelines, one per operation name, rebuilt when the policy
+    registry changes (a reload, or metrics switched on): the decorator's handle,
+    with the manager's switched-off sections removed.
+    """
+
+    __slots__ = ("_cache", "_lock", "_source", "name", "policy", "policy_name")
+
+    def __init__(self, name: str, policy: Policy | None, policy_name: str | None) -> None:
+        self.name = name
+        self.policy = policy
+        self.policy_name = policy_name
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[int, _pipeline.Pipeline]] = {}
+        self._source: tuple[Policy | None, Policy | None] = (None, None)
+
+    def get(self, operation: str, config: ResilienceConfig) -> _pipeline.Pipeline:
+        cached = self._cache.get(operation)
+        if cached is not None and cached[0] == registry.generation:
+            return cached[1]
+        with self._lock:
+            generation = registry.generation
+            if self.policy_name is not None:
+                raw = registry.get(self.policy_name)
+                source, stripped = self._source
+                if source is not raw:
+                    stripped = _switch_off(raw, config)
+                    self._source = (raw, stripped)
+                policy = stripped
+            else:
+                policy = self.policy
+            assert policy is not None
+            current = cached[1] if cached is not None else None
+            if (
+                current is not None
+                and current.policy is policy
+                and current.factory is _pipeline._observer_factory
+            ):
+                pipeline = current
+            else:
+                pipeline = _pipeline.Pipeline(
+                    policy, name=self.name, callable_name=f"{self.name}.{operation}"
+                )
+            if len(self._cache) >= 256 and operation not in self._cache:
+                self._cache.clear()  # operation names come from code; this is a safety net
+            self._cache[operation] = (generation, pipeline)
+            return pipeline
+
+
+class _Service:
+    __slots__ = (
+        "failure_modes",
+        "flat_config",
+        "handle",
+        "health",
+        "instance",
+        "name",
+        "policy_name",
+        "registered_at",
+        "retry",
+        "stats",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        instance: Any,
+        handle: _ServiceHandle,
+        flat_config: dict[str, Any] | None,
+        failure_modes: tuple[str, ...],
+    ) -> None:
+        self.name = name
+        self.instance = instance
+        self.handle = handle
+        self.flat_config = flat_config
+        self.policy_name = handle.policy_name
+        self.failure_modes = failure_modes
+        self.registered_at = _now_iso()
+        self.stats: _CallStats | None = None
+        self.retry: RetryManager | None = None
+        self.health: tuple[str, float | None, str] = ("unknown", None, "not evaluated")
+
+
+# --------------------------------------------------------------------------- views
+
+
+class _ServiceView(Mapping[str, Any]):
+    """A live, read-only mapping over the services that have a component."""
+
+    def __init__(self, manager: ResilienceManager, pick: Callable[[_Service], Any], what: str):
+        self._manager = manager
+        self._pick = pick
+        self._what = what
+
+    def __getitem__(self, name: str) -> Any:
+        service = self._manager._services.get(name)
+        value = self._pick(service) if service is not None else None
+        if value is None:
+            raise ServiceNotFoundError(name, list(self), self._what)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(
+            [name for name, s in list(self._manager._services.items()) if self._pick(s) is not None]
+        )
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def __repr__(self) -> str:
+        return f"<{self._what}s of {self._manager!r}: {sorted(self)}>"
+
+
+def _breaker_of(manager: ResilienceManager, service: _Service) -> CircuitBreaker | None:
+    return manager._pipeline(service).breaker
+
+
+_STATUS_RANK = {"healthy": 0, "unknown": 1, "degraded": 2, "unhealthy": 3}
+
+
+class HealthMonitor:
+    """
+    The manager's health view (the seed's ``manager.health_monitor``).
+
+    Until active health checks land, a service's health is *derived from its
+    circuit breaker*, and says nothing the breaker does not know:
+
+    ========================  ============  ===============================
+    breaker                   status        score
+    ========================  ============  ===============================
+    closed, failure rate      ``healthy``   1 - failure rate of its window
+    <= 10 %
+    closed, failure rate      ``degraded``  1 - failure rate
+    > 10 %
+    half-open                 ``degraded``  0.5
+    open / forced open        ``unhealthy`` 0.0
+    no breaker / disabled     ``unknown``   ``None``
+    ========================  ============  ===============================
+
+    The 10 % is the seed's ``HealthCheckConfig.error_rate_threshold`` default.
+    """
+
+    ERROR_RATE_THRESHOLD: ClassVar[float] = 0.1
+
+    def __init__(self, manager: ResilienceManager) -> None:
+        self._manager = manager
+
+    def evaluate(self, service: str) -> tuple[str, float | None, str]:
+        """``(status, score, reason)`` of *service* now."""
+        svc = self._manager._service(service)
+        breaker = _breaker_of(self._manager, svc)
+        if breaker is None:
+            return "unknown", None, "no circuit breaker"
+        mode = breaker.mode
+        if mode == "disabled":
+            return "unknown", None, "circuit_breaker:disabled"
+        if mode == "forced_open":
+            return "unhealthy", 0.0, "circuit_breaker:forced_open"
+        state = breaker.state
+        if state == "open":
+            return "unhealthy", 0.0, "circuit_breaker:open"
+        if state == "half-open":
+            return "degraded", 0.5, "circuit_breaker:half-open"
+        rate = breaker.failure_rate
+        status = "healthy" if rate <= self.ERROR_RATE_THRESHOLD else "degraded"
+        return status, round(1.0 - rate, 4), f"circuit_breaker:closed, failure rate {rate:.2f}"
+
+    def get_service_health(self, service: str) -> dict[str, Any]:
+        """``{"status", "score", "reason", "source"}`` of one service."""
+        status, score, reason = self.evaluate(service)
+        return {"status": status, "score": score, "reason": reason, "source": "circuit_breaker"}
+
+    def get_system_health_summary(self) -> dict[str, Any]:
+        """
+        A JSON-serialisable summary: ``status`` (``healthy`` when every service
+        with a known status is healthy, ``unhealthy`` when all are unhealthy,
+        ``unknown`` when none is known, else ``degraded``), ``score`` (mean of
+        the known scores, or ``None``), ``source`` (``"circuit_breakers"``),
+        ``active_checks`` (``False`` in this version), ``counts`` per status,
+        ``services`` (per service: ``status``, ``score``, ``reason``) and
+        ``timestamp``.
+        """
+        services = {name: self.get_service_health(name) for name in list(self._manager._services)}
+        counts = dict.fromkeys(_STATUS_RANK, 0)
+        for entry in services.values():
+            counts[entry["status"]] += 1
+        known = [e for e in services.values() if e["status"] != "unknown"]
+        if not known:
+            overall = "unknown"
+        elif all(e["status"] == "healthy" for e in known):
+            overall = "healthy"
+        elif all(e["status"] == "unhealthy" for e in known):
+            overall = "unhealthy"
+        else:
+            overall = "degraded"
+        scores = [e["score"] for e in known if e["score"] is not None]
+        return {
+            "status": overall,
+            "score": round(sum(scores) / len(scores), 4) if scores else None,
+            "source": "circuit_breakers",
+            "active_checks": False,
+            "counts": counts,
+            "services": services,
+            "timestamp": _now_iso(),
+        }
+
+
+# --------------------------------------------------------------------------- the guarded block
+
+
+class _GuardedBlock:
+    """
+    ``async with manager.resilient_call(service, operation):`` - one attempt of
+    the block through breaker, rate limiter, bulkhead and time budget.
+    """
+
+    __slots__ = (
+        "_began",
+        "_entry",
+        "_held",
+        "_kind",
+        "_manager",
+        "_measured",
+        "_operation",
+        "_pipeline",
+        "_service",
+        "_slot_began",
+        "_token",
+    )
+
+    def __init__(self, manager: ResilienceManager, service: _Service, operation: str) -> None:
+        self._manager = manager
+        self._service = service
+        self._operation = operation
+        self._token: int | None = None
+        self._entry: Any = None
+        self._held = False
+        self._kind = ""
+        self._measured = -1.0
+        self._slot_began = 0.0
+        self._began = 0.0
+
+    async def __aenter__(self) -> _GuardedBlock:
+        manager, service = self._manager, self._service
+        manager._check_open()
+        p = self._pipeline = service.handle.get(self._operation, manager.config)
+        self._began = time.perf_counter()
+        breaker = p.breaker
+        try:
+            if breaker is not None:
+                self._token = p._acquire_reporting(breaker)
+                if breaker.needs_duration:
+                    self._measured = _clock.monotonic()
+            limiter = p.limiter
+            if limiter is not None:
+                loop_limiter = limiter.for_loop()
+                if loop_limiter.bucket.has_capacity():
+                    await loop_limiter.bucket.acquire()
+                else:
+                    await p._rate_wait_async(limiter, loop_limiter)
+            bulkhead = p.bulkhead
+            if bulkhead is not None:
+                if not bulkhead.try_acquire():
+                    await p._bulkhead_wait_async(bulkhead)
+                self._held = True
+                self._slot_began = _clock.monotonic() if p.slot_timed else 0.0
+        except BaseException as exc:
+            if self._token is not None:
+                assert breaker is not None
+                breaker.on_cancel(self._token)
+                self._token = None
+            self._finish(exc)
+            raise
+        # One attempt, so the smaller of the two budgets is the block's budget.
+        queues, kind = p.per_attempt_queues, "per_attempt"
+        if p.total_queues is not None and (
+            queues is None or p.total_queues.duration < queues.duration
+        ):
+            queues, kind = p.total_queues, "total"
+        if queues is not None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._entry = queues.arm(task)
+                self._kind = kind
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        p = self._pipeline
+        error = exc
+        entry, self._entry = self._entry, None
+        if entry is not None:
+            if exc is None:
+                entry.done = True
+                if entry.fired:
+                    entry.expired(None)
+            elif entry.expired(exc):
+                error = p._timeout(self._kind)
+        if self._held:
+            self._held = False
+            p._release_slot(self._slot_began)
+        token, self._token = self._token, None
+        breaker = p.breaker
+        if token is not None and breaker is not None:
+            duration = _clock.monotonic() - self._measured if self._measured >= 0 else 0.0
+            if error is None:
+                breaker.on_success(token, duration)
+            elif isinstance(error, Exception):
+                breaker.on_failure(token, error, duration)
+            else:
+                breaker.on_cancel(token)
+        self._finish(error)
+        if error is not exc:
+            assert error is not None
+            raise error from None
+        return False
+
+    def _finish(self, error: BaseException | None) -> None:
+        observer = self._pipeline.observer
+        if observer is not None:
+            outcome = "success" if error is None else _pipeline._outcome(error)
+            _pipeline._observe(observer, outcome, self._began)
+        stats = self._service.stats
+        if stats is not None:
+            stats.record(error, self._began)
+
+
+# --------------------------------------------------------------------------- the manager
+
+
+class ResilienceManager:
+    """
+    The seed's facade: services registered by name, each guarded by a policy
+    that runs on the decorator's pipeline.
+
+    Use ``await manager.initialize()`` (or ``async with ResilienceManager(config)
+    as manager``, or ``await create_resilience_manager(...)``) before registering
+    services, and ``await manager.close()`` at the end.
+
+    Attributes:
+        config: The :class:`ResilienceConfig`.
+        circuit_breakers: Service name -> :class:`resilient.CircuitBreaker`, for
+            services with a breaker (live: follows policy reloads).
+        retry_managers: Service name -> :class:`RetryManager`, for services that retry.
+        bulkhead_manager: The process's :class:`resilient.BulkheadManager` (it lists
+            every bulkhead of the process; the manager's are under their service
+            names), or ``None`` when bulkheads are switched off.
+        health_monitor: The :class:`HealthMonitor`, or ``None`` when health
+            monitoring is switched off.
+    """
+
+    def __init__(self, config: ResilienceConfig | None = None) -> None:
+        self.config = config if config is not None else ResilienceConfig()
+        self._services: dict[str, _Service] = {}
+        self._initialized = False
+        self._closed = False
+        self._started = time.monotonic()
+        self._started_at = _now_iso()
+        self._unsubscribe: Callable[[], None] | None = None
+        self._owns_metrics = False
+        self._owns_logging = False
+        self._owns_backend = False
+        cfg = self.config
+        self.circuit_breakers: Mapping[str, CircuitBreaker] = _ServiceView(
+            self, lambda s: _breaker_of(self, s), "circuit breaker"
+        )
+        self.retry_managers: Mapping[str, RetryManager] = _ServiceView(
+            self,
+            lambda s: s.retry if self._pipeline(s).policy.retry is not None else None,
+            "retry manager",
+        )
+        self.bulkhead_manager: BulkheadManager | None = (
+            bulkhead_manager if cfg.bulkhead_enabled else None
+        )
+        self.health_monitor: HealthMonitor | None = (
+            HealthMonitor(self) if cfg.health_monitoring_enabled else None
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("ready" if self._initialized else "new")
+        return f"<ResilienceManager {self.config.service_name!r} {state} services={len(self)}>"
+
+    def __len__(self) -> int:
+        return len(self._services)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def initialize(self) -> None:
+        """
+        Start the manager: subscribe to the event bus and, per the config, turn
+        on Prometheus metrics and event logging. Idempotent.
+
+        Raises:
+            NotImplementedError: ``redis_url`` is set; the Redis backend is not
+                part of this version.
+            ImportError: ``prometheus_enabled`` without prometheus-client.
+        """
+        if self._closed:
+            msg = "this ResilienceManager is closed; make a new one"
+            raise RuntimeError(msg)
+        if self._initialized:
+            return
+        cfg = self.config
+        if cfg.redis_url is not None:
+            self._connect_backend(cfg.redis_url)
+        if cfg.metrics_enabled and cfg.prometheus_enabled:
+            from resilient import metrics
+
+            metrics._retain()
+            self._owns_metrics = True
+        if cfg.logging_enabled:
+            _log_events._retain()
+            self._owns_logging = True
+        self._unsubscribe = _events.subscribe(self._on_event)
+        self._initialized = True
+
+    def _connect_backend(self, url: str) -> None:
+        import importlib.util
+
+        try:
+            available = importlib.util.find_spec("resilient.backends.redis") is not None
+        except ImportError:  # no resilient.backends package at all
+            available = False
+        if not available:
+            msg = (
+                "ResilienceConfig.redis_url is set (argument or RESILIENCE_REDIS_URL), but the "
+                "Redis backend that shares breaker state across processes is not available in "
+                "this version of resilient. Leave redis_url unset (None) to keep state in memory, "
+                "per process."
+            )
+            raise NotImplementedError(msg)
+        from resilient import backends
+
+        backends.configure(redis_url=url)
+        self._owns_backend = True
+
+    async def close(self) -> None:
+        """
+        Stop the manager: unsubscribe, release metrics and logging, forget the
+        services. Breakers and bulkheads stay with their names in the process
+        (as for ``@resilient``). Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._owns_metrics:
+            from resilient import metrics
+
+            metrics._release()
+            self._owns_metrics = False
+        if self._owns_logging:
+            _log_events._release()
+            self._owns_logging = False
+        if self._owns_backend:
+            from resilient import backends
+
+            backends.reset()
+            self._owns_backend = False
+        self._services.clear()
+
+    async def __aenter__(self) -> ResilienceManager:
+        await self.initialize()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            msg = "this ResilienceManager is closed"
+            raise RuntimeError(msg)
+        if not self._initialized:
+            msg = (
+                "the ResilienceManager is not initialised: await manager.initialize() first "
+                "(or use create_resilience_manager() / `async with ResilienceManager(config)`)"
+            )
+            raise RuntimeError(msg)
+
+    # ------------------------------------------------------------ services
+
+    async def register_service(
+        self,
+        service_name: str,
+        service_instance: Any = None,
+        service_config: Mapping[str, Any] | None = None,
+        *,
+        policy: str | Policy | None = None,
+        replace: bool = False,
+    ) -> None:
+        """
+        Register a service under *service_name*.
+
+        Args:
+            service_name: Names the service; its breaker, bulkhead, rate limiter,
+                events and metrics use this name.
+            service_instance: The client object; ``call(name, "method", ...)``
+                looks methods up on it.
+            service_config: The seed's flat keys (see ``FLAT_KEYS`` and
+                docs/manager.md), on top of the config's ``*_config`` defaults.
+            policy: Instead of *service_config*: a policy name from the policy
+                files (followed across reloads) or a :class:`resilient.Policy`.
+            replace: Replace a service already registered under that name.
+
+        Raises:
+            ServiceExistsError: The name is taken and *replace* is false.
+            PolicyError: Unknown or invalid keys, or an unknown policy name.
+            ValueError: Both *service_config* and *policy* were given.
+        """
+        self._check_open()
+        if not isinstance(service_name, str) or not service_name:
+            msg = f"service_name must be a non-empty string, not {service_name!r}"
+            raise TypeError(msg)
+        if service_name in self._services and not replace:
+            msg = f"service {service_name!r} is already registered; pass replace=True to replace it"
+            raise ServiceExistsError(msg, policy=service_name)
+        if service_config is not None and policy is not None:
+            msg = "give either service_config (flat seed keys) or policy, not both"
+            raise ValueError(msg)
+        flat: dict[str, Any] | None = None
+        modes: tuple[str, ...] = ()
+        if isinstance(policy, str):
+            registry.get(policy)  # an unknown name fails now (PolicyError)
+            handle = _ServiceHandle(service_name, None, policy)
+        elif isinstance(policy, Policy):
+            handle = _ServiceHandle(service_name, _switch_off(policy, self.config), None)
+        elif policy is None:
+            flat = dict(service_config or {})
+            built, modes = _flat_policy(service_name, flat, self.config)
+            handle = _ServiceHandle(service_name, built, None)
+        else:
+            msg = f"policy must be a policy name or a resilient.Policy, not {policy!r}"
+            raise TypeError(msg)
+        service = _Service(service_name, service_instance, handle, flat, modes)
+        if self.config.metrics_enabled:
+            service.stats = _CallStats()
+        service.retry = RetryManager(service_name, lambda: self._pipeline(service))
+        self._pipeline(service)  # build now: breaker and bulkhead exist from the start
+        self._services[service_name] = service
+        if self.health_monitor is not None:
+            self._update_health(service, "registered")
+
+    async def unregister_service(self, service_name: str) -> None:
+        """
+        Forget a service.
+
+        Raises:
+            ServiceNotFoundError: No such service.
+        """
+        self._service(service_name)
+        del self._services[service_name]
+
+    @property
+    def services(self) -> Mapping[str, Any]:
+        """Service name -> the registered service instance."""
+        return {name: s.instance for name, s in self._services.items()}
+
+    def _service(self, name: str) -> _Service:
+        service = self._services.get(name)
+        if service is None:
+            raise ServiceNotFoundError(name, list(self._services))
+        return service
+
+    def _pipeline(self, service: _Service, operation: str = "call") -> _pipeline.Pipeline:
+        return service.handle.get(operation, self.config)
+
+    # ------------------------------------------------------------ calling
+
+    def resilient_call(self, service_name: str, operation: str = "call") -> _GuardedBlock:
+        """
+        Guard a block of code: ``async with manager.resilient_call("db", "query"): ...``.
+
+        The block is one attempt: it passes the service's circuit breaker, rate
+        limiter and bulkhead on entry, runs under its time budget (the smaller
+        of the per-attempt and total budgets; on expiry the block is cancelled
+        and ``resilient.AttemptTimeoutError`` raised), and its outcome feeds the
+        breaker and the metrics.
+
+        **It is not retried**: a ``with`` block cannot be run again by the
+        context manager around it. For retries use ``await manager.call(...)``
+        or ``async for attempt in manager.attempts(...)``.
+
+        Raises:
+            ServiceNotFoundError: No such service (at once, not on entry).
+            resilient.CircuitOpenError, resilient.BulkheadFullError,
+            resilient.RateLimitedError: On entry; the block did not run.
+        """
+        service = self._service(service_name)
+        return _GuardedBlock(self, service, operation)
+
+    async def call(
+        self, service_name: str, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any
+    ) -> Any:
+        """
+        Call *fn* through the service's whole policy, retries included:
+        ``await manager.call("database", db.query, sql)``.
+
+        *fn* may be a method name of the registered instance
+        (``await manager.call("database", "query", sql)``). An async *fn* is
+        awaited; a sync one runs in a worker thread so the loop is not blocked.
+
+        Raises:
+            ServiceNotFoundError: No such service.
+            AttributeError: *fn* names no method of the instance.
+        """
+        self._check_open()
+        service = self._service(service_name)
+        target: Callable[..., Any]
+        if isinstance(fn, str):
+            operation = fn
+            method = getattr(service.instance, fn, None)
+            if method is None or not callable(method):
+                msg = f"service {service_name!r}: its instance has no method {fn!r}"
+                raise AttributeError(msg)
+            target = method
+        else:
+            target = fn
+            operation = getattr(fn, "__name__", None) or "call"
+        pipeline = service.handle.get(operation, self.config)
+        stats = service.stats
+        began = time.perf_counter()
+        try:
+            if _pipeline._is_async_callable(target):
+                result = await pipeline.run_async(target, args, kwargs)
+            else:
+                result = await asyncio.to_thread(pipeline.run_sync, target, args, kwargs)
+        except BaseException as exc:
+            if stats is not None:
+                stats.record(exc, began)
+            raise
+        if stats is not None:
+            stats.record(None, began)
+        return result
+
+    def attempts(self, service_name: str) -> AttemptIterator:
+        """
+        The retrying block form: ``async for attempt in manager.attempts("db"):
+        with attempt: ...``. The block runs again while it raises a retryable
+        exception and attempts remain; the breaker sees every attempt. As with
+        ``resilient.attempts``, bulkhead and time budgets are not applied to the
+        block (use :meth:`call` for them).
+
+        Raises:
+            ServiceNotFoundError: No such service.
+        """
+        self._check_open()
+        return AttemptIterator(self._pipeline(self._service(service_name), "attempts"))
+
+    # ------------------------------------------------------------ status
+
+    def get_service_status(self, service_name: str) -> dict[str, Any]:
+        """
+        A JSON-serialisable snapshot of one service (shape in docs/manager.md):
+        ``name``, ``source``, ``registered_at``, ``strategies``, ``failure_modes``,
+        and, for each feature present, ``circuit_breaker``, ``retry``,
+        ``bulkhead``, ``rate_limit``, ``timeouts``, ``health``, ``calls``.
+
+        Raises:
+            ServiceNotFoundError: No such service.
+        """
+        service = self._service(service_name)
+        pipeline = self._pipeline(service)
+        policy = pipeline.policy
+        source: dict[str, Any]
+        if service.policy_name is not None:
+            source = {"kind": "policy", "policy": service.policy_name}
+        elif service.flat_config is not None:
+            source = {"kind": "service_config", "service_config": _jsonable(service.flat_config)}
+        else:
+            source = {"kind": "policy_object"}
+        status: dict[str, Any] = {
+            "name": service.name,
+            "source": source,
+            "instance_type": (
+                type(service.instance).__qualname__ if service.instance is not None else None
+            ),
+            "registered_at": service.registered_at,
+            "strategies": [
+                name
+                for name, present in (
+                    ("fallback", pipeline.fallback is not None),
+                    ("timeout", pipeline.per_attempt is not None or pipeline.total is not None),
+                    ("retry", pipeline.retry is not None),
+                    ("circuit_breaker", pipeline.breaker is not None),
+                    ("rate_limit", pipeline.limiter is not None),
+                    ("bulkhead", pipeline.bulkhead is not None),
+                )
+                if present
+            ],
+            "failure_modes": list(service.failure_modes),
+        }
+        if pipeline.breaker is not None:
+            status["circuit_breaker"] = pipeline.breaker.get_status()
+        if policy.retry is not None and service.retry is not None:
+            status["retry"] = service.retry.get_metrics()
+        if pipeline.bulkhead is not None:
+            status["bulkhead"] = pipeline.bulkhead.get_status()
+        if pipeline.limiter is not None:
+            status["rate_limit"] = pipeline.limiter.get_status()
+        if pipeline.per_attempt is not None or pipeline.total is not None:
+            status["timeouts"] = {"per_attempt": pipeline.per_attempt, "total": pipeline.total}
+        if self.health_monitor is not None:
+            status["health"] = self.health_monitor.get_service_health(service.name)
+        if service.stats is not None:
+            status["calls"] = service.stats.snapshot()
+        return status
+
+    def get_system_status(self) -> dict[str, Any]:
+        """
+        A JSON-serialisable snapshot of the manager (shape in docs/manager.md):
+        ``service_name``, ``environment``, ``version``, ``backend``, ``state``,
+        ``started_at``, ``uptime_seconds``, ``features``, ``unavailable``,
+        ``services`` (each as :meth:`get_service_status`), ``summary`` and, with
+        health monitoring, ``health``.
+        """
+        from resilient import metrics
+        from resilient._version import __version__
+
+        cfg = self.config
+        services = {name: self.get_service_status(name) for name in list(self._services)}
+        unavailable: dict[str, str] = {}
+        if cfg.adaptive_circuit_breaker_enabled:
+            unavailable["adaptive_circuit_breaker"] = (
+                "not in this version; services use the basic circuit breaker"
+            )
+        if cfg.health_monitoring_enabled:
+            unavailable["health_checks"] = (
+                "active health checks are not in this version; health is derived from the "
+                "circuit breakers"
+            )
+        if cfg.chaos_engineering_enabled:
+            unavailable["chaos_experiments"] = "not in this version"
+        state = "closed" if self._closed else ("running" if self._initialized else "created")
+        open_breakers = [
+            name
+            for name, s in services.items()
+            if s.get("circuit_breaker", {}).get("state", "closed") != "closed"
+        ]
+        status: dict[str, Any] = {
+            "service_name": cfg.service_name,
+            "environment": cfg.environment,
+            "version": __version__,
+            "backend": "redis" if self._owns_backend else "memory",
+            "state": state,
+            "started_at": self._started_at,
+            "uptime_seconds": round(time.monotonic() - self._started, 3),
+            "features": {
+                "circuit_breaker": cfg.circuit_breaker_enabled,
+                "adaptive_circuit_breaker": False,
+                "retry": cfg.retry_enabled,
+                "bulkhead": cfg.bulkhead_enabled,
+                "health_monitoring": cfg.health_monitoring_enabled,
+                "chaos_engineering": cfg.chaos_engineering_enabled,
+                "metrics": cfg.metrics_enabled,
+                "prometheus": cfg.metrics_enabled
+                and cfg.prometheus_enabled
+                and metrics.active() is not None,
+                "logging": cfg.logging_enabled,
+            },
+            "unavailable": unavailable,
+            "services": services,
+            "summary": {
+                "services": len(services),
+                "circuit_breakers_not_closed": open_breakers,
+            },
+        }
+        if self.health_monitor is not None:
+            health = self.health_monitor.get_system_health_summary()
+            status["health"] = health
+            status["summary"]["health"] = health["status"]
+        return status
+
+    # ------------------------------------------------------------ health and chaos
+
+    async def run_health_check(self, service_name: str) -> dict[str, Any]:
+        """
+        Run an active health check of a service.
+
+        Not in this version: it raises ``NotImplementedError`` (the health
+        monitoring issue completes it). ``manager.health_monitor`` reports the
+        health derived from the circuit breakers meanwhile.
+
+        Raises:
+            FeatureDisabledError: ``health_monitoring_enabled`` is false.
+            ServiceNotFoundError: No such service.
+            NotImplementedError: Always, for a known service, in this version.
+        """
+        if self.health_monitor is None:
+            msg = "health monitoring is switched off (ResilienceConfig.health_monitoring_enabled)"
+            raise FeatureDisabledError(msg)
+        self._service(service_name)
+        msg = (
+            "active health checks (probes) are not in this version of resilient; "
+            f"manager.health_monitor.get_service_health({service_name!r}) reports the health "
+            "derived from the circuit breaker"
+        )
+        raise NotImplementedError(msg)
+
+    async def run_chaos_experiment(self, experiment_name: str, service_name: str) -> dict[str, Any]:
+        """
+        Run a chaos experiment against a service.
+
+        Not in this version: it raises ``NotImplementedError`` (the chaos
+        engineering issue completes it).
+
+        Raises:
+            FeatureDisabledError: ``chaos_engineering_enabled`` is false.
+            ServiceNotFoundError: No such service.
+            NotImplementedError: Always, for a known service, in this version.
+        """
+        if not self.config.chaos_engineering_enabled:
+            msg = (
+                f"chaos experiment {experiment_name!r} not run: chaos engineering is switched "
+                "off (ResilienceConfig.chaos_engineering_enabled / "
+                "RESILIENCE_CHAOS_ENGINEERING_ENABLED)"
+            )
+            raise FeatureDisabledError(msg)
+        self._service(service_name)
+        msg = f"chaos experiments are not in this version of resilient ({experiment_name!r})"
+        raise NotImplementedError(msg)
+
+    # ------------------------------------------------------------ events
+
+    def _on_event(self, event: object) -> None:
+        policy = getattr(event, "policy", None)
+        if policy is None:
+            return
+        service = self._services.get(policy)
+        if service is None:
+            return
+        if isinstance(event, _events.BreakerStateChanged):
+            if self.health_monitor is not None:
+                self._update_health(service, f"circuit_breaker:{event.new_state}")
+        elif isinstance(event, _events.FallbackUsed):
+            if service.stats is not None:
+                service.stats.fallbacks += 1
+        elif service.retry is not None and isinstance(
+            event,
+            _events.RetryScheduled | _events.RetriesExhausted | _events.RetryBudgetExhausted,
+        ):
+            service.retry._record(event)
+
+    def _update_health(self, service: _Service, reason: str) -> None:
+        assert self.health_monitor is not None
+        status, score, _detail = self.health_monitor.evaluate(service.name)
+        old = service.health[0]
+        service.health = (status, score, reason)
+        if status != old and score is not None and _events.bus.active:
+            _events.bus.emit(_events.HealthChanged(service.name, old, status, score, reason))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)
+
+
+async def create_resilience_manager(
+    service_name: str | None = None,
+    environment: str | None = None,
+    redis_url: str | None = None,
+    **config: Any,
+) -> ResilienceManager:
+    """
+    Make and initialise a :class:`ResilienceManager` (the seed's entry point).
+
+    Arguments left out (or ``None``) come from the ``RESILIENCE_*`` environment
+    variables, else the defaults; *config* takes any other ``ResilienceConfig``
+    field (``chaos_engineering_enabled=True`` ...).
+
+    Raises:
+        NotImplementedError: A Redis URL was given (argument or
+            ``RESILIENCE_REDIS_URL``); the Redis backend is not in this version.
+        pydantic.ValidationError: An unknown or invalid config field.
+    """
+    given = dict(config)
+    for key, value in (
+        ("service_name", service_name),
+        ("environment", environment),
+        ("redis_url", redis_url),
+    ):
+        if value is not None:
+            given[key] = value
+    manager = ResilienceManager(ResilienceConfig(**given))
+    await manager.initialize()
+    return manager
