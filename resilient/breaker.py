@@ -101,6 +101,7 @@ def _pybreaker() -> Any:
 
     return pybreaker
 
+
 Mode = Literal["normal", "disabled", "metrics_only", "forced_open"]
 
 # Outcome bits stored in the sliding window.

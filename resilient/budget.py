@@ -13,6 +13,14 @@ counted deposits (and the time-based trickle) are folded into the balance
 under a lock when a retry asks for a token, which happens on the failure path
 only. Folding late changes nothing: with no withdrawal in between,
 ``min(cap, min(cap, b + r) + r) == min(cap, b + 2r)``.
+
+With a Redis backend (resilient.backends) the budget is the fleet's: the
+backend's thread reads the call count in the background and adds the deposits
+to one bucket in Redis, and a retry takes a token from a small batch that the
+process leased from that bucket (one round trip per batch, on the failure path
+only). While Redis is unreachable the local bucket below decides, as it always
+did (``on_backend_failure: local``; ``open`` refuses retries, ``closed`` allows
+them). See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -20,10 +28,13 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from resilient import _clock
 from resilient._models import RetryBudgetConfig
+
+if TYPE_CHECKING:
+    from resilient.backends import BreakerBackend, BudgetLink
 
 __all__ = ["RetryBudget", "retry_budgets"]
 
@@ -44,9 +55,11 @@ class RetryBudget:
         "_last",
         "_lock",
         "_reads",
+        "backend",
         "clock",
         "config",
         "deposit",
+        "link",
         "name",
         "refused",
         "retries",
@@ -68,6 +81,8 @@ class RetryBudget:
         self._lock = threading.Lock()
         self.retries = 0
         self.refused = 0
+        self.backend: BreakerBackend | None = None
+        self.link: BudgetLink | None = None
 
     def _fold(self) -> None:
         """Under the lock: turn counted calls and elapsed time into tokens."""
@@ -87,6 +102,16 @@ class RetryBudget:
 
     def try_withdraw(self) -> bool:
         """Take a token for one retry; false (and nothing taken) when under one."""
+        link = self.link
+        if link is not None:
+            granted = link.withdraw()  # the fleet's bucket (None: Redis away, decide here)
+            if granted is not None:
+                with self._lock:
+                    if granted:
+                        self.retries += 1
+                    else:
+                        self.refused += 1
+                return granted
         with self._lock:
             self._fold()
             if self.tokens >= 1.0:
@@ -104,16 +129,22 @@ class RetryBudget:
             return self._folded
 
     def get_status(self) -> dict[str, Any]:
-        """Balance, calls, retries allowed and refused."""
+        """
+        Balance, calls, retries allowed and refused (``tokens`` is the local bucket's;
+        ``fleet``, with a Redis backend: whether the fleet's bucket decides now).
+        """
         with self._lock:
             self._fold()
-            return {
+            status: dict[str, Any] = {
                 "name": self.name,
                 "tokens": self.tokens,
                 "calls": self._folded,
                 "retries": self.retries,
                 "refused": self.refused,
             }
+        if self.link is not None:
+            status["fleet"] = self.link.usable
+        return status
 
 
 _budgets_lock = threading.Lock()
@@ -121,12 +152,24 @@ _budgets: dict[str, RetryBudget] = {}
 
 
 def _budget_for(key: str, config: RetryBudgetConfig) -> RetryBudget:
-    """The shared budget for *key*; kept across reloads while its config is unchanged."""
+    """
+    The shared budget for *key*; kept across reloads while its config and the state
+    backend are unchanged (a Redis backend makes it the fleet's budget).
+    """
+    from resilient import backends
+
+    backend = backends.current()
     with _budgets_lock:
         known = _budgets.get(key)
-        if known is not None and known.config == config:
+        if (
+            known is not None
+            and known.config == config
+            and backends.same_backend(known.backend, backend)
+        ):
             return known
         budget = _budgets[key] = RetryBudget(key, config, clock=_clock.monotonic)
+        budget.backend = backend
+        budget.link = backend.attach_budget(budget)
         return budget
 
 

@@ -26,19 +26,30 @@ take the ``acquire()`` path instead. Async callers also see
 ``RateLimitedError`` at once when the callers already
 waiting on the loop need more than ``max_wait`` to drain; otherwise they wait
 in aiolimiter's queue at most ``max_wait`` seconds.
+
+With a Redis backend (resilient.backends) the limit is the fleet's: a
+:class:`_Lease` holds a batch of calls leased from one token bucket in Redis
+and serves sync and async callers from it with no round trip; the backend's
+thread tops it up in the background when it runs low, and a caller that finds
+it empty makes one lease round trip (bounded by the client timeout). While
+Redis is unreachable the local buckets above decide (``on_backend_failure:
+local``, with ``fallback_rate_share`` of the limit). See docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiolimiter import AsyncLimiter as _AsyncLimiter
 
 from resilient import _clock
 from resilient._models import RateLimitConfig
 from resilient.errors import PolicyError, RateLimitedError
+
+if TYPE_CHECKING:
+    from resilient.backends import BreakerBackend, LeaseSource
 
 __all__ = ["RateLimiter", "get_rate_limiter", "rate_limiters"]
 
@@ -62,6 +73,124 @@ class _LoopLimiter:
             bucket._level += 1
             return True
         return False
+
+
+#: Ask the fleet's bucket for a whole batch (it caps the grant at its batch size).
+_FULL_BATCH = 1 << 30
+
+
+class _Lease(_LoopLimiter):
+    """
+    Calls this process may admit, leased from the fleet's bucket (a Redis backend).
+
+    One object for every thread and event loop of the process; ``try_take`` is the
+    success path (a lock and a decrement, no round trip). When it goes down to
+    ``low`` (half a batch) it asks the backend's thread to top it up in the
+    background; a caller that finds it empty calls :meth:`lease_now`.
+    """
+
+    __slots__ = (
+        "_leasing",
+        "_lock",
+        "batch",
+        "dry_until",
+        "interval",
+        "low",
+        "refill",
+        "source",
+        "taken",
+        "tokens",
+    )
+
+    def __init__(self, config: RateLimitConfig, source: LeaseSource) -> None:
+        super().__init__(config)
+        self.source = source
+        self.interval = config.time_period / config.max_rate
+        self.tokens = 0
+        self.taken = 0
+        self.batch = 1
+        self.low = 0
+        self.refill = False
+        self.dry_until = 0.0
+        self._lock = threading.Lock()
+        self._leasing = threading.Lock()
+
+    def try_take(self) -> bool:
+        """Take one leased call; false when the lease is empty."""
+        with self._lock:
+            n = self.tokens
+            if n <= 0:
+                return False
+            self.tokens = n - 1
+            self.taken += 1
+        if n - 1 == self.low:
+            self.refill = True
+            self.source.wake()
+        return True
+
+    def _add(self, granted: int, batch: int, *, take: bool) -> None:
+        with self._lock:
+            self.batch = batch
+            self.low = batch // 2
+            self.tokens += granted - 1 if take else granted
+            if take:
+                self.taken += 1
+
+    def lease_now(self) -> float | None:
+        """
+        The exhaustion path: lease a batch now (one round trip, at most the client
+        timeout). Returns 0.0 when a call was taken for the caller, the seconds until
+        the fleet's bucket has one, or ``None`` when the backend is unusable.
+        """
+        now = _clock.monotonic()
+        if now < self.dry_until:
+            return self.dry_until - now  # the fleet's bucket is known to be empty
+        if not self._leasing.acquire(blocking=False):
+            # Another caller (or the background top-up) is asking: wait for its answer
+            # rather than ask too; at most one client timeout.
+            if self._leasing.acquire(timeout=self.source.timeout):
+                self._leasing.release()
+            if self.try_take():
+                return 0.0
+            if not self.source.usable:
+                return None
+            return max(self.dry_until - _clock.monotonic(), self.interval)
+        try:
+            if self.try_take():
+                return 0.0
+            got = self.source.lease(_FULL_BATCH)
+            if got is None:
+                return None
+            granted, batch, wait = got
+            if granted == 0:
+                self.dry_until = _clock.monotonic() + wait
+                self._add(0, batch, take=False)
+                return wait
+            self._add(granted, batch, take=True)
+            return 0.0
+        finally:
+            self._leasing.release()
+
+    def top_up(self) -> None:
+        """In the backend's thread: lease up to a batch in the background."""
+        self.refill = False
+        with self._leasing:
+            want = self.batch - self.tokens
+            if want <= 0 or not self.source.usable:
+                return
+            got = self.source.lease(want)
+            if got is not None:
+                granted, batch, wait = got
+                if granted == 0:
+                    self.dry_until = _clock.monotonic() + wait
+                self._add(granted, batch, take=False)
+
+    def revoke(self) -> int:
+        """Drop the leased calls (given back to the fleet, or lost with Redis); how many."""
+        with self._lock:
+            n, self.tokens = self.tokens, 0
+            self.dry_until = 0.0
+        return n
 
 
 class _ThreadBucket:
@@ -119,8 +248,11 @@ class RateLimiter:
         "_by_loop",
         "_last",
         "_lock",
+        "backend",
         "config",
         "interval",
+        "lease",
+        "local_config",
         "max_wait",
         "name",
         "rejected",
@@ -130,6 +262,7 @@ class RateLimiter:
     def __init__(self, name: str, config: RateLimitConfig) -> None:
         self.name = name
         self.config = config
+        self.local_config = config
         self.max_wait = config.max_wait
         self.interval = config.time_period / config.max_rate
         self.threads = _ThreadBucket(config)
@@ -137,6 +270,26 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._by_loop: dict[asyncio.AbstractEventLoop, _LoopLimiter] = {}
         self._last: tuple[asyncio.AbstractEventLoop | None, _LoopLimiter | None] = (None, None)
+        self.backend: BreakerBackend | None = None
+        self.lease: _Lease | None = None
+
+    def use_fleet(self, source: LeaseSource, local_share: float = 1.0) -> _Lease:
+        """
+        Serve calls from leases of the fleet's bucket (*source*); while it is
+        unusable, the local buckets allow *local_share* of ``max_rate``.
+        """
+        cfg = self.config
+        if local_share != 1.0:
+            rate = max(cfg.max_rate * local_share, min(cfg.max_rate, 1.0))
+            local = cfg.model_copy(update={"max_rate": rate})
+            self.local_config = local
+            self.threads = _ThreadBucket(local)
+            self.interval = local.time_period / local.max_rate
+            with self._lock:
+                self._by_loop.clear()
+                self._last = (None, None)
+        lease = self.lease = _Lease(cfg, source)
+        return lease
 
     def __repr__(self) -> str:
         cfg = self.config
@@ -145,7 +298,13 @@ class RateLimiter:
     # ------------------------------------------------------------------ async
 
     def for_loop(self) -> _LoopLimiter:
-        """The bucket of the running loop (made on first use)."""
+        """The bucket of the running loop (made on first use), or the fleet's lease."""
+        lease = self.lease
+        if lease is not None and (lease.source.usable or lease.source.fallback != "local"):
+            return lease
+        return self._local_loop()
+
+    def _local_loop(self) -> _LoopLimiter:
         loop = asyncio.get_running_loop()
         last_loop, limiter = self._last  # one tuple read: safe against other threads
         if last_loop is loop and limiter is not None:
@@ -155,7 +314,7 @@ class RateLimiter:
             if limiter is None:
                 for old in [lp for lp in self._by_loop if lp.is_closed()]:
                     del self._by_loop[old]
-                limiter = self._by_loop[loop] = _LoopLimiter(self.config)
+                limiter = self._by_loop[loop] = _LoopLimiter(self.local_config)
             self._last = (loop, limiter)
         return limiter
 
@@ -172,6 +331,9 @@ class RateLimiter:
 
     async def wait_async(self, limiter: _LoopLimiter) -> None:
         """The slow path of :meth:`acquire_async`: ``try_take()`` found no room."""
+        if isinstance(limiter, _Lease):
+            await self._fleet_wait_async(limiter)
+            return
         if limiter.bucket.has_capacity():  # aiolimiter without the fast path
             await limiter.bucket.acquire()
             return
@@ -190,10 +352,79 @@ class RateLimiter:
         finally:
             limiter.waiting -= 1
 
+    async def _fleet_wait_async(self, lease: _Lease) -> None:
+        deadline = _clock.monotonic() + self.max_wait
+        while True:
+            step = self._fleet_step(lease, deadline)
+            if step == 0.0:
+                return
+            if step < 0.0:  # Redis away: this process's own bucket decides
+                limiter = self._local_loop()
+                if not limiter.try_take():
+                    await self.wait_async(limiter)
+                return
+            lease.waiting += 1
+            try:
+                await _clock.asleep(step)
+            finally:
+                lease.waiting -= 1
+            if lease.try_take():
+                return
+
+    # ------------------------------------------------------------------- fleet
+
+    def _fleet_step(self, lease: _Lease, deadline: float) -> float:
+        """
+        One step of the fleet's exhaustion path: 0.0 admitted, > 0 sleep that long and
+        try again, < 0 let the local bucket decide (Redis away, ``on_backend_failure:
+        local``).
+
+        Raises:
+            RateLimitedError: The fleet's bucket has no call for *deadline*, or Redis is
+                away and ``on_backend_failure`` is ``open``.
+        """
+        for _ in range(2):
+            source = lease.source
+            if not source.usable:
+                if source.fallback == "closed":
+                    return 0.0
+                if source.fallback == "open":
+                    raise self._refuse(lease.interval, "unchecked: state backend unavailable")
+                return -1.0
+            wait = lease.lease_now()
+            if wait is None:
+                continue  # the backend just went down: decide per on_backend_failure
+            if wait == 0.0:
+                return 0.0
+            if _clock.monotonic() + wait > deadline:
+                raise self._refuse(wait)
+            return wait
+        return -1.0
+
+    def _fleet_sync(self, lease: _Lease) -> bool:
+        """The fleet's exhaustion path for threads; false: let the local bucket decide."""
+        deadline = _clock.monotonic() + self.max_wait
+        while True:
+            step = self._fleet_step(lease, deadline)
+            if step == 0.0:
+                return True
+            if step < 0.0:
+                return False
+            _clock.sleep(step)
+            if lease.try_take():
+                return True
+
     # ------------------------------------------------------------------- sync
 
     def acquire_sync(self) -> None:
         """The blocking twin of :meth:`acquire_async`, for threads."""
+        lease = self.lease
+        if (
+            lease is not None
+            and (lease.source.usable or lease.source.fallback != "local")
+            and (lease.try_take() or self._fleet_sync(lease))
+        ):
+            return
         wait = self.threads.reserve(self.max_wait)
         if wait == 0.0:
             return
@@ -207,26 +438,38 @@ class RateLimiter:
 
     # ------------------------------------------------------------------ shared
 
-    def _refuse(self, retry_after: float) -> RateLimitedError:
+    def _refuse(self, retry_after: float, why: str = "reached") -> RateLimitedError:
         self.rejected += 1
         cfg = self.config
         return RateLimitedError(
             f"policy {self.name!r}: rate limit of {cfg.max_rate:g} calls per "
-            f"{cfg.time_period:g}s reached; retry after {retry_after:.3g}s",
+            f"{cfg.time_period:g}s {why}; retry after {retry_after:.3g}s",
             policy=self.name,
             retry_after=retry_after,
         )
 
     def get_status(self) -> dict[str, Any]:
-        """Configured rate, refused calls and callers waiting now."""
-        return {
+        """
+        Configured rate, refused calls and callers waiting now (with a Redis backend,
+        ``fleet``: whether the fleet's bucket decides now, calls leased, batch size).
+        """
+        waiting = sum(lim.waiting for lim in list(self._by_loop.values()))
+        status: dict[str, Any] = {
             "name": self.name,
             "max_rate": self.config.max_rate,
             "time_period": self.config.time_period,
             "max_wait": self.max_wait,
             "rejected": self.rejected,
-            "waiting": sum(lim.waiting for lim in list(self._by_loop.values())),
+            "waiting": waiting + (self.lease.waiting if self.lease is not None else 0),
         }
+        lease = self.lease
+        if lease is not None:
+            status["fleet"] = {
+                "active": lease.source.usable,
+                "leased": lease.tokens,
+                "batch": lease.batch,
+            }
+        return status
 
 
 _limiters_lock = threading.Lock()
@@ -234,12 +477,24 @@ _limiters: dict[str, RateLimiter] = {}
 
 
 def _limiter_for(key: str, config: RateLimitConfig) -> RateLimiter:
-    """The shared limiter for *key*; kept across reloads while its config is unchanged."""
+    """
+    The shared limiter for *key*; kept across reloads while its config and the state
+    backend are unchanged (a Redis backend makes it the fleet's limit).
+    """
+    from resilient import backends
+
+    backend = backends.current()
     with _limiters_lock:
         known = _limiters.get(key)
-        if known is not None and known.config == config:
+        if (
+            known is not None
+            and known.config == config
+            and backends.same_backend(known.backend, backend)
+        ):
             return known
         limiter = _limiters[key] = RateLimiter(key, config)
+        limiter.backend = backend
+        backend.attach_limiter(limiter)
         return limiter
 
 

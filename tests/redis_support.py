@@ -7,7 +7,8 @@ Real Redis servers and worker processes for the fleet tests (tests/test_redis*.p
 * :func:`start_cluster`: three ``--cluster-enabled yes`` servers joined with
   ``redis-cli --cluster create``.
 * :class:`Worker`: another OS process (``python tests/redis_support.py worker ...``)
-  with one breaker linked to the Redis backend, driven by one-line JSON commands.
+  with one policy (a breaker, and optionally a retry budget and a rate limit) on the
+  Redis backend, driven by one-line JSON commands.
 
 Run as a script it is the worker (benchmarks/bench_redis.py uses it too).
 """
@@ -178,8 +179,16 @@ class Worker:
         url: str,
         breaker: dict[str, Any] | None = None,
         backend: dict[str, Any] | None = None,
+        sections: dict[str, Any] | None = None,
+        no_breaker: bool = False,
     ) -> None:
-        options = json.dumps({"breaker": breaker or {}, "backend": backend or {}})
+        options = json.dumps(
+            {
+                "breaker": None if no_breaker else (breaker or {}),
+                "backend": backend or {},
+                "sections": sections or {},
+            }
+        )
         env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent)}
         env.pop("RESILIENCE_REDIS_URL", None)
         self.process = subprocess.Popen(
@@ -237,15 +246,20 @@ def start_workers(n: int, url: str, **options: Any) -> list[Worker]:
 def _serve(url: str, options_json: str) -> None:  # pragma: no cover - runs in a subprocess
     import resilient
     from resilient import backends
-    from resilient.errors import CircuitOpenError
+    from resilient.budget import retry_budgets
+    from resilient.errors import CircuitOpenError, RateLimitedError
     from resilient.pipeline import get_breaker
+    from resilient.ratelimit import rate_limiters
 
     options = json.loads(options_json)
-    cb = {"failure_threshold": 5, "timeout_seconds": 30, **options["breaker"]}
-    resilient.load_policies({"version": 1, "policies": {POLICY: {"circuit_breaker": cb}}})
+    policy: dict[str, Any] = dict(options.get("sections") or {})
+    if options["breaker"] is not None:
+        cb = {"failure_threshold": 5, "timeout_seconds": 30, **options["breaker"]}
+        policy["circuit_breaker"] = cb
+    resilient.load_policies({"version": 1, "policies": {POLICY: policy}})
     backend: Any = backends.configure(url, **options["backend"])
-    breaker = get_breaker(POLICY)
-    link: Any = breaker._link
+    breaker: Any = get_breaker(POLICY) if "circuit_breaker" in policy else None
+    link: Any = breaker._link if breaker is not None else None
     out = sys.stdout
     calls = {"n": 0, "fail_every": 0, "sleep": 0.0}
 
@@ -262,6 +276,8 @@ def _serve(url: str, options_json: str) -> None:  # pragma: no cover - runs in a
         out.write(json.dumps(data) + "\n")
         out.flush()
 
+    work()  # builds the pipeline: budget and limiter attach to the backend
+    calls["n"] = 0
     reply(ready=backend.wait_ready(10.0), pid=os.getpid())
     for line in sys.stdin:
         cmd, *args = line.split()
@@ -314,6 +330,7 @@ def _serve(url: str, options_json: str) -> None:  # pragma: no cover - runs in a
             calls["sleep"] = float(args[2]) if len(args) > 2 else 0.0
             outcome: dict[str, int] = {}
             worst = 0.0
+            first = calls["n"]
             for _ in range(n):
                 began = time.perf_counter()
                 try:
@@ -329,8 +346,34 @@ def _serve(url: str, options_json: str) -> None:  # pragma: no cover - runs in a
                 outcome[kind] = outcome.get(kind, 0) + 1
             calls["fail_every"] = 0
             calls["sleep"] = 0.0
-            reply(outcome=outcome, worst=worst)
+            reply(outcome=outcome, worst=worst, attempts=calls["n"] - first)
+        elif cmd == "rate":  # call for N seconds, pausing P s; when was each call admitted?
+            deadline = time.monotonic() + float(args[0])
+            pause = float(args[1])
+            admitted: list[float] = []
+            other: dict[str, int] = {}
+            refused = 0
+            while time.monotonic() < deadline:
+                try:
+                    work()
+                    admitted.append(time.time())
+                except RateLimitedError:
+                    refused += 1
+                except Exception as exc:
+                    kind = f"{type(exc).__module__}.{type(exc).__name__}"
+                    other[kind] = other.get(kind, 0) + 1
+                time.sleep(pause)
+            reply(admitted=admitted, refused=refused, other=other)
+        elif cmd == "fleet":  # what the budget and the limiter use now
+            budget = retry_budgets().get(POLICY)
+            limiter = rate_limiters().get(POLICY)
+            reply(
+                up=backend.up,
+                budget=budget.get_status() if budget is not None else None,
+                limiter=limiter.get_status() if limiter is not None else None,
+            )
         elif cmd == "state":
+            assert breaker is not None
             reply(
                 up=backend.up,
                 local=breaker._state,

@@ -3,8 +3,8 @@ State backends: where circuit breakers keep the state they share.
 
 * :mod:`resilient.backends.memory` (the default): every process on its own, no server.
 * :mod:`resilient.backends.redis`: one breaker state, fleet-wide half-open trial
-  permits and an aggregated failure-rate window for every process that points at the
-  same Redis (see docs/distributed.md).
+  permits, an aggregated failure-rate window, one retry budget and one rate limit for
+  every process that points at the same Redis (see docs/distributed.md).
 
 The backend is chosen, first match wins, by :func:`configure` (what the manager's
 ``redis_url`` calls), ``RESILIENCE_REDIS_URL``, then ``redis_url:`` (and ``backend:``)
@@ -24,15 +24,20 @@ from resilient.backends._config import BackendConfig, OnBackendFailure
 
 if TYPE_CHECKING:
     from resilient.breaker import CircuitBreaker
+    from resilient.budget import RetryBudget
+    from resilient.ratelimit import RateLimiter
 
 __all__ = [
     "BackendConfig",
     "BreakerBackend",
     "BreakerLink",
+    "BudgetLink",
+    "LeaseSource",
     "OnBackendFailure",
     "configure",
     "current",
     "reset",
+    "same_backend",
 ]
 
 ENV_REDIS_URL = "RESILIENCE_REDIS_URL"
@@ -63,15 +68,56 @@ class BreakerLink(Protocol):
     def release_permit(self) -> None: ...
 
 
+class BudgetLink(Protocol):
+    """
+    What a retry budget talks to when it is shared (private protocol).
+
+    Deposits are never sent by the caller: the backend reads the budget's call count
+    in the background. ``withdraw`` runs on the failure path only.
+    """
+
+    usable: bool
+
+    def withdraw(self) -> bool | None:
+        """``True``/``False``: the fleet's answer; ``None``: decide with the local bucket."""
+
+
+class LeaseSource(Protocol):
+    """
+    Where a rate limiter leases batches of calls from (private protocol).
+
+    ``lease`` is one round trip bounded by the client timeout; ``wake`` asks the
+    backend's thread to top the lease up in the background (never blocks).
+    """
+
+    usable: bool
+    fallback: OnBackendFailure
+    timeout: float
+
+    def lease(self, want: int) -> tuple[int, int, float] | None:
+        """``(granted, batch, seconds until the fleet has a token)``; ``None``: backend down."""
+
+    def wake(self) -> None: ...
+
+
 class BreakerBackend(Protocol):
-    """A state backend (private protocol): gives each breaker its link, or ``None``."""
+    """A state backend (private protocol): gives each breaker, budget and limiter its link."""
 
     name: str
     config: BackendConfig
 
     def attach(self, breaker: CircuitBreaker) -> BreakerLink | None: ...
 
+    def attach_budget(self, budget: RetryBudget) -> BudgetLink | None: ...
+
+    def attach_limiter(self, limiter: RateLimiter) -> LeaseSource | None: ...
+
     def close(self) -> None: ...
+
+
+def same_backend(a: BreakerBackend | None, b: BreakerBackend) -> bool:
+    """Whether state made for backend *a* can be kept under *b* (same object, or both memory)."""
+    return a is b or (a is not None and a.name == b.name == "memory")
 
 
 _lock = threading.Lock()

@@ -15,6 +15,7 @@ __all__ = ["BackendConfig", "OnBackendFailure"]
 OnBackendFailure = Literal["local", "open", "closed"]
 
 _Seconds = Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)]
+_Share = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 
 
 class BackendConfig(BaseModel):
@@ -45,5 +46,13 @@ class BackendConfig(BaseModel):
     max_reconnect_delay: _Seconds = 0.5
     """Cap of the exponential back-off between reconnection attempts."""
     on_backend_failure: OnBackendFailure = "local"
-    """While Redis is unreachable: ``local`` = each process decides alone; ``open`` = reject every
-    call; ``closed`` = let every call through."""
+    """While Redis is unreachable: ``local`` = each process decides alone (its own breaker, retry
+    budget and rate limiter); ``open`` = reject every call (and every retry); ``closed`` = let
+    every call (and every retry) through."""
+    lease_ttl: _Seconds = 1.0
+    """Rate-limit and retry-budget tokens that a process leased from the fleet and left unused
+    for this long are given back to the fleet's bucket."""
+    fallback_rate_share: _Share = 1.0
+    """While Redis is unreachable (``on_backend_failure: local``), each process admits this
+    share of a policy's ``rate_limit.max_rate``: 1.0 = the whole limit per process (the fleet
+    may then admit replicas x the limit); 1/replicas keeps the fleet within the limit."""

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 from resilient.backends._config import BackendConfig
 
 if TYPE_CHECKING:
-    from resilient.backends import BreakerLink
+    from resilient.backends import BreakerLink, BudgetLink, LeaseSource
     from resilient.breaker import CircuitBreaker
+    from resilient.budget import RetryBudget
+    from resilient.ratelimit import RateLimiter
 
 __all__ = ["MemoryBackend"]
 
@@ -29,6 +31,14 @@ class MemoryBackend:
 
     def attach(self, breaker: CircuitBreaker) -> BreakerLink | None:
         """Nothing to attach: the breaker is local."""
+        return None
+
+    def attach_budget(self, budget: RetryBudget) -> BudgetLink | None:
+        """Nothing to attach: the retry budget is local."""
+        return None
+
+    def attach_limiter(self, limiter: RateLimiter) -> LeaseSource | None:
+        """Nothing to attach: the rate limiter is local."""
         return None
 
     def close(self) -> None:

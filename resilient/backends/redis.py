@@ -18,6 +18,13 @@ The protocol (docs/distributed.md has the diagram):
   on pub/sub. Local transitions are queued to the flusher, which wakes at once.
 * Only a caller that finds the breaker half-open pays a round trip (the fleet-wide
   trial permit), bounded by ``socket_timeout``.
+* Retry budget and rate limit: one token bucket each in Redis (``:budget``,
+  ``:rate``, same hash tag), managed by the ``bucket`` script. A process *leases*
+  small batches of tokens (``cap / (10 x replicas seen)``) and spends them locally;
+  the rate limiter's lease is topped up by the flusher when half spent, and a
+  caller that finds it empty makes one lease round trip. Budget deposits are
+  counted locally and added by the flusher. Leases unused for ``lease_ttl`` are
+  given back.
 
 Redis being slow or down never fails a call: every command has a short timeout and
 no retries; on error the process carries on under ``on_backend_failure``, emits
@@ -51,7 +58,10 @@ from resilient.breaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN
 from resilient.events import BackendDown, BackendUp, bus
 
 if TYPE_CHECKING:
+    from resilient.backends import OnBackendFailure
     from resilient.breaker import CircuitBreaker
+    from resilient.budget import RetryBudget
+    from resilient.ratelimit import RateLimiter, _Lease
 
 __all__ = ["RedisBackend", "fleet_status", "make_client", "redact"]
 
@@ -211,11 +221,50 @@ local r = rec(0)
 return {r[1], r[2], r[3], r[4], r[5], r[6], cur, tc, tf, applied}
 """
 
+# A token bucket (the retry budget's and the rate limit's): KEYS[1] the bucket (hash:
+# ``tk`` tokens, ``ts`` last update, Redis server ms), KEYS[2] the policy's replicas.
+# ARGV: [1] capacity (also the initial balance), [2] refill per ms, [3] tokens added
+# (deposits, leases given back), [4] tokens wanted (0: none), [5] replica id, [6] replica
+# TTL (ms), [7] bucket TTL (ms). Grants at most one batch, cap / (10 x replicas seen).
+# Returns granted, batch, ms until one token (-1: no refill by time), replicas.
+_BUCKET = """
+local t0 = redis.call('TIME')
+local now = tonumber(t0[1]) * 1000 + tonumber(t0[2]) / 1000
+local cap, per_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
+local add, want = tonumber(ARGV[3]), tonumber(ARGV[4])
+local rttl = tonumber(ARGV[6])
+redis.call('ZADD', KEYS[2], now, ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - rttl)
+redis.call('PEXPIRE', KEYS[2], rttl)
+local replicas = redis.call('ZCARD', KEYS[2])
+local v = redis.call('HMGET', KEYS[1], 'tk', 'ts')
+local tk, ts = tonumber(v[1]), tonumber(v[2])
+if tk == nil or ts == nil then tk = cap; ts = now end
+if now > ts then
+  tk = tk + (now - ts) * per_ms
+  ts = now
+end
+tk = tk + add
+if tk > cap then tk = cap end
+local batch = math.max(1, math.floor(cap / (10 * replicas)))
+local granted = 0
+if want > 0 and tk >= 1 then
+  granted = math.min(want, batch, math.floor(tk))
+  tk = tk - granted
+end
+redis.call('HSET', KEYS[1], 'tk', tostring(tk), 'ts', tostring(ts))
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+local wait = -1
+if tk < 1 and per_ms > 0 then wait = math.ceil((1 - tk) / per_ms) end
+return {granted, batch, wait, replicas}
+"""
+
 _SCRIPTS = {
     "transition": _PRELUDE + _TRANSITION,
     "trial": _PRELUDE + _TRIAL,
     "result": _PRELUDE + _RESULT,
     "flush": _PRELUDE + _FLUSH,
+    "bucket": _BUCKET,
 }
 _SHA = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SCRIPTS.items()}
 
@@ -410,6 +459,178 @@ class _Link:
             self.breaker._fleet_check(max(total_c - own_c, 0), max(total_f - own_f, 0))
 
 
+class _Bucket:
+    """What the budget and rate links share: a bucket in Redis and the replica's identity."""
+
+    kind = "bucket"
+
+    def __init__(
+        self, backend: RedisBackend, name: str, capacity: float, per_second: float
+    ) -> None:
+        self.backend = backend
+        self.name = name
+        tag = backend.tag(name)
+        self.keys = (f"{tag}:{self.kind}", f"{tag}:replicas")
+        self.capacity = capacity
+        self.per_ms = per_second / 1000
+        # a missing bucket is a full one: keep it while it could still be short of full
+        full_ms = capacity / self.per_ms if self.per_ms > 0 else 86_400_000
+        self.key_ttl = int(min(full_ms, 7 * 86_400_000)) + 1000
+        self.usable = backend.up
+        self.fallback: OnBackendFailure = backend.config.on_backend_failure
+        self.timeout = backend.config.socket_timeout
+
+    def args(self, add: float, want: int) -> tuple[Any, ...]:
+        cfg = self.backend.config
+        return (
+            self.capacity,
+            self.per_ms,
+            add,
+            want,
+            self.backend.replica_id,
+            int(cfg.heartbeat_ttl * 1000),
+            self.key_ttl,
+        )
+
+    def call(self, add: float, want: int) -> tuple[int, int, float] | None:
+        """One bucket script, synchronously: ``(granted, batch, ms until a token)``."""
+        backend = self.backend
+        try:
+            reply = backend._eval("bucket", self.keys, self.args(add, want))
+        except ResponseError:
+            _log.exception("resilient: bucket script failed for %r", self.name)
+            return None
+        except _BACKEND_ERRORS as exc:
+            backend._mark_down(exc)
+            return None
+        return int(reply[0]), int(reply[1]), float(reply[2])
+
+
+class _BudgetLink(_Bucket):
+    """One retry budget's share of the fleet's bucket (see resilient.backends.BudgetLink)."""
+
+    kind = "budget"
+
+    def __init__(self, backend: RedisBackend, budget: RetryBudget) -> None:
+        cfg = budget.config
+        super().__init__(backend, budget.name, cfg.max_tokens, cfg.min_retries_per_second)
+        self.budget = budget
+        self.ratio = cfg.ratio
+        self._lock = threading.Lock()  # tokens, leased_at, last_calls
+        self._leasing = threading.Lock()
+        self.tokens = 0
+        self.leased_at = 0.0
+        self.last_calls = budget.calls
+        self.dry_until = 0.0
+
+    def deposits(self) -> float:
+        """Tokens deposited by the calls since the last read (lock held)."""
+        calls = self.budget.calls
+        new, self.last_calls = calls - self.last_calls, calls
+        return max(new, 0) * self.ratio
+
+    def has_news(self) -> bool:
+        return self.budget.calls != self.last_calls
+
+    def _take(self) -> bool:
+        with self._lock:
+            if self.tokens > 0:
+                self.tokens -= 1
+                return True
+        return False
+
+    def withdraw(self) -> bool | None:
+        if self._take():
+            return True
+        if not self.usable:
+            return _OFFLINE[self.fallback]
+        now = time.monotonic()
+        if now < self.dry_until:
+            return False
+        if not self._leasing.acquire(blocking=False):
+            # someone else is asking the fleet: wait for that answer (bounded) and share it
+            if self._leasing.acquire(timeout=self.timeout):
+                self._leasing.release()
+            return True if self._take() else (False if self.usable else _OFFLINE[self.fallback])
+        try:
+            with self._lock:
+                add = self.deposits()
+            got = self.call(add, _FULL_BATCH)
+        finally:
+            self._leasing.release()
+        if got is None:
+            return _OFFLINE[self.fallback] if not self.usable else None
+        granted, _batch, wait_ms = got
+        if granted == 0:
+            interval = self.backend.config.flush_interval
+            self.dry_until = now + (min(wait_ms / 1000, interval) if wait_ms > 0 else interval)
+            return False
+        with self._lock:
+            self.tokens += granted - 1
+            self.leased_at = now
+        return True
+
+    def flush_args(self, now: float, lease_ttl: float) -> tuple[Any, ...] | None:
+        """In the flusher: deposits since the last flush, plus a lease left unused too long."""
+        with self._lock:
+            give_back = 0
+            if self.tokens and now - self.leased_at >= lease_ttl:
+                give_back, self.tokens = self.tokens, 0
+            add = self.deposits() + give_back
+        return self.args(add, 0) if add > 0 else None
+
+    def offline(self) -> None:
+        with self._lock:
+            self.tokens = 0
+        self.dry_until = 0.0
+
+
+class _RateLink(_Bucket):
+    """One rate limiter's source of leases (see resilient.backends.LeaseSource)."""
+
+    kind = "rate"
+
+    def __init__(self, backend: RedisBackend, limiter: RateLimiter) -> None:
+        cfg = limiter.config
+        super().__init__(backend, limiter.name, cfg.max_rate, cfg.max_rate / cfg.time_period)
+        self.limiter = limiter
+        self.lease_obj: _Lease = limiter.use_fleet(self, backend.config.fallback_rate_share)
+        self.last_taken = 0
+        self.active_at = time.monotonic()
+
+    def lease(self, want: int) -> tuple[int, int, float] | None:
+        got = self.call(0, want)
+        if got is None:
+            return None
+        granted, batch, wait_ms = got
+        return granted, batch, max(wait_ms, 1.0) / 1000
+
+    def wake(self) -> None:
+        self.backend._wake.set()
+
+    def idle_args(self, now: float, lease_ttl: float) -> tuple[Any, ...] | None:
+        """In the flusher: give back a lease nobody took from for ``lease_ttl``."""
+        lease = self.lease_obj
+        taken = lease.taken
+        if taken != self.last_taken:
+            self.last_taken = taken
+            self.active_at = now
+            return None
+        if lease.tokens and now - self.active_at >= lease_ttl:
+            n = lease.revoke()
+            if n:
+                return self.args(n, 0)
+        return None
+
+    def offline(self) -> None:
+        self.lease_obj.revoke()
+
+
+#: What a retry decides while Redis is unreachable (None: the local bucket).
+_OFFLINE: dict[str, bool | None] = {"local": None, "open": False, "closed": True}
+_FULL_BATCH = 1 << 30
+
+
 # --------------------------------------------------------------------------- backend
 
 _instances: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
@@ -438,6 +659,8 @@ class RedisBackend:
         self._client = make_client(config)
         self._cluster = _split_cluster(config.redis_url, config.cluster)[1]
         self._links: dict[str, _Link] = {}
+        self._budgets: dict[str, _BudgetLink] = {}
+        self._rates: dict[str, _RateLink] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -447,13 +670,18 @@ class RedisBackend:
         self._ever_up = False
         self._down_since = 0.0
         self._last_heartbeat = 0.0
+        self._next_flush = 0.0
         self._force = False
         _instances.add(self)
 
     def __repr__(self) -> str:
         return f"<RedisBackend {self.url} {'up' if self.up else 'down'}>"
 
-    # ---- breakers
+    # ---- breakers, budgets, limiters
+
+    def tag(self, name: str) -> str:
+        """The hash tag of policy *name*: all its keys are in one slot."""
+        return f"{{{self.config.key_prefix}:{name}}}"
 
     def attach(self, breaker: CircuitBreaker) -> _Link:
         """Link *breaker* to the fleet (replacing an earlier breaker of the same name)."""
@@ -466,6 +694,24 @@ class RedisBackend:
             breaker._set_offline(self.config.on_backend_failure)
         self._force = True
         self._wake.set()
+        return link
+
+    def attach_budget(self, budget: RetryBudget) -> _BudgetLink:
+        """Make *budget* the fleet's (replacing an earlier budget of the same name)."""
+        link = _BudgetLink(self, budget)
+        with self._lock:
+            self._budgets[budget.name] = link
+            if not self._threads:
+                self._start()
+        return link
+
+    def attach_limiter(self, limiter: RateLimiter) -> _RateLink:
+        """Make *limiter* the fleet's (replacing an earlier limiter of the same name)."""
+        link = _RateLink(self, limiter)
+        with self._lock:
+            self._rates[limiter.name] = link
+            if not self._threads:
+                self._start()
         return link
 
     def wait_ready(self, timeout: float = 5.0) -> bool:
@@ -496,8 +742,16 @@ class RedisBackend:
         self._threads = []
         for link in self._links.values():
             link.usable = False
+        for bucket in self._buckets():
+            bucket.usable = False
+            bucket.fallback = "local"  # a closed backend leaves them to the local buckets
+            bucket.offline()
         with contextlib.suppress(*_BACKEND_ERRORS):
             self._client.close()
+
+    def _buckets(self) -> list[_BudgetLink | _RateLink]:
+        with self._lock:
+            return [*self._budgets.values(), *self._rates.values()]
 
     # ---- Redis calls
 
@@ -508,20 +762,19 @@ class RedisBackend:
             self._load_scripts()
             return self._client.evalsha(_SHA[name], len(keys), *keys, *args)
 
-    def _flush(self, sent: list[tuple[_Link, tuple[Any, ...]]]) -> list[Any]:
-        """One flush script per breaker: pipelined (one round trip), or one by one on a
-        cluster (redis-py refuses EVALSHA in cluster pipelines; each breaker's keys are
+    def _batch(self, sent: list[tuple[str, tuple[str, ...], tuple[Any, ...]]]) -> list[Any]:
+        """Scripts ``(name, keys, args)``: pipelined (one round trip), or one by one on a
+        cluster (redis-py refuses EVALSHA in cluster pipelines; each policy's keys are
         in one slot anyway)."""
-        sha = _SHA["flush"]
         if not self._cluster:
             pipe = self._client.pipeline(transaction=False)
-            for link, args in sent:
-                pipe.evalsha(sha, 4, *link.keys, *args)
+            for name, keys, args in sent:
+                pipe.evalsha(_SHA[name], len(keys), *keys, *args)
             try:
                 return list(pipe.execute())
             except NoScriptError:
                 self._load_scripts()
-        return [self._eval("flush", link.keys, args) for link, args in sent]
+        return [self._eval(name, keys, args) for name, keys, args in sent]
 
     def _load_scripts(self) -> None:
         for src in _SCRIPTS.values():
@@ -538,6 +791,9 @@ class RedisBackend:
             links = list(self._links.values())
         for link in links:
             link.usable = False
+        for bucket in self._buckets():
+            bucket.usable = False
+            bucket.offline()  # leased tokens may be stale by the time Redis is back
         policy = self.config.on_backend_failure
         if policy != "local":
             for link in links:
@@ -563,6 +819,8 @@ class RedisBackend:
             link.usable = True
             link.exhausted_gen = -1
             link.breaker._set_offline(None)
+        for bucket in self._buckets():
+            bucket.usable = True
         down_for = None if first else time.monotonic() - self._down_since
         if not first:
             _log.warning("resilient: Redis backend %s is back after %.3gs", self.url, down_for)
@@ -573,7 +831,6 @@ class RedisBackend:
 
     def _run(self) -> None:
         delay = 0.02
-        interval = self.config.flush_interval
         while not self._stop.is_set():
             if not self.up:
                 try:
@@ -588,7 +845,7 @@ class RedisBackend:
                 delay = 0.02
                 self._mark_up()
                 continue
-            self._wake.wait(interval)
+            self._wake.wait(max(self._next_flush - time.monotonic(), 0.0))
             self._wake.clear()
             if self._stop.is_set():
                 break
@@ -602,10 +859,19 @@ class RedisBackend:
                 _log.exception("resilient: Redis flusher failed")
 
     def _tick(self, *, force: bool) -> None:
+        """
+        Queued transitions and verdicts, lease top-ups (whenever woken), then every
+        ``flush_interval``: counts, deposits, idle leases given back, reconcile.
+        """
         self._force = False
         with self._lock:
             links = list(self._links.values())
+            budgets = list(self._budgets.values())
+            rates = list(self._rates.values())
         now = time.monotonic()
+        flush_due = force or now >= self._next_flush
+        if flush_due:
+            self._next_flush = now + self.config.flush_interval
         for link in links:
             pending = link.take_pending()
             if pending is not None:
@@ -622,15 +888,33 @@ class RedisBackend:
                 args = (*link.common, gen, kind, link.breaker.config.success_threshold)
                 link.apply(self._eval("result", link.keys[:2], args), fresh=True)
                 link.results.popleft()
+        for rate in rates:  # after transitions (convergence first), before the flush
+            if rate.lease_obj.refill:
+                rate.lease_obj.top_up()
         due = [
             link
             for link in links
-            if force or now >= link.next_reconcile or (link.has_news() and link.buckets)
+            if force
+            or now >= link.next_reconcile
+            or (flush_due and link.buckets and link.has_news())
         ]
-        if due:
-            sent = [(link, link.flush_args()) for link in due]
-            replies = self._flush(sent)
-            for (link, args), reply in zip(sent, replies, strict=True):
+        sent = [(link, link.flush_args()) for link in due]
+        batch: list[tuple[str, tuple[str, ...], tuple[Any, ...]]] = [
+            ("flush", link.keys, args) for link, args in sent
+        ]
+        if flush_due:
+            lease_ttl = self.config.lease_ttl
+            for bucket in budgets:
+                extra = bucket.flush_args(now, lease_ttl)
+                if extra is not None:
+                    batch.append(("bucket", bucket.keys, extra))
+            for rate in rates:
+                extra = rate.idle_args(now, lease_ttl)
+                if extra is not None:
+                    batch.append(("bucket", rate.keys, extra))
+        if batch:
+            replies = self._batch(batch)
+            for (link, args), reply in zip(sent, replies, strict=False):
                 link.next_reconcile = now + self.config.reconcile_interval
                 link.flushed(args, reply)
         if now - self._last_heartbeat >= self.config.heartbeat_ttl / 3:
@@ -638,7 +922,11 @@ class RedisBackend:
             info = {
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
-                "policies": sorted(link.name for link in links),
+                "policies": sorted(
+                    {link.name for link in links}
+                    | {b.name for b in budgets}
+                    | {r.name for r in rates}
+                ),
             }
             self._client.set(
                 f"{self.config.key_prefix}:replica:{self.replica_id}",
@@ -717,8 +1005,19 @@ class RedisBackend:
             link.usable = False
             link._plock = threading.Lock()
             link.common = (*link.common[:6], self.replica_id)
+        for budget in self._budgets.values():  # the parent's lease is the parent's
+            budget.usable = False
+            budget._lock = threading.Lock()
+            budget._leasing = threading.Lock()
+            budget.tokens = 0
+        for rate in self._rates.values():
+            rate.usable = False
+            lease = rate.lease_obj
+            lease._lock = threading.Lock()
+            lease._leasing = threading.Lock()
+            lease.revoke()
         self._threads = []
-        if self._links:
+        if self._links or self._budgets or self._rates:
             self._start()
 
 
