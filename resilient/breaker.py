@@ -130,6 +130,14 @@ _Events = list[tuple[str, str]]
 _new_error = BaseException.__new__
 
 
+def _count_value(counter: Any) -> int:
+    """The next value of an ``itertools.count`` (its repr is ``count(N)``)."""
+    return int(repr(counter)[6:-1])
+
+
+_NO_PENDING: Final = object()
+
+
 class _StateName:
     """What listeners get as ``old_state``/``new_state``: pybreaker-style, ``.name`` only."""
 
@@ -150,9 +158,10 @@ _STATE_OBJECTS: Final = {
 class _CountWindow:
     """The last *size* outcomes: a ring buffer with running totals, O(1) per call."""
 
-    __slots__ = ("_pos", "_ring", "_size", "calls", "failures", "slow")
+    __slots__ = ("_pos", "_ring", "_size", "calls", "edge", "failures", "slow")
 
     def __init__(self, size: int) -> None:
+        self.edge = _INF  # no time buckets (the lock-free success path is for time windows)
         self._size = size
         self._ring = [0] * size
         self._pos = 0
@@ -174,6 +183,11 @@ class _CountWindow:
             self.failures += (outcome & _FAIL) - (old & _FAIL)
             self.slow += (outcome >> 1) - (old >> 1)
         return self.failures or self.slow
+
+    def add_successes(self, n: int) -> None:
+        """Record *n* successes in order."""
+        for _ in range(n):
+            self.add(0, 0.0)
 
     def expire(self, now: float) -> None:
         """Nothing expires by time in a count window."""
@@ -202,9 +216,9 @@ class _TimeWindow:
         "_head",
         "_i",
         "_n",
-        "_next_edge",
         "_width",
         "calls",
+        "edge",
         "failures",
         "slow",
     )
@@ -217,14 +231,14 @@ class _TimeWindow:
         self._b_slow = [0] * self._n
         self._head = -(2**62)  # absolute index of the newest bucket
         self._i = 0  # its slot: head % n
-        self._next_edge = -_INF  # time at which the head bucket ends
+        self.edge = -_INF  # time at which the head bucket ends
         self.calls = 0
         self.failures = 0
         self.slow = 0
 
     def add(self, outcome: int, now: float) -> int:
         """Record one outcome; return non-zero if the window holds a failure or slow call."""
-        if now >= self._next_edge:
+        if now >= self.edge:
             self.expire(now)
         # A clock that went backwards (never with time.monotonic) lands in the head bucket.
         i = self._i
@@ -238,6 +252,11 @@ class _TimeWindow:
             self.failures += fail
             self.slow += slow
         return self.failures or self.slow
+
+    def add_successes(self, n: int) -> None:
+        """Count *n* successes in the head bucket (they happened before ``edge``)."""
+        self._b_calls[self._i] += n
+        self.calls += n
 
     def expire(self, now: float) -> None:
         """Drop the buckets that have left the window at time *now*."""
@@ -259,7 +278,7 @@ class _TimeWindow:
                     calls[i] = fail[i] = slow[i] = 0
         self._head = b
         self._i = b % n
-        self._next_edge = (b + 1) * self._width
+        self.edge = (b + 1) * self._width
 
     def _clear_buckets(self) -> None:
         n = self._n
@@ -320,6 +339,7 @@ class CircuitBreaker:
         "_link",
         "_listeners",
         "_lock",
+        "_lockfree",
         "_min_calls",
         "_mode",
         "_n_failures",
@@ -328,6 +348,7 @@ class CircuitBreaker:
         "_offline",
         "_open_until",
         "_opened_at_wall",
+        "_pending",
         "_permits",
         "_rate_thr",
         "_record",
@@ -400,6 +421,10 @@ class CircuitBreaker:
             else _CountWindow(config.failure_rate_window)
         )
         self._window_add = self._window.add
+        # Successes counted without the lock (time windows without slow-call
+        # tracking only: a count window must place every outcome in order).
+        self._lockfree = self._timed and not self.needs_duration
+        self._pending: Any = itertools.count() if self._lockfree else _NO_PENDING
 
         self._state = STATE_CLOSED
         self._mode: Mode = config.mode
@@ -474,12 +499,26 @@ class CircuitBreaker:
             token: What ``acquire()`` returned.
             duration: Seconds the call took, or 0.0 if ``needs_duration`` is false.
         """
+        if token == self._closed_token and self._lockfree:
+            # The common case: closed, a time window with no failure in it, and
+            # the current bucket still open. A success then cannot trip the
+            # breaker, so it is only counted, without the lock: next() on an
+            # itertools.count is atomic, and the count is folded into the window
+            # (under the lock) before anything reads the window.
+            w = self._window
+            if not w.failures and self._clock() < w.edge:
+                next(self._pending)
+                self._consecutive = 0
+                if self._success_cbs:
+                    self._notify_outcome(None, None)
+                return
         events = None
         lock = self._lock
         # acquire()/release() rather than `with`: measurably cheaper on the
         # hot path, and nothing between them can raise but a bug.
         lock.acquire()
         try:
+            self._fold()
             if token == self._closed_token:
                 self._n_successes += 1
                 self._consecutive = 0
@@ -522,6 +561,7 @@ class CircuitBreaker:
             return
         events = None
         with self._lock:
+            self._fold()
             self._n_failures += 1
             if token == self._closed_token:
                 consecutive = self._consecutive + 1
@@ -713,6 +753,7 @@ class CircuitBreaker:
         false) is handed to the shared backend, if any, without waiting for it.
         """
         old = self._state
+        self._fold()
         self._gen += 1
         self._state = new
         self._consecutive = 0
@@ -747,6 +788,24 @@ class CircuitBreaker:
         except OverflowError:
             return cfg.max_open_duration
         return min(cfg.max_open_duration, grown)
+
+    def _fold(self) -> None:
+        """Move the successes counted without the lock into the window (lock held)."""
+        pending = self._pending
+        if pending is not _NO_PENDING:
+            done = _count_value(pending)
+            if done:
+                # A success counted on the old counter between the read above and
+                # this swap is lost: a rare undercount we accept for a lock-free path.
+                self._pending = itertools.count()
+                self._n_successes += done
+                self._window.add_successes(done)
+
+    def _totals(self) -> tuple[int, int]:
+        """Lifetime ``(successes, failures)``, pending successes included."""
+        with self._lock:
+            self._fold()
+            return self._n_successes, self._n_failures
 
     def _sync_tokens(self) -> None:
         """Recompute the hot-path tokens after a transition or mode switch (lock held)."""
@@ -826,6 +885,7 @@ class CircuitBreaker:
         """Take in the other replicas' window counts and trip if the fleet's rate says so."""
         events = None
         with self._lock:
+            self._fold()
             self._fleet_calls = others_calls
             self._fleet_failures = others_failures
             if (
@@ -951,6 +1011,7 @@ class CircuitBreaker:
     def failure_rate(self) -> float:
         """Share of failures in the current sliding window, 0.0 when it is empty."""
         with self._lock:
+            self._fold()
             w = self._window
             w.expire(self._clock())
             return w.failures / w.calls if w.calls else 0.0
@@ -966,6 +1027,7 @@ class CircuitBreaker:
             if reset_totals:
                 self._n_successes = self._n_failures = self._n_ignored = 0
                 self._rejections = itertools.count()
+                self._pending = itertools.count()
         self._notify((event,))
 
     def open(self) -> None:
@@ -1003,7 +1065,7 @@ class CircuitBreaker:
 
     def _rejection_count(self) -> int:
         # itertools.count exposes its next value only through repr/reduce.
-        return int(self._rejections.__reduce__()[1][0])
+        return _count_value(self._rejections)
 
     def get_status(self) -> dict[str, Any]:
         """
@@ -1023,6 +1085,7 @@ class CircuitBreaker:
         """
         cfg = self.config
         with self._lock:
+            self._fold()
             now = self._clock()
             events = self._advance(now)
             w = self._window

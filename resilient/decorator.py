@@ -220,7 +220,9 @@ def resilient(
                         entry.expired(None)
                 if token is not None:
                     assert breaker is not None
-                    breaker.on_success(token, _since(measured))
+                    breaker.on_success(
+                        token, (_clock.monotonic() - measured) if measured >= 0 else 0.0
+                    )
                 return result
 
             async_wrapper.__resilient_handle__ = handle  # type: ignore[attr-defined]
@@ -252,7 +254,7 @@ def resilient(
             except BaseException:
                 breaker.on_cancel(token)
                 raise
-            breaker.on_success(token, _since(measured))
+            breaker.on_success(token, (_clock.monotonic() - measured) if measured >= 0 else 0.0)
             return result
 
         sync_wrapper.__resilient_handle__ = handle  # type: ignore[attr-defined]

@@ -556,7 +556,9 @@ class Pipeline:
                                 bulkhead.release()
                         if token is not None:
                             assert breaker is not None
-                            breaker.on_success(token, _since(measured))
+                            breaker.on_success(
+                                token, (_clock.monotonic() - measured) if measured >= 0 else 0.0
+                            )
                         if rate is not None:
                             rate.record(False)
                         if retry is None or not retry.checks_result:
@@ -694,7 +696,9 @@ class Pipeline:
                                 bulkhead.release()
                         if token is not None:
                             assert breaker is not None
-                            breaker.on_success(token, _since(measured))
+                            breaker.on_success(
+                                token, (_clock.monotonic() - measured) if measured >= 0 else 0.0
+                            )
                         if rate is not None:
                             rate.record(False)
                         if retry is None or not retry.checks_result:

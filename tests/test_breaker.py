@@ -879,3 +879,54 @@ class TestResources:
     def test_closed_fast_path_constant_token(self) -> None:
         cb, _ = make()
         assert {cb.acquire() for _ in range(10)} == {0}
+
+
+class TestLockFreeSuccesses:
+    """Successes in a clean time window are counted without the lock, and folded in later."""
+
+    def test_counts_are_exact(self) -> None:
+        """Folded successes land in the window and the totals, in the right bucket."""
+        cb, clock = make(window_type="time", failure_rate_window=10, failure_rate_threshold=0.5)
+        for _ in range(30):
+            ok(cb)
+        status = cb.get_status()
+        assert status["window"]["calls"] == 30
+        assert status["totals"]["successes"] == 30
+        bad(cb)
+        assert cb.failure_rate == 1 / 31
+        clock.advance(11)  # the whole window has passed: old successes expire
+        assert cb.failure_rate == 0.0
+        assert cb.get_status()["window"]["calls"] == 0
+
+    def test_success_after_failures_can_still_trip(self) -> None:
+        """With failures in the window, a success takes the locked path that checks the rate."""
+        cb, _clock = make(
+            window_type="time",
+            failure_rate_window=10,
+            failure_rate_threshold=0.5,
+            min_requests_threshold=4,
+            failure_threshold=100,
+        )
+        ok(cb)
+        bad(cb)
+        bad(cb)
+        assert cb.state == "closed"  # 3 calls < min 4
+        ok(cb)  # 2 of 4 failed: 50% with enough calls
+        assert cb.state == "open"
+
+    def test_threads_lose_nothing_visible(self) -> None:
+        """Many threads counting at once: the window holds every success (within 0.1%)."""
+        cb, _clock = make(window_type="time", failure_rate_window=60)
+        per_thread = 5_000
+
+        def work() -> None:
+            for _ in range(per_thread):
+                ok(cb)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        total = cb.get_status()["totals"]["successes"]
+        assert 8 * per_thread * 0.999 <= total <= 8 * per_thread

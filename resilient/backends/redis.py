@@ -349,7 +349,7 @@ class _Link:
         self.pending: tuple[int, str] | None = None
         self.results: collections.deque[tuple[str, int]] = collections.deque()
         self.exhausted_gen = -1
-        self.last_s = breaker._n_successes
+        self.last_s = breaker._totals()[0]
         self.last_f = breaker._n_failures
         self.own: collections.deque[tuple[int, int, int]] = collections.deque()
         self.next_reconcile = 0.0
@@ -420,7 +420,7 @@ class _Link:
 
     def flush_args(self) -> tuple[Any, ...]:
         breaker = self.breaker
-        s, f = breaker._n_successes, breaker._n_failures
+        s, f = breaker._totals()
         ds, df = s - self.last_s, f - self.last_f
         self.last_s, self.last_f = s, f
         if ds < 0 or df < 0:  # reset() cleared the totals
@@ -443,8 +443,8 @@ class _Link:
         )
 
     def has_news(self) -> bool:
-        b = self.breaker
-        return b._n_successes != self.last_s or b._n_failures != self.last_f
+        successes, failures = self.breaker._totals()
+        return successes != self.last_s or failures != self.last_f
 
     def flushed(self, args: tuple[Any, ...], reply: Any) -> None:
         cur, total_c, total_f, applied = (int(x) for x in reply[6:10])
