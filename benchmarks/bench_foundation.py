@@ -452,6 +452,7 @@ def run_all(cfg: Config) -> dict[str, Any]:
             V("ba_bare", "bare await af()", "await af()"),
             V("ba_ours", "resilient breaker-only", "await b_af()"),
             V("ba_aiobreaker", "aiobreaker cb.call_async(af)", "await aio.call_async(af)"),
+            V("ba_pybreaker", "pybreaker cb.call_async(af) (tornado)", "await pb.call_async(af)"),
         ]
     )
     # 4. rejection while open
@@ -546,7 +547,9 @@ def build_rows(data: dict[str, Any]) -> list[Row]:
         Row("3. breaker-only success, sync, overhead", over("bs_ours", "bs_bare"),
             over("bs_pybreaker", "bs_bare"), "pybreaker CircuitBreaker.call", 0.5),
         Row("3. breaker-only success, async, overhead", over("ba_ours", "ba_bare"),
-            over("ba_aiobreaker", "ba_bare"), "aiobreaker call_async", 0.5),
+            over("ba_pybreaker", "ba_bare"), "pybreaker call_async (tornado)", 0.5),
+        Row("3. breaker-only success, async, overhead", over("ba_ours", "ba_bare"),
+            over("ba_aiobreaker", "ba_bare"), "aiobreaker call_async", None),
         Row("4. rejection while open, sync, cost", over("rej_ours", "rej_bare"),
             over("rej_pybreaker", "rej_bare"), "pybreaker (open)", 0.5),
         Row("4. rejection, force_open(), sync, cost", over("rej_ours_forced", "rej_bare"),

@@ -488,7 +488,10 @@ class CircuitBreaker:
                 error.policy = self.name
                 error.retry_after = open_until - now
                 error._reason = "open"
-                raise error
+                try:
+                    raise error
+                finally:
+                    del error  # no frame -> traceback -> frame cycle per rejection
         return self._acquire_slow()
 
     def on_success(self, token: int, duration: float) -> None:

@@ -34,6 +34,9 @@ from resilient.pipeline import (
     _since,
 )
 from resilient.policy import registry
+from resilient.timeout import DONE as _DONE
+from resilient.timeout import FIRED as _FIRED
+from resilient.timeout import settle as _settle
 
 __all__ = ["Attempt", "AttemptIterator", "acall", "acall_sync", "attempts", "call", "resilient"]
 
@@ -203,7 +206,7 @@ def resilient(
                     result = await afn(*args, **kwargs)
                 except BaseException as exc:
                     error: BaseException = exc
-                    if entry is not None and entry.expired(exc):
+                    if entry is not None and _settle(entry, exc):
                         error = pipeline._timeout("per_attempt")
                     if token is not None:
                         assert breaker is not None
@@ -215,9 +218,9 @@ def resilient(
                         raise
                     raise error from None
                 if entry is not None:
-                    entry.done = True
-                    if entry.fired:
-                        entry.expired(None)
+                    entry[_DONE] = True
+                    if entry[_FIRED]:
+                        _settle(entry, None)
                 if token is not None:
                     assert breaker is not None
                     breaker.on_success(

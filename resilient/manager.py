@@ -47,6 +47,9 @@ from resilient.bulkhead import BulkheadManager, bulkhead_manager
 from resilient.decorator import AttemptIterator
 from resilient.errors import PolicyError, ResilienceError
 from resilient.policy import registry
+from resilient.timeout import DONE as _DONE
+from resilient.timeout import FIRED as _FIRED
+from resilient.timeout import settle as _settle
 
 __all__ = [
     "FLAT_KEYS",
@@ -710,10 +713,10 @@ class _GuardedBlock:
         entry, self._entry = self._entry, None
         if entry is not None:
             if exc is None:
-                entry.done = True
-                if entry.fired:
-                    entry.expired(None)
-            elif entry.expired(exc):
+                entry[_DONE] = True
+                if entry[_FIRED]:
+                    _settle(entry, None)
+            elif _settle(entry, exc):
                 error = p._timeout(self._kind)
         if self._held:
             self._held = False

@@ -50,7 +50,10 @@ from resilient.events import (
 from resilient.policy import registry
 from resilient.ratelimit import RateLimiter, _limiter_for, _LoopLimiter
 from resilient.retry import FailureRate, RetryPlan
+from resilient.timeout import DONE as _DONE
+from resilient.timeout import FIRED as _FIRED
 from resilient.timeout import _QueueCache, deadline_queue
+from resilient.timeout import settle as _settle
 
 __all__ = ["CallObserver", "Pipeline", "breakers", "get_breaker", "set_observer_factory"]
 
@@ -520,12 +523,12 @@ class Pipeline:
                             try:
                                 result = await fn(*args, **kwargs)
                             except BaseException as exc:
-                                if entry.expired(exc):
+                                if _settle(entry, exc):
                                     raise self._timeout("per_attempt") from None
                                 raise
-                            entry.done = True
-                            if entry.fired:
-                                entry.expired(None)
+                            entry[_DONE] = True
+                            if entry[_FIRED]:
+                                _settle(entry, None)
                         else:
                             result = await fn(*args, **kwargs)
                     except Exception as exc:
@@ -591,7 +594,7 @@ class Pipeline:
                 attempt += 1
         except BaseException as exc:
             error: BaseException = exc
-            if total_entry is not None and total_entry.expired(exc):
+            if total_entry is not None and _settle(total_entry, exc):
                 error = self._timeout("total")
             if self.fallback is not None and isinstance(error, self.fallback_on):
                 self._fallback_used(error)
@@ -605,7 +608,7 @@ class Pipeline:
                 raise
             raise error from None
         if total_entry is not None:
-            total_entry.expired(None)
+            _settle(total_entry, None)
         if observer is not None:
             _observe(observer, "success", began)
         return result

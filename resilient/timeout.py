@@ -26,38 +26,27 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Deadline", "DeadlineQueue", "deadline_queue"]
+__all__ = ["DONE", "FIRED", "DeadlineQueue", "deadline_queue", "settle"]
 
 
-class Deadline:
-    """One armed budget: which task to cancel, when, and what happened."""
-
-    __slots__ = ("cancelling", "deadline", "done", "fired", "task")
-
-    def __init__(self, task: asyncio.Task[Any], deadline: float) -> None:
-        self.task = task
-        self.deadline = deadline
-        self.cancelling = task.cancelling()
-        self.done = False
-        self.fired = False
-
-    def expired(self, exc: BaseException | None) -> bool:
-        """
-        Settle the entry when its guarded code ends; return true when the
-        ending was caused by this budget (the caller then raises its timeout).
-        """
-        self.done = True
-        if not self.fired:
-            return False
-        # Like asyncio.timeout: undo our cancel() and only claim the
-        # CancelledError if nobody else cancelled the task meanwhile.
-        remaining = self.task.uncancel()
-        return isinstance(exc, asyncio.CancelledError) and remaining <= self.cancelling
+# An armed budget is a plain list [task, deadline, cancelling, done, fired]:
+# building a five-item list costs half of building a slotted object with five
+# attributes, and this happens on every guarded async call.
+TASK, DEADLINE, CANCELLING, DONE, FIRED = range(5)
 
 
-# Deadline objects are made with object.__new__ and their slots set in arm():
-# skipping the __init__ call saves about a third of the cost of arming.
-_new_deadline = object.__new__
+def settle(entry: list[Any], exc: BaseException | None) -> bool:
+    """
+    Settle *entry* when its guarded code ends; return true when the ending was
+    caused by this budget (the caller then raises its timeout).
+    """
+    entry[DONE] = True
+    if not entry[FIRED]:
+        return False
+    # Like asyncio.timeout: undo our cancel() and only claim the
+    # CancelledError if nobody else cancelled the task meanwhile.
+    remaining = entry[TASK].uncancel()
+    return isinstance(exc, asyncio.CancelledError) and remaining <= entry[CANCELLING]
 
 
 class DeadlineQueue:
@@ -68,7 +57,7 @@ class DeadlineQueue:
     def __init__(self, loop: asyncio.AbstractEventLoop, duration: float) -> None:
         self.loop = loop
         self.duration = duration
-        self.queue: deque[Deadline] = deque()
+        self.queue: deque[list[Any]] = deque()
         self._handle: asyncio.TimerHandle | None = None
         # The stock loop's time() is a Python method around time.monotonic();
         # calling the C function directly saves a frame per call. Loops with a
@@ -79,28 +68,24 @@ class DeadlineQueue:
             else loop.time
         )
 
-    def arm(self, task: asyncio.Task[Any]) -> Deadline:
+    def arm(self, task: asyncio.Task[Any]) -> list[Any]:
         """Start a budget of ``duration`` seconds for *task*."""
-        entry = _new_deadline(Deadline)
-        entry.task = task
-        entry.deadline = self._time() + self.duration
-        entry.cancelling = task.cancelling()
-        entry.done = False
-        entry.fired = False
+        deadline = self._time() + self.duration
+        entry: list[Any] = [task, deadline, task.cancelling(), False, False]
         queue = self.queue
         # Drop finished entries at the head first, so the queue stays as long as
         # the number of calls in flight (plus those that overtook a slow one).
-        while queue and queue[0].done:
+        while queue and queue[0][DONE]:
             queue.popleft()
         queue.append(entry)
         if self._handle is None:
-            self._handle = self.loop.call_at(entry.deadline, self._fire)
+            self._handle = self.loop.call_at(deadline, self._fire)
         elif len(queue) > 256 and len(queue) & 255 == 0:
             self._compact()
         return entry
 
     def _compact(self) -> None:
-        live = [entry for entry in self.queue if not entry.done]
+        live = [entry for entry in self.queue if not entry[DONE]]
         if len(live) * 2 < len(self.queue):
             self.queue = deque(live)
 
@@ -110,14 +95,14 @@ class DeadlineQueue:
         queue = self.queue
         while queue:
             entry = queue[0]
-            if entry.done:
+            if entry[DONE]:
                 queue.popleft()
-            elif entry.deadline <= now:
+            elif entry[DEADLINE] <= now:
                 queue.popleft()
-                entry.fired = True
-                entry.task.cancel()
+                entry[FIRED] = True
+                entry[TASK].cancel()
             else:
-                self._handle = self.loop.call_at(entry.deadline, self._fire)
+                self._handle = self.loop.call_at(entry[DEADLINE], self._fire)
                 return
 
 
@@ -150,7 +135,7 @@ class _QueueCache:
         self.last = (loop, queue)
         return queue
 
-    def arm(self, task: asyncio.Task[Any]) -> Deadline:
+    def arm(self, task: asyncio.Task[Any]) -> list[Any]:
         """
         Start a budget for *task* on its loop's queue.
 
@@ -162,14 +147,10 @@ class _QueueCache:
         last_loop, queue = self.last
         if last_loop is not loop or queue is None:
             queue = self.get(loop)
-        entry = _new_deadline(Deadline)
-        entry.task = task
-        entry.deadline = deadline = queue._time() + queue.duration
-        entry.cancelling = task.cancelling()
-        entry.done = False
-        entry.fired = False
+        deadline = queue._time() + queue.duration
+        entry: list[Any] = [task, deadline, task.cancelling(), False, False]
         entries = queue.queue
-        while entries and entries[0].done:
+        while entries and entries[0][DONE]:
             entries.popleft()
         entries.append(entry)
         if queue._handle is None:

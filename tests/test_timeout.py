@@ -11,7 +11,7 @@ from conftest import NO_TIMEOUTS, load
 
 import resilient
 from resilient import AttemptTimeoutError
-from resilient.timeout import DeadlineQueue
+from resilient.timeout import DeadlineQueue, settle
 
 
 class TestAsyncTimeouts:
@@ -199,9 +199,9 @@ class TestDeadlineQueue:
             try:
                 await asyncio.sleep(0 if done_early else 1)
             except asyncio.CancelledError as exc:
-                assert entry.expired(exc)
+                assert settle(entry, exc)
                 return "timed out"
-            entry.expired(None)
+            settle(entry, None)
             return "done"
 
         results = await asyncio.gather(*(sleeper(i % 2 == 0) for i in range(50)))
@@ -216,5 +216,5 @@ class TestDeadlineQueue:
         queue = DeadlineQueue(loop, 60)
         task: Any = asyncio.current_task()
         for _ in range(10_000):
-            queue.arm(task).expired(None)
+            settle(queue.arm(task), None)
         assert len(queue.queue) <= 1
