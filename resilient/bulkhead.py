@@ -43,6 +43,7 @@ import difflib
 import heapq
 import inspect
 import itertools
+import math
 import queue
 import threading
 from collections import deque
@@ -69,6 +70,8 @@ __all__ = [
 C = TypeVar("C")
 
 _LEVELS: dict[str, int] = {name: i for i, name in enumerate(PRIORITIES)}
+_log = math.log
+_LOG_FLOOR = math.log(1e-6)
 _priority: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "resilient_priority", default=None
 )
@@ -170,31 +173,54 @@ class _GradientLimit:
     The auto-scaling controller: moves a concurrency limit between a floor and
     a ceiling from the latency and the utilisation of completed calls.
 
-    Calls are grouped in windows of ``max(10, limit)`` completions (about one
-    round trip of the whole limit, as TCP Vegas updates once per RTT). At the
-    end of a window, with ``avg`` its mean latency, ``base`` the no-load latency
-    and ``target = base * (1 + latency_tolerance)``:
+    Calls are grouped in windows of ``max(20, limit)`` completions (about one
+    round trip of the whole limit, as TCP Vegas updates once per RTT). A window
+    is summed up by the mean ``m`` of its log latencies (the log of its
+    geometric mean, which a long tail cannot drag around) and its utilisation
+    ``u`` (calls in flight, sampled at each completion and counting it, averaged
+    over the window, divided by the limit). ``base`` is ``m`` measured at no
+    load, ``tol = log(1 + latency_tolerance)``, and ``margin = Z * s *
+    sqrt(1/n + 1/n_base)`` is how far the two means can differ by chance alone
+    (``s``: the larger of the two standard deviations of log latency; ``Z = 3``,
+    about one false alarm in 700 windows):
 
-    * ``avg > target``: the dependency queues, so the limit falls in proportion,
-      ``limit * max(0.5, target / avg)`` (Envoy's gradient);
-    * else, when calls in flight filled at least ``scale_up_threshold`` of the
-      limit, it grows by ``max(1, limit * (1 - avg / target))``: quickly while
-      latency is flat, by one as it nears the target (additive increase);
-    * when they filled less than ``scale_down_threshold``, it shrinks by 10%,
-      not below what they used (divided by ``scale_up_threshold``);
+    * ``m - base > tol + margin``: latency rose *significantly* past the
+      target, the dependency queues. The limit falls to the concurrency used
+      times ``max(0.5, exp(tol - (m - base)))`` (Envoy's gradient, target over
+      latency). A cut must be earned: past a knee latency follows concurrency,
+      so when the window after a cut is still too slow although it ran fewer
+      calls, and its latency fell by less than half as much as concurrency did,
+      the rise is not caused by this load (the dependency got slower for
+      everyone): the cut is undone and ``base`` re-measured by a probe.
+    * else, when ``u >= scale_up_threshold``, the limit grows by
+      ``max(1, limit * (1 - exp(m - base + margin - tol)))``: quickly while
+      latency is surely below the target, by one near it (additive increase);
+    * when ``u < scale_down_threshold``, it shrinks by 10%, not below the peak
+      concurrency of the window divided by ``scale_up_threshold``;
     * else it holds.
 
-    ``base`` is the lowest window mean seen since the last *probe*: the first
-    busy window, and then one every ``probe_interval`` seconds, runs at the
-    floor concurrency for ten calls to measure it afresh (Envoy's minRTT
-    measurement), so ``base`` cannot creep up with a limit that stays past
-    the knee.
+    After any change, completions of calls admitted before it are left out
+    (their start, ``now - latency``, is before the change): they measure the
+    old limit. ``base`` comes from a *probe*: ten calls run at the floor
+    concurrency (Envoy's minRTT measurement) at the first busy window, then
+    every ``probe_interval`` seconds while a busy limit is below its ceiling,
+    and when a cut is not earned (a routine probe is pooled with the previous
+    ones, up to 40 calls; the others start afresh). Between probes it only falls, to the upper
+    confidence bound of a window that is significantly faster. Until the first
+    probe the first window stands in for it. So noise, however long its tail,
+    neither cuts the limit (but for a rare one-window false alarm, after which
+    a busy limit grows back) nor drags ``base`` down.
     """
 
     __slots__ = (
         "base",
+        "base_n",
         "ceiling",
+        "changed",
         "clock",
+        "cut",
+        "cut_n",
+        "cut_use",
         "down",
         "effective",
         "floor",
@@ -202,88 +228,158 @@ class _GradientLimit:
         "load",
         "n",
         "next_probe",
+        "peak",
+        "pending",
+        "pooled",
         "probe_every",
         "probing",
+        "ramp",
         "saved",
-        "skip",
+        "spread",
+        "sx",
+        "sxx",
         "tolerance",
-        "total",
+        "uncut",
         "up",
         "window",
     )
 
+    #: Completions per window, at least (fewer make the means too noisy to compare).
+    MIN_WINDOW = 20
+    #: Calls measured at the floor concurrency by a probe.
     PROBE_SAMPLES = 10
+    #: Standard errors a difference of means must exceed to count (one-sided).
+    Z = 3.0
 
     def __init__(self, cfg: BulkheadConfig, ceiling: int, clock: Callable[[], float]) -> None:
         self.ceiling = float(ceiling)
         self.floor = float(min(cfg.min_concurrent_requests, ceiling))
-        self.tolerance = cfg.latency_tolerance
+        self.tolerance = math.log1p(cfg.latency_tolerance)
         self.up = cfg.scale_up_threshold
         self.down = cfg.scale_down_threshold
         self.probe_every = cfg.probe_interval
         self.clock = clock
         self.limit = self.ceiling
         self.effective = ceiling
-        self.skip = 0
-        self.base = float("inf")
-        self.next_probe = float("-inf")
-        self.probing = False
-        self.saved = self.ceiling
+        self.window = max(self.MIN_WINDOW, ceiling)
+        # the current window: completions, sum and sum of squares of log
+        # latency, sum of calls in flight, most calls in flight
         self.n = 0
-        self.total = 0.0
+        self.sx = 0.0
+        self.sxx = 0.0
         self.load = 0
-        self.window = max(10, ceiling)
+        self.peak = 0
+        # calls admitted before the last change of the limit, still to leave out
+        self.pending = 0
+        self.changed = 0.0
+        # the no-load reference: mean and variance of log latency, sample count
+        # (0: none yet)
+        self.base = 0.0
+        self.spread = 0.0
+        self.base_n = 0
+        # the window that caused the last cut (``cut`` infinite: the last
+        # window did not cut), and the limit before it
+        self.cut = math.inf
+        self.cut_n = 1
+        self.cut_use = 1.0
+        self.uncut = self.ceiling
+        self.next_probe = -math.inf
+        self.probing = False
+        self.pooled = False  # the running probe adds to base instead of replacing it
+        self.saved = self.ceiling
+        self.ramp = False  # the window after a probe: its calls were admitted in a burst
 
-    def sample(self, latency: float, in_use: int) -> int:
-        """Record one completed call (*in_use* counts it); return the limit to use."""
-        if self.skip:
-            # A call admitted before the limit fell: its latency is old news, and
-            # counting it would lower the limit again and again.
-            self.skip -= 1
-            return self.effective
-        self.n += 1
-        self.total += latency
-        self.load += in_use
-        if self.n >= self.window:
-            self._end_window(in_use - 1)
-        return self.effective
+    # Bulkhead.release_timed adds each completed call to the window (inlined
+    # there for speed) and calls _end_window when it is full.
 
-    def _set(self, limit: float) -> None:
+    def _set(self, limit: float, in_flight: int) -> None:
+        effective = max(1, int(limit + 0.5))
+        if effective != self.effective:
+            self.pending = in_flight
+            self.changed = self.clock()
         self.limit = limit
-        self.effective = max(1, int(limit + 0.5))
-        self.window = max(10, self.effective)
+        self.effective = effective
+        self.window = max(self.MIN_WINDOW, effective)
+
+    def _probe(self, saved: float, in_flight: int, *, pooled: bool) -> None:
+        self.next_probe = self.clock() + self.probe_every
+        self.probing = True
+        self.pooled = pooled
+        self.saved = saved
+        self.cut = math.inf
+        self._set(self.floor, in_flight)
+        self.window = self.PROBE_SAMPLES
 
     def _end_window(self, in_flight: int) -> None:
-        avg = self.total / self.n
-        mean_in_use = self.load / self.n
+        n = self.n
+        mean = self.sx / n
+        var = max(0.0, (self.sxx - self.sx * mean) / (n - 1)) if n > 1 else 0.0
+        mean_in_use = self.load / n
+        peak = self.peak
         utilisation = mean_in_use / self.effective
-        self.n, self.total, self.load = 0, 0.0, 0
+        self.n, self.sx, self.sxx, self.load, self.peak = 0, 0.0, 0.0, 0, 0
         if self.probing:
             self.probing = False
-            self.base = avg
-            self._set(self.saved)
+            w = min(self.base_n, 4 * self.PROBE_SAMPLES) if self.pooled else 0
+            if w:  # a routine probe: pool it with the last ones (10 calls are few)
+                total = w + n
+                pooled = (w * self.base + n * mean) / total
+                self.spread = (
+                    (w - 1) * self.spread + (n - 1) * var + w * n / total * (self.base - mean) ** 2
+                ) / (total - 1)
+                self.base, self.base_n = pooled, total
+            else:
+                self.base, self.spread, self.base_n = mean, var, n
+            self.ramp = True
+            self._set(self.saved, in_flight)
             return
-        if avg < self.base:
-            self.base = avg
+        if not self.base_n:
+            self.base, self.spread, self.base_n = mean, var, n
+        ramp, self.ramp = self.ramp, False
+        # Either estimate of the spread may be low by chance: take the larger.
+        sigma = math.sqrt(max(var, self.spread))
+        margin = self.Z * sigma * math.sqrt(1.0 / n + 1.0 / self.base_n)
+        rise = mean - self.base
+        queueing = rise > self.tolerance + margin
         limit = self.limit
-        target = self.base * (1.0 + self.tolerance)
-        if avg > target:
-            limit = max(self.floor, limit * max(0.5, target / avg))
-            self.skip = in_flight
-        elif utilisation >= self.up:
-            limit = min(self.ceiling, limit + max(1.0, limit * (1.0 - avg / target)))
-        elif utilisation < self.down:
-            limit = max(self.floor, limit * 0.9, mean_in_use / self.up)
-        self._set(limit)
-        if utilisation >= self.up and self.floor < limit:
-            now = self.clock()
-            if now >= self.next_probe:
-                self.next_probe = now + self.probe_every
-                self.probing = True
-                self.saved = limit
-                self._set(self.floor)
-                self.window = self.PROBE_SAMPLES
-                self.skip = in_flight  # measure only calls admitted at the floor
+        cut, self.cut = self.cut, math.inf
+        if queueing:
+            if cut < math.inf and mean_in_use < self.cut_use:
+                # Past a knee latency follows concurrency: after the last cut
+                # it should have fallen about as much as the calls in flight.
+                expected = math.log(self.cut_use / mean_in_use)
+                noise = self.Z * sigma * math.sqrt(1.0 / n + 1.0 / self.cut_n)
+                if cut - mean + noise < 0.5 * expected:
+                    # It did not: the rise is not caused by this load. Undo
+                    # the cut and measure the no-load latency again.
+                    self._probe(self.uncut, in_flight, pooled=False)
+                    return
+            if not ramp:  # a burst of admissions is no reference for the next window
+                self.cut, self.cut_n, self.cut_use, self.uncut = mean, n, mean_in_use, limit
+            gradient = max(0.5, math.exp(self.tolerance - rise))  # target / latency
+            limit = max(self.floor, min(limit, mean_in_use) * gradient)
+        else:
+            if rise + margin < 0:  # significantly faster than base: base was stale
+                self.base = mean + margin
+            if utilisation >= self.up:
+                headroom = 1.0 - math.exp(rise + margin - self.tolerance)
+                limit = min(self.ceiling, limit + max(1.0, limit * headroom))
+            elif utilisation < self.down:
+                limit = max(self.floor, min(limit, max(limit * 0.9, peak / self.up)))
+        self._set(limit, in_flight)
+        # Probe at the first busy window, then every probe_interval while a busy
+        # limit is below its ceiling, where the no-load latency decides where it
+        # goes. At the ceiling with latency in range a probe would only cost a
+        # burst of queueing; a stale base shows up as a cut that is not earned.
+        if (
+            utilisation >= self.up
+            and not queueing
+            and self.floor < limit
+            and (limit < self.ceiling or self.next_probe == -math.inf)
+            and self.clock() >= self.next_probe
+        ):
+            # the first probe replaces the stand-in; later ones add to it
+            self._probe(limit, in_flight, pooled=self.next_probe > -math.inf)
 
 
 # --------------------------------------------------------------------------- thread pool
@@ -435,10 +531,30 @@ class Bulkhead:
 
     def release_timed(self, latency: float) -> None:
         """``release()`` plus a latency sample for auto-scaling (seconds the call took)."""
-        controller = self.controller
+        c = self.controller
         self._acq()
-        if controller is not None:
-            self.limit = controller.sample(latency, self.in_use)
+        # The controller's per-call bookkeeping, inlined (this is the hot path).
+        if c is None:
+            pass
+        elif c.pending and c.clock() - latency < c.changed:
+            # Admitted before the limit last changed: its latency measures the
+            # old limit, and counting it would lower the limit again and again.
+            c.pending -= 1
+        else:
+            try:
+                x = _log(latency)
+            except ValueError:  # zero (virtual time) or a clock that went back
+                x = _LOG_FLOOR
+            c.sx += x
+            c.sxx += x * x
+            in_use = self.in_use  # counts this call
+            c.load += in_use
+            if in_use > c.peak:
+                c.peak = in_use
+            c.n = n = c.n + 1
+            if n >= c.window:
+                c._end_window(in_use - 1)
+                self.limit = c.effective
         self.in_use -= 1
         if self.queued and self.in_use < self.limit:
             woken = self._grant()

@@ -492,6 +492,31 @@ class TestAutoScaling:
         assert 0.75 * knee <= median <= 1.25 * knee, median
         assert in_band >= 0.9, in_band  # short no-load probes aside
 
+    @pytest.mark.parametrize("scenario", ["healthy", "healthy_noisy"])
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_healthy_backend_is_not_throttled(self, scenario: str, seed: int) -> None:
+        """
+        Regression: 200 calls/s against a healthy backend (20 ms median, 100 ms
+        p99; healthy_noisy: 400 ms p99 and 5% errors) through max 10 slots. The
+        load needs ~5 (~9 noisy) slots on average; latency noise used to be read
+        as a gradient and the limit collapsed to 1, rejecting 60-77% of calls.
+        Auto-scaling (the default) must reject no more than a fixed limit.
+        """
+        from resilient.testing import healthy, healthy_noisy, simulate
+
+        backend = healthy() if scenario == "healthy" else healthy_noisy()
+        results = {}
+        for auto in (True, False):
+            section = BulkheadConfig(max_concurrent_requests=10, enable_auto_scaling=auto)
+            policy = resilient.Policy(bulkhead=section)
+            results[auto] = simulate(policy, backend, duration=60, rate=200, seed=seed)
+        scaled, fixed = results[True], results[False]
+        assert scaled.attempted > 10_000
+        assert scaled.rejected_bulkhead / scaled.attempted <= 0.01
+        assert scaled.rejected_bulkhead <= fixed.rejected_bulkhead + 0.001 * fixed.attempted
+        if scenario == "healthy":  # (at ~90% busy, healthy_noisy queues either way)
+            assert scaled.latency.p99 <= 1.5 * fixed.latency.p99
+
     def test_idle_limit_shrinks_and_busy_limit_grows(self) -> None:
         """Low utilisation shrinks the limit; full utilisation at flat latency grows it back."""
         now = [0.0]

@@ -8,10 +8,11 @@ test_breaker_stateful.py; here the whole pipeline is under test.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 
 import resilient
 from resilient.testing import (
@@ -174,3 +175,82 @@ def test_same_seed_same_result(seed: int, data: st.DataObject) -> None:
     assume(policy.retry is not None)
     first = simulate(policy, scenario, duration=20, rate=20, seed=seed)
     assert simulate(policy, scenario, duration=20, rate=20, seed=seed) == first
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    limit=st.integers(1, 12),
+    tasks=st.integers(1, 80),
+    threads=st.integers(0, 4),
+    per_thread=st.integers(1, 15),
+    waits=st.lists(st.sampled_from([0.0, 0.0, 0.0005, 0.002]), min_size=1, max_size=8),
+    auto_scaling=st.booleans(),
+)
+def test_the_bulkhead_bound_holds(
+    limit: int,
+    tasks: int,
+    threads: int,
+    per_thread: int,
+    waits: list[float],
+    auto_scaling: bool,
+) -> None:
+    # Counted inside the guarded function, from tasks and threads at once. A
+    # call is admitted only while in_use < limit, so the calls inside never
+    # outnumber the limit: the fixed one, or (auto-scaling) its ceiling; a
+    # falling limit admits nobody until the calls inside are below it.
+    import asyncio
+    import threading
+    import time
+
+    section = resilient.BulkheadConfig(
+        max_concurrent_requests=limit, enable_auto_scaling=auto_scaling, max_queue=10_000
+    )
+    lock = threading.Lock()
+    inside = [0, 0, 0]  # now, peak, calls
+    over: list[tuple[int, int]] = []
+
+    def enter(bulkhead: Any) -> None:
+        with lock:
+            inside[0] += 1
+            inside[1] = max(inside[1], inside[0])
+            inside[2] += 1
+            if not auto_scaling and inside[0] > bulkhead.limit:
+                over.append((inside[0], bulkhead.limit))
+
+    def leave() -> None:
+        with lock:
+            inside[0] -= 1
+
+    with isolated_registry({"p": resilient.Policy(bulkhead=section)}):
+        from resilient.bulkhead import get_bulkhead
+
+        @resilient.resilient("p")
+        async def async_call(i: int) -> None:
+            enter(get_bulkhead("p"))
+            await asyncio.sleep(waits[i % len(waits)])
+            leave()
+
+        @resilient.resilient("p")
+        def sync_call(i: int) -> None:
+            enter(get_bulkhead("p"))
+            time.sleep(waits[i % len(waits)])
+            leave()
+
+        def thread_body() -> None:
+            for i in range(per_thread):
+                sync_call(i)
+
+        async def main() -> None:
+            pool = [threading.Thread(target=thread_body) for _ in range(threads)]
+            for thread in pool:
+                thread.start()
+            await asyncio.gather(*(async_call(i) for i in range(tasks)))
+            for thread in pool:
+                await asyncio.to_thread(thread.join)
+
+        asyncio.run(main())
+        bulkhead = get_bulkhead("p")
+        assert (bulkhead.in_use, bulkhead.queued) == (0, 0)
+    assert inside[2] == tasks + threads * per_thread
+    assert over == []
+    assert inside[1] <= limit
