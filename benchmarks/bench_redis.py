@@ -1,5 +1,5 @@
 """
-Fleet state on Redis, measured side by side in one run (docs/distributed-performance.md).
+Fleet state on Redis, measured side by side in one run (docs/performance.md).
 
 1. Success-path cost of a closed breaker, through ``@resilient``: the in-memory
    backend, the Redis backend, and pybreaker with ``CircuitRedisStorage`` (the peer).

@@ -9,7 +9,7 @@ for a few bytecodes, never while user code runs:
 * **Fast path.** ``try_acquire()`` takes a slot when one is free and nobody
   waits: one lock round trip, no allocation, no coroutine. ``release()`` gives
   it back the same way. That is cheaper than ``async with asyncio.Semaphore``,
-  which creates two coroutines per call (see docs/isolation-performance.md).
+  which creates two coroutines per call (see docs/performance.md).
 * **Slow path.** When the bulkhead is full a caller joins a heap of waiters
   ordered by priority, then arrival. A released slot is *handed over* to the
   head waiter under the lock (its count never drops), so a newcomer cannot
