@@ -140,8 +140,8 @@ class ResilienceConfig(BaseModel):
     environment: str = "development"
     """Deployment environment (reported in the status)."""
     redis_url: str | None = None
-    """Shared state across processes. The Redis backend is not part of this version:
-    a URL makes ``initialize()`` raise ``NotImplementedError``."""
+    """Shared state across processes: a Redis URL puts breakers, retry budgets and rate
+    limits on the Redis backend (see docs/distributed.md); ``None`` keeps them in memory."""
     circuit_breaker_enabled: bool = True
     """Give every service a circuit breaker."""
     adaptive_circuit_breaker_enabled: bool = False
@@ -813,9 +813,8 @@ class ResilienceManager:
         on Prometheus metrics and event logging. Idempotent.
 
         Raises:
-            NotImplementedError: ``redis_url`` is set; the Redis backend is not
-                part of this version.
-            ImportError: ``prometheus_enabled`` without prometheus-client.
+            ImportError: ``prometheus_enabled`` without prometheus-client, or
+                ``redis_url`` without redis-py (the ``redis`` extra).
         """
         if self._closed:
             msg = "this ResilienceManager is closed; make a new one"
@@ -837,20 +836,6 @@ class ResilienceManager:
         self._initialized = True
 
     def _connect_backend(self, url: str) -> None:
-        import importlib.util
-
-        try:
-            available = importlib.util.find_spec("resilient.backends.redis") is not None
-        except ImportError:  # no resilient.backends package at all
-            available = False
-        if not available:
-            msg = (
-                "ResilienceConfig.redis_url is set (argument or RESILIENCE_REDIS_URL), but the "
-                "Redis backend that shares breaker state across processes is not available in "
-                "this version of resilient. Leave redis_url unset (None) to keep state in memory, "
-                "per process."
-            )
-            raise NotImplementedError(msg)
         from resilient import backends
 
         backends.configure(redis_url=url)
@@ -1297,8 +1282,6 @@ async def create_resilience_manager(
     field (``chaos_engineering_enabled=True`` ...).
 
     Raises:
-        NotImplementedError: A Redis URL was given (argument or
-            ``RESILIENCE_REDIS_URL``); the Redis backend is not in this version.
         pydantic.ValidationError: An unknown or invalid config field.
     """
     given = dict(config)
