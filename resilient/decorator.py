@@ -185,7 +185,8 @@ def resilient(
                         return await pipeline.run_async(afn, args, kwargs, exc)
                 if lane != LANE_SINGLE:
                     return await pipeline.run_async(afn, args, kwargs)
-                # one attempt: breaker and/or per-attempt deadline
+                # one attempt: breaker, rate limiter, bulkhead and/or per-attempt
+                # deadline (the same steps as one attempt of Pipeline.run_async)
                 breaker = pipeline.breaker
                 token: int | None = None
                 measured = -1.0
@@ -196,6 +197,24 @@ def resilient(
                         token = breaker.acquire()
                     if breaker.needs_duration:
                         measured = _clock.monotonic()
+                bulkhead = pipeline.bulkhead
+                limiter = pipeline.limiter
+                slot_began = -1.0
+                if limiter is not None or bulkhead is not None:
+                    try:
+                        if limiter is not None:
+                            loop_limiter = limiter.for_loop()
+                            if not loop_limiter.try_take():
+                                await pipeline._rate_wait_async(limiter, loop_limiter)
+                        if bulkhead is not None:
+                            if not bulkhead.try_acquire():
+                                await pipeline._bulkhead_wait_async(bulkhead)
+                            slot_began = _clock.monotonic() if pipeline.slot_timed else 0.0
+                    except BaseException:
+                        if token is not None:
+                            assert breaker is not None
+                            breaker.on_cancel(token)  # refused: the call did not run
+                        raise
                 queues = pipeline.per_attempt_queues
                 entry = None
                 if queues is not None:
@@ -205,6 +224,8 @@ def resilient(
                 try:
                     result = await afn(*args, **kwargs)
                 except BaseException as exc:
+                    if slot_began >= 0:
+                        pipeline._release_slot(slot_began)
                     error: BaseException = exc
                     if entry is not None and _settle(entry, exc):
                         error = pipeline._timeout("per_attempt")
@@ -217,6 +238,12 @@ def resilient(
                     if error is exc:
                         raise
                     raise error from None
+                if slot_began >= 0:
+                    assert bulkhead is not None
+                    if pipeline.slot_timed:
+                        bulkhead.release_timed(_clock.monotonic() - slot_began)
+                    else:
+                        bulkhead.release()
                 if entry is not None:
                     entry[_DONE] = True
                     if entry[_FIRED]:
@@ -242,22 +269,59 @@ def resilient(
                     return fn(*args, **kwargs)
                 except Exception as exc:
                     return pipeline.run_sync(fn, args, kwargs, exc)  # type: ignore[no-any-return]
-            if lane != LANE_SINGLE or pipeline.breaker is None:
+            if lane != LANE_SINGLE:
                 return pipeline.run_sync(fn, args, kwargs)  # type: ignore[no-any-return]
-            # one attempt through the breaker (sync code cannot be interrupted,
-            # so a per-attempt deadline does not apply here; docs/timeouts.md)
+            # one attempt through breaker, rate limiter and bulkhead (sync code
+            # cannot be interrupted, so a per-attempt deadline does not apply
+            # here; docs/timeouts.md)
             breaker = pipeline.breaker
-            token = pipeline._acquire_reporting(breaker) if bus.active else breaker.acquire()
-            measured = _clock.monotonic() if breaker.needs_duration else -1.0
+            token: int | None = None
+            measured = -1.0
+            if breaker is not None:
+                token = pipeline._acquire_reporting(breaker) if bus.active else breaker.acquire()
+                if breaker.needs_duration:
+                    measured = _clock.monotonic()
+            bulkhead = pipeline.bulkhead
+            limiter = pipeline.limiter
+            slot_began = -1.0
+            if limiter is not None or bulkhead is not None:
+                try:
+                    if limiter is not None:
+                        pipeline._rate_acquire_sync(limiter)
+                    if bulkhead is not None:
+                        if not bulkhead.try_acquire():
+                            pipeline._bulkhead_wait_sync(bulkhead)
+                        slot_began = _clock.monotonic() if pipeline.slot_timed else 0.0
+                except BaseException:
+                    if token is not None:
+                        assert breaker is not None
+                        breaker.on_cancel(token)  # refused: the call did not run
+                    raise
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:
-                breaker.on_failure(token, exc, _since(measured))
+                if slot_began >= 0:
+                    pipeline._release_slot(slot_began)
+                if token is not None:
+                    assert breaker is not None
+                    breaker.on_failure(token, exc, _since(measured))
                 raise
             except BaseException:
-                breaker.on_cancel(token)
+                if slot_began >= 0:
+                    pipeline._release_slot(slot_began)
+                if token is not None:
+                    assert breaker is not None
+                    breaker.on_cancel(token)
                 raise
-            breaker.on_success(token, (_clock.monotonic() - measured) if measured >= 0 else 0.0)
+            if slot_began >= 0:
+                assert bulkhead is not None
+                if pipeline.slot_timed:
+                    bulkhead.release_timed(_clock.monotonic() - slot_began)
+                else:
+                    bulkhead.release()
+            if token is not None:
+                assert breaker is not None
+                breaker.on_success(token, (_clock.monotonic() - measured) if measured >= 0 else 0.0)
             return result
 
         sync_wrapper.__resilient_handle__ = handle  # type: ignore[attr-defined]

@@ -308,18 +308,21 @@ class Pipeline:
         # and/or per-attempt timeout) inlined in the wrapper; FULL is run_*().
         # Both fast lanes are white lists: a policy section they do not know
         # about (a later strategy) sends the call down the FULL path.
-        others = _sections_other_than(policy, {"retry", "fallback", "circuit_breaker", "timeout"})
+        known = {"retry", "fallback", "circuit_breaker", "timeout", "bulkhead", "rate_limit"}
+        others = _sections_other_than(policy, known)
         plain = self.observer is None and self.total is None and not others
         if (
             plain
             and self.breaker is None
             and self.per_attempt is None
+            and self.limiter is None
+            and self.bulkhead is None
             and self.rate is None
             and self.budget is None
             and (self.retry is None or not self.retry.checks_result)
         ):
             self.lane = LANE_DIRECT
-        elif plain and self.retry is None and self.fallback is None:
+        elif plain and self.retry is None and self.fallback is None and not self.pooled:
             self.lane = LANE_SINGLE
         else:
             self.lane = LANE_FULL
