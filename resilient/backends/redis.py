@@ -353,6 +353,11 @@ class _Link:
         self.last_f = breaker._n_failures
         self.own: collections.deque[tuple[int, int, int]] = collections.deque()
         self.next_reconcile = 0.0
+        # Adoptions are serialized, and every pub/sub message bumps ``seen``: a read
+        # sent before a message was applied and answered after it may be older than
+        # the message (two sockets, two threads) and must not undo it.
+        self._alock = threading.RLock()
+        self.seen = 0
 
     # ---- called by the breaker (lock held; never blocks)
 
@@ -377,6 +382,7 @@ class _Link:
         if self.exhausted_gen == self.known_gen and self.known_state == STATE_HALF_OPEN:
             return False
         backend = self.backend
+        since = self.seen
         try:
             reply = backend._eval(
                 "trial",
@@ -389,7 +395,7 @@ class _Link:
         except _BACKEND_ERRORS as exc:
             backend._mark_down(exc)
             return None
-        self.apply(reply, fresh=True)
+        self.apply(reply, fresh=True, since=since)
         code = int(reply[0])
         if code == 0:
             self.exhausted_gen = int(reply[1])
@@ -397,21 +403,45 @@ class _Link:
 
     # ---- called by the backend's threads
 
-    def apply(self, reply: Any, *, fresh: bool) -> None:
-        """Adopt the record ``(code, g, s, open ms, half-open ms, trips)``."""
+    def apply(self, reply: Any, *, fresh: bool, since: int | None = None) -> bool:
+        """
+        Adopt the record ``(code, g, s, open ms, half-open ms, trips)``: a pub/sub
+        message (*fresh* false) or a script's reply (*fresh* true; *since* the value
+        of ``seen`` when the script was sent). Returns False if the reply was skipped
+        as older than a message applied meanwhile.
+        """
         gen = int(reply[1])
-        pending = self.pending
-        if fresh and pending is not None and gen == pending[0]:
-            return  # our own transition is on its way; this read predates it
-        half = int(reply[4])
-        self.breaker._adopt(
-            gen,
-            str(reply[2]),
-            int(reply[3]) / 1000,
-            half / 1000 if half >= 0 else None,
-            int(reply[5]),
-            fresh=fresh,
-        )
+        state = str(reply[2])
+        with self._alock:
+            if not fresh:
+                self.seen += 1
+            else:
+                pending = self.pending
+                if pending is not None and gen == pending[0]:
+                    return True  # our own transition is on its way; this read predates it
+                known = self.known_gen
+                if (
+                    since is not None
+                    and since != self.seen
+                    and (gen < known or (gen == known and state != self.known_state))
+                ):
+                    # A message was applied while this read was in flight and the read
+                    # is older: it predates the message (two sockets, two threads), so
+                    # it must not undo it. Read again soon rather than trust either
+                    # blindly (a record Redis lost and re-seeded is legitimately older).
+                    self.next_reconcile = 0.0
+                    self.backend._wake.set()
+                    return False
+            half = int(reply[4])
+            self.breaker._adopt(
+                gen,
+                state,
+                int(reply[3]) / 1000,
+                half / 1000 if half >= 0 else None,
+                int(reply[5]),
+                fresh=fresh,
+            )
+        return True
 
     def take_pending(self) -> tuple[int, str] | None:
         with self._plock:
@@ -446,13 +476,14 @@ class _Link:
         successes, failures = self.breaker._totals()
         return successes != self.last_s or failures != self.last_f
 
-    def flushed(self, args: tuple[Any, ...], reply: Any) -> None:
+    def flushed(self, args: tuple[Any, ...], reply: Any, since: int) -> None:
         cur, total_c, total_f, applied = (int(x) for x in reply[6:10])
         if applied:
             self.own.append((cur, int(args[8]), int(args[9])))
         while self.own and self.own[0][0] <= cur - self.buckets:
             self.own.popleft()
-        self.apply(reply, fresh=True)
+        if not self.apply(reply, fresh=True, since=since):
+            return  # the fleet window read belongs to a generation no longer current
         if self.buckets and self.known_state == STATE_CLOSED:
             own_c = sum(c for _, c, _ in self.own)
             own_f = sum(f for _, _, f in self.own)
@@ -875,6 +906,7 @@ class RedisBackend:
         for link in links:
             pending = link.take_pending()
             if pending is not None:
+                since = link.seen
                 try:
                     reply = self._eval("transition", link.keys[:1], (*link.common, *pending))
                 except BaseException:
@@ -882,11 +914,12 @@ class RedisBackend:
                         if link.pending is None:
                             link.pending = pending
                     raise
-                link.apply(reply, fresh=True)
+                link.apply(reply, fresh=True, since=since)
             while link.results:
                 kind, gen = link.results[0]
                 args = (*link.common, gen, kind, link.breaker.config.success_threshold)
-                link.apply(self._eval("result", link.keys[:2], args), fresh=True)
+                since = link.seen
+                link.apply(self._eval("result", link.keys[:2], args), fresh=True, since=since)
                 link.results.popleft()
         for rate in rates:  # after transitions (convergence first), before the flush
             if rate.lease_obj.refill:
@@ -898,9 +931,9 @@ class RedisBackend:
             or now >= link.next_reconcile
             or (flush_due and link.buckets and link.has_news())
         ]
-        sent = [(link, link.flush_args()) for link in due]
+        sent = [(link, link.seen, link.flush_args()) for link in due]
         batch: list[tuple[str, tuple[str, ...], tuple[Any, ...]]] = [
-            ("flush", link.keys, args) for link, args in sent
+            ("flush", link.keys, args) for link, _, args in sent
         ]
         if flush_due:
             lease_ttl = self.config.lease_ttl
@@ -914,9 +947,9 @@ class RedisBackend:
                     batch.append(("bucket", rate.keys, extra))
         if batch:
             replies = self._batch(batch)
-            for (link, args), reply in zip(sent, replies, strict=False):
+            for (link, since, args), reply in zip(sent, replies, strict=False):
                 link.next_reconcile = now + self.config.reconcile_interval
-                link.flushed(args, reply)
+                link.flushed(args, reply, since)
         if now - self._last_heartbeat >= self.config.heartbeat_ttl / 3:
             self._last_heartbeat = now
             info = {
@@ -1004,6 +1037,7 @@ class RedisBackend:
         for link in self._links.values():
             link.usable = False
             link._plock = threading.Lock()
+            link._alock = threading.RLock()
             link.common = (*link.common[:6], self.replica_id)
         for budget in self._budgets.values():  # the parent's lease is the parent's
             budget.usable = False
