@@ -152,11 +152,12 @@ class _QueueCache:
         entries = queue.queue
         while entries and entries[0][DONE]:
             entries.popleft()
+        # Only a live entry left at the head (a slow call) lets the queue grow.
+        if entries and len(entries) > 256 and not len(entries) & 255:
+            queue._compact()
         entries.append(entry)
         if queue._handle is None:
             queue._handle = loop.call_at(deadline, queue._fire)
-        elif len(entries) > 256 and not len(entries) & 255:
-            queue._compact()
         return entry
 
 
