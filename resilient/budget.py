@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from resilient import _clock
 from resilient._models import RetryBudgetConfig
+from resilient._shared import SharedByName
 
 if TYPE_CHECKING:
     from resilient.backends import BreakerBackend, BudgetLink
@@ -147,37 +148,18 @@ class RetryBudget:
         return status
 
 
-_budgets_lock = threading.Lock()
-_budgets: dict[str, RetryBudget] = {}
+def _make_budget(name: str, config: RetryBudgetConfig, backend: Any) -> RetryBudget:
+    budget = RetryBudget(name, config, clock=_clock.monotonic)
+    budget.backend = backend
+    budget.link = backend.attach_budget(budget)  # a Redis backend makes it the fleet's budget
+    return budget
 
 
-def _budget_for(key: str, config: RetryBudgetConfig) -> RetryBudget:
-    """
-    The shared budget for *key*; kept across reloads while its config and the state
-    backend are unchanged (a Redis backend makes it the fleet's budget).
-    """
-    from resilient import backends
-
-    backend = backends.current()
-    with _budgets_lock:
-        known = _budgets.get(key)
-        if (
-            known is not None
-            and known.config == config
-            and backends.same_backend(known.backend, backend)
-        ):
-            return known
-        budget = _budgets[key] = RetryBudget(key, config, clock=_clock.monotonic)
-        budget.backend = backend
-        budget.link = backend.attach_budget(budget)
-        return budget
+_BUDGETS: SharedByName[RetryBudget] = SharedByName("retry.budget", _make_budget, uses_backend=True)
+_budget_for = _BUDGETS.get_or_make
+_reset_budgets = _BUDGETS.clear
 
 
 def retry_budgets() -> dict[str, RetryBudget]:
     """Every retry budget made so far, by policy (or ``name=``)."""
-    return dict(_budgets)
-
-
-def _reset_budgets() -> None:
-    with _budgets_lock:
-        _budgets.clear()
+    return _BUDGETS.all()

@@ -54,6 +54,7 @@ from typing import Any, Generic, TypeVar
 
 from resilient import _clock
 from resilient._models import PRIORITIES, BulkheadConfig
+from resilient._shared import SharedByName
 from resilient.errors import BulkheadFullError, PolicyError
 
 __all__ = [
@@ -928,18 +929,16 @@ class BulkheadManager:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._bulkheads: dict[str, Bulkhead] = {}
+        self._bulkheads: SharedByName[Bulkhead] = SharedByName(
+            "bulkhead",
+            lambda name, config, _backend: Bulkhead(name, config, clock=_clock.monotonic),
+            uses_backend=False,
+        )
         self._pools: dict[str, ConnectionPool[Any]] = {}
 
     def bulkhead_for(self, key: str, config: BulkheadConfig) -> Bulkhead:
         """The shared bulkhead for *key*, made (or remade, if *config* changed) on demand."""
-        with self._lock:
-            known = self._bulkheads.get(key)
-            if known is not None and known.config == config:
-                return known
-            bulkhead = Bulkhead(key, config, clock=_clock.monotonic)
-            self._bulkheads[key] = bulkhead
-            return bulkhead
+        return self._bulkheads.get_or_make(key, config)
 
     def get(self, name: str) -> Bulkhead:
         """
@@ -949,20 +948,11 @@ class BulkheadManager:
             PolicyError: No such bulkhead, and no policy of that name with a
                 ``bulkhead`` section.
         """
-        known = self._bulkheads.get(name)
-        if known is not None:
-            return known
-        from resilient.policy import registry
-
-        policy = registry.get(name)
-        if policy.bulkhead is None:
-            msg = f"policy {name!r} has no bulkhead section"
-            raise PolicyError(msg, policy=name)
-        return self.bulkhead_for(name, policy.bulkhead)
+        return self._bulkheads.lookup(name)
 
     def bulkheads(self) -> dict[str, Bulkhead]:
         """Every bulkhead made so far, by name."""
-        return dict(self._bulkheads)
+        return self._bulkheads.all()
 
     def connection_pool(
         self,
@@ -1008,14 +998,14 @@ class BulkheadManager:
         ``rejected``, ``utilisation`` (and ``kind``, ``max_limit``; pools add
         ``idle``, ``size`` and ``max_size``).
         """
-        status = {name: b.get_status() for name, b in list(self._bulkheads.items())}
+        status = {name: b.get_status() for name, b in self._bulkheads.all().items()}
         status.update({name: p.get_status() for name, p in list(self._pools.items())})
         return status
 
     def reset(self) -> None:
         """Forget every bulkhead and pool (tests)."""
+        self._bulkheads.clear()
         with self._lock:
-            self._bulkheads.clear()
             self._pools.clear()
 
 

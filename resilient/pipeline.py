@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -27,6 +26,7 @@ import tenacity
 
 from resilient import _clock
 from resilient._models import CircuitBreakerConfig, Policy, RetryStrategy
+from resilient._shared import SharedByName
 from resilient.breaker import CircuitBreaker
 from resilient.budget import RetryBudget, _budget_for
 from resilient.bulkhead import Bulkhead, bulkhead_manager, priority_level
@@ -34,7 +34,6 @@ from resilient.errors import (
     AttemptTimeoutError,
     BulkheadFullError,
     CircuitOpenError,
-    PolicyError,
     RateLimitedError,
     RejectedError,
 )
@@ -122,26 +121,20 @@ class _BusListener:
 
 # --------------------------------------------------------------------------- breakers
 
-_breakers_lock = threading.Lock()
-_breakers: dict[str, tuple[CircuitBreakerConfig, CircuitBreaker]] = {}
+
+def _make_breaker(name: str, config: CircuitBreakerConfig, backend: Any) -> CircuitBreaker:
+    # The clock is read from the seam when the breaker is made, so a breaker
+    # built under a virtual clock (resilient.testing) lives in virtual time.
+    return CircuitBreaker(
+        name, config, clock=_clock.monotonic, listeners=[_BusListener(name)], backend=backend
+    )
 
 
-def _breaker_for(key: str, config: CircuitBreakerConfig) -> CircuitBreaker:
-    """The shared breaker for *key*; kept across reloads while its config is unchanged."""
-    from resilient import backends  # the state backend (memory, or Redis: fleet-wide state)
-
-    backend = backends.current()
-    with _breakers_lock:
-        known = _breakers.get(key)
-        if known is not None and known[0] == config and known[1].backend is backend:
-            return known[1]
-        # The clock is read from the seam when the breaker is made, so a breaker
-        # built under a virtual clock (resilient.testing) lives in virtual time.
-        breaker = CircuitBreaker(
-            key, config, clock=_clock.monotonic, listeners=[_BusListener(key)], backend=backend
-        )
-        _breakers[key] = (config, breaker)
-        return breaker
+_BREAKERS: SharedByName[CircuitBreaker] = SharedByName(
+    "circuit_breaker", _make_breaker, uses_backend=True
+)
+_breaker_for = _BREAKERS.get_or_make
+_reset_breakers = _BREAKERS.clear
 
 
 def get_breaker(name: str) -> CircuitBreaker:
@@ -153,24 +146,12 @@ def get_breaker(name: str) -> CircuitBreaker:
         PolicyError: No breaker of that name, and no policy of that name with a
             ``circuit_breaker`` section.
     """
-    known = _breakers.get(name)
-    if known is not None:
-        return known[1]
-    policy = registry.get(name)
-    if policy.circuit_breaker is None:
-        msg = f"policy {name!r} has no circuit_breaker section"
-        raise PolicyError(msg, policy=name)
-    return _breaker_for(name, policy.circuit_breaker)
+    return _BREAKERS.lookup(name)
 
 
 def breakers() -> dict[str, CircuitBreaker]:
     """Every breaker created so far, by name."""
-    return {key: pair[1] for key, pair in _breakers.items()}
-
-
-def _reset_breakers() -> None:
-    with _breakers_lock:
-        _breakers.clear()
+    return _BREAKERS.all()
 
 
 # --------------------------------------------------------------------------- pipeline

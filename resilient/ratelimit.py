@@ -46,7 +46,8 @@ from aiolimiter import AsyncLimiter as _AsyncLimiter
 
 from resilient import _clock
 from resilient._models import RateLimitConfig
-from resilient.errors import PolicyError, RateLimitedError
+from resilient._shared import SharedByName
+from resilient.errors import RateLimitedError
 
 if TYPE_CHECKING:
     from resilient.backends import BreakerBackend, LeaseSource
@@ -472,30 +473,16 @@ class RateLimiter:
         return status
 
 
-_limiters_lock = threading.Lock()
-_limiters: dict[str, RateLimiter] = {}
+def _make_limiter(name: str, config: RateLimitConfig, backend: Any) -> RateLimiter:
+    limiter = RateLimiter(name, config)
+    limiter.backend = backend
+    backend.attach_limiter(limiter)  # a Redis backend makes it the fleet's limit
+    return limiter
 
 
-def _limiter_for(key: str, config: RateLimitConfig) -> RateLimiter:
-    """
-    The shared limiter for *key*; kept across reloads while its config and the state
-    backend are unchanged (a Redis backend makes it the fleet's limit).
-    """
-    from resilient import backends
-
-    backend = backends.current()
-    with _limiters_lock:
-        known = _limiters.get(key)
-        if (
-            known is not None
-            and known.config == config
-            and backends.same_backend(known.backend, backend)
-        ):
-            return known
-        limiter = _limiters[key] = RateLimiter(key, config)
-        limiter.backend = backend
-        backend.attach_limiter(limiter)
-        return limiter
+_LIMITERS: SharedByName[RateLimiter] = SharedByName("rate_limit", _make_limiter, uses_backend=True)
+_limiter_for = _LIMITERS.get_or_make
+_reset_limiters = _LIMITERS.clear
 
 
 def get_rate_limiter(name: str) -> RateLimiter:
@@ -506,23 +493,9 @@ def get_rate_limiter(name: str) -> RateLimiter:
         PolicyError: No limiter of that name, and no policy of that name with a
             ``rate_limit`` section.
     """
-    known = _limiters.get(name)
-    if known is not None:
-        return known
-    from resilient.policy import registry
-
-    policy = registry.get(name)
-    if policy.rate_limit is None:
-        msg = f"policy {name!r} has no rate_limit section"
-        raise PolicyError(msg, policy=name)
-    return _limiter_for(name, policy.rate_limit)
+    return _LIMITERS.lookup(name)
 
 
 def rate_limiters() -> dict[str, RateLimiter]:
     """Every rate limiter made so far, by name."""
-    return dict(_limiters)
-
-
-def _reset_limiters() -> None:
-    with _limiters_lock:
-        _limiters.clear()
+    return _LIMITERS.all()

@@ -70,10 +70,12 @@ class IsolatedRegistry:
         Forget every circuit breaker, bulkhead, rate limiter and retry budget
         (each policy starts afresh at its next call).
         """
-        from resilient.testing._state import _tables
+        from resilient import _shared
+        from resilient.policy import registry
 
-        for table in _tables():
+        for table in _shared.TABLES:
             table.clear()
+        registry.touch()
 
 
 @contextlib.contextmanager
