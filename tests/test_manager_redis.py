@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from redis_support import RedisServer
+from test_manager import SEED_CONFIG
 
 import resilient
 from resilient import backends, create_resilience_manager
@@ -25,16 +26,7 @@ async def test_manager_on_redis(server: RedisServer) -> None:
         await manager.register_service(
             service_name="database",
             service_instance=db_client,
-            service_config={
-                "failure_threshold": 5,
-                "timeout_seconds": 30,
-                "max_retry_attempts": 3,
-                "retry_base_delay": 1.0,
-                "max_threads": 10,
-                "max_connections": 5,
-                "max_concurrent": 20,
-                "failure_modes": ["network_delay", "timeout", "exception"],
-            },
+            service_config=SEED_CONFIG,
         )
         async with manager.resilient_call("database", "query"):
             rows = await db_client.query("SELECT 1")
