@@ -189,7 +189,6 @@ class Pipeline:
         "budget",
         "bulkhead",
         "callable_name",
-        "direct",
         "factory",
         "fallback",
         "fallback_async",
@@ -307,7 +306,6 @@ class Pipeline:
             self.lane = LANE_SINGLE
         else:
             self.lane = LANE_FULL
-        self.direct = self.lane == LANE_DIRECT
 
     # ------------------------------------------------------------ shared logic
 

@@ -11,7 +11,7 @@ from conftest import NO_TIMEOUTS, load
 
 import resilient
 from resilient import AttemptTimeoutError
-from resilient.timeout import DeadlineQueue, settle
+from resilient.timeout import deadline_queue, settle
 
 
 class TestAsyncTimeouts:
@@ -190,12 +190,12 @@ class TestDeadlineQueue:
     async def test_fires_in_order_and_rearms(self) -> None:
         """Only live, expired entries are cancelled; finished ones are dropped."""
         loop = asyncio.get_running_loop()
-        queue = DeadlineQueue(loop, 0.02)
+        cache = deadline_queue(0.02)
 
         async def sleeper(done_early: bool) -> str:
             task = asyncio.current_task()
             assert task is not None
-            entry = queue.arm(task)
+            entry = cache.arm(task)
             try:
                 await asyncio.sleep(0 if done_early else 1)
             except asyncio.CancelledError as exc:
@@ -208,13 +208,13 @@ class TestDeadlineQueue:
         assert results.count("done") == 25
         assert results.count("timed out") == 25
         await asyncio.sleep(0.05)
-        assert len(queue.queue) == 0
+        assert len(cache.get(loop).queue) == 0
 
     async def test_queue_stays_bounded(self) -> None:
         """Sequential fast calls never let the queue grow."""
         loop = asyncio.get_running_loop()
-        queue = DeadlineQueue(loop, 60)
+        cache = deadline_queue(60)
         task: Any = asyncio.current_task()
         for _ in range(10_000):
-            settle(queue.arm(task), None)
-        assert len(queue.queue) <= 1
+            settle(cache.arm(task), None)
+        assert len(cache.get(loop).queue) <= 1
