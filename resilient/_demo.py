@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 from resilient.decorator import resilient
 from resilient.errors import CircuitOpenError
-from resilient.events import BreakerStateChanged, CallRejected, RetryScheduled, subscribe
+from resilient.events import BreakerStateChanged, RetryScheduled, subscribe
 from resilient.pipeline import get_breaker
 from resilient.policy import load_policies
 
@@ -255,8 +255,6 @@ class _Demo:
         with self.lock:
             if isinstance(event, RetryScheduled):
                 stats.count("retries")
-            elif isinstance(event, CallRejected):
-                stats.count("rejected")
             elif isinstance(event, BreakerStateChanged):
                 at = self.elapsed()
                 stats.transitions.append((at, event.old_state, event.new_state))
@@ -326,7 +324,7 @@ class _Demo:
         try:
             result = await client.call()
         except CircuitOpenError:
-            outcome = None  # counted as "rejected" from the CallRejected event
+            outcome = "rejected"  # refused before any attempt ran
         except Exception:
             outcome = "failed"
         else:

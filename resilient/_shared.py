@@ -5,7 +5,20 @@ retry budget per policy name (or per ``name=`` given to the decorator).
 Every kind keeps its objects in a :class:`SharedByName` table. An object is kept
 across policy reloads while its config (and, for the kinds that use it, the
 state backend) is unchanged, so a reload that does not touch a breaker keeps
-its state. The testing kit sets all tables aside at once (:data:`TABLES`).
+its state.
+
+Each name has one *owner*: the claimant (a policy name, a manager service, a
+``Policy`` object of one function) that made it. Another claimant asking for the
+same name with the *same* configuration shares the object; with a different
+configuration it is refused with a :class:`~resilient.PolicyError` naming both,
+because two configurations under one name would silently split the state (one
+caller rejected by a breaker that ``get_breaker(name)`` reports closed). The
+owner itself may change its configuration (a policy reload): the object is then
+remade, and handed the one it replaces so that it can carry state over (a
+bulkhead keeps counting the calls still in flight on the old one).
+
+This module imports nothing else of ``resilient`` but the errors: the runtime
+(:mod:`resilient.runtime`) passes the backend in and sets tables aside as a whole.
 """
 
 from __future__ import annotations
@@ -26,69 +39,76 @@ class _Shared(Protocol):
 
 T = TypeVar("T", bound=_Shared)
 
+#: ``make(name, config, backend, previous)``: *backend* is the active state
+#: backend (``None`` for kinds that do not use one), *previous* the object of the
+#: same name being replaced (``None`` for a new name).
+Maker = Callable[[str, Any, Any, Any], T]
+
 
 class SharedByName(Generic[T]):
     """
     Objects of one kind by name, made on demand from a policy section.
 
     Args:
+        kind: What the objects are, for messages (``"circuit breaker"`` ...).
         section: The policy section that configures them (``"circuit_breaker"``,
-            ``"retry.budget"`` ...),
-            used to build one from the active policy of the same name.
-        make: Builds an object: ``make(name, config, backend)``; *backend* is the
-            active state backend, or ``None`` for kinds that do not use one.
+            ``"retry.budget"`` ...), used to build one from the active policy of
+            the same name.
+        make: Builds an object, see :data:`Maker`.
         uses_backend: Whether objects belong to a state backend (they are remade
             when another backend becomes active; they must have ``.backend``).
     """
 
-    def __init__(
-        self, section: str, make: Callable[[str, Any, Any], T], *, uses_backend: bool
-    ) -> None:
+    def __init__(self, kind: str, section: str, make: Maker[T], *, uses_backend: bool) -> None:
+        self.kind = kind
         self.section = section
+        self.uses_backend = uses_backend
         self._make = make
-        self._uses_backend = uses_backend
         self._lock = threading.Lock()
         self.items: dict[str, T] = {}
+        self.owners: dict[str, str] = {}
         TABLES.append(self)
 
-    def get_or_make(self, name: str, config: Any) -> T:
-        """The object for *name*, kept while *config* (and the backend) are unchanged."""
-        from resilient import backends  # memory, or Redis: fleet-wide state
-
-        backend = backends.current() if self._uses_backend else None
-        with self._lock:
-            known = self.items.get(name)
-            if (
-                known is not None
-                and known.config == config
-                and (
-                    backend is None
-                    or backends.same_backend(getattr(known, "backend", None), backend)
-                )
-            ):
-                return known
-            made = self.items[name] = self._make(name, config, backend)
-            return made
-
-    def lookup(self, name: str) -> T:
+    def get_or_make(self, name: str, config: Any, *, claimant: str, backend: Any = None) -> T:
         """
-        The object for *name*, made from the active policy of that name if needed.
+        The object for *name*, kept while *config* (and *backend*) are unchanged.
 
         Raises:
-            PolicyError: No such object and no policy *name* with this section.
+            PolicyError: *name* is owned by another claimant with another configuration.
         """
-        known = self.items.get(name)
-        if known is not None:
-            return known
-        from resilient.policy import registry
+        with self._lock:
+            known = self.items.get(name)
+            if known is not None:
+                same_backend = not self.uses_backend or _same_backend(
+                    getattr(known, "backend", None), backend
+                )
+                if known.config == config:
+                    if same_backend:
+                        return known
+                elif self.owners.get(name, claimant) != claimant:
+                    owner = self.owners[name]
+                    msg = (
+                        f"{self.kind} {name!r} is already used by {owner} with another "
+                        f"configuration; {claimant} asks for it with {self.section}: "
+                        f"{_short(config)} (it has {_short(known.config)}). Two "
+                        f"configurations cannot share one {self.kind}: give one of them "
+                        f"its own name (name=...) or the same {self.section} section"
+                    )
+                    raise PolicyError(msg, policy=name, key=self.section)
+            made = self.items[name] = self._make(name, config, backend, known)
+            if known is None or known.config != config:
+                self.owners[name] = claimant
+            return made
 
-        config: Any = registry.get(name)
-        for part in self.section.split("."):  # "retry.budget" is nested
-            config = getattr(config, part, None) if config is not None else None
-        if config is None:
-            msg = f"policy {name!r} has no {self.section} section"
-            raise PolicyError(msg, policy=name)
-        return self.get_or_make(name, config)
+    def release(self, name: str, claimant: str) -> None:
+        """*claimant* no longer uses *name* (a manager service unregistered)."""
+        with self._lock:
+            if self.owners.get(name) == claimant:
+                del self.owners[name]
+
+    def get(self, name: str) -> T | None:
+        """The object for *name*, if one was made."""
+        return self.items.get(name)
 
     def all(self) -> dict[str, T]:
         """Every object made so far, by name."""
@@ -98,6 +118,35 @@ class SharedByName(Generic[T]):
         """Forget every object (the next call makes new ones)."""
         with self._lock:
             self.items.clear()
+            self.owners.clear()
+
+    def snapshot(self) -> tuple[dict[str, T], dict[str, str]]:
+        """Contents, for :meth:`restore` (the runtime sets every table aside at once)."""
+        with self._lock:
+            return dict(self.items), dict(self.owners)
+
+    def restore(self, saved: tuple[dict[str, T], dict[str, str]]) -> None:
+        """Put back what :meth:`snapshot` returned."""
+        items, owners = saved
+        with self._lock:
+            self.items = dict(items)
+            self.owners = dict(owners)
+
+
+def _same_backend(a: Any, b: Any) -> bool:
+    """Whether state made for backend *a* can be kept under *b* (same object, or both memory)."""
+    return a is b or (a is not None and b is not None and a.name == b.name == "memory")
+
+
+def _short(config: Any) -> str:
+    """A one-line rendering of a config section for messages."""
+    dump = getattr(config, "model_dump", None)
+    if dump is None:
+        return repr(config)
+    fields = getattr(config, "model_fields_set", None) or ()
+    shown = {k: v for k, v in dump().items() if k in fields} or dump()
+    text = ", ".join(f"{k}={v!r}" for k, v in shown.items())
+    return "{" + (text if len(text) < 200 else text[:197] + "...") + "}"
 
 
 #: Every table of shared runtime state, in the order they were made.

@@ -4,7 +4,11 @@
 Sync versus async is decided once, at decoration. The policy is *not* resolved
 at decoration (decorators run at import, usually before the policy file is
 loaded): the wrapper holds a handle that compiles the pipeline at the first
-call and again after every reload; a warm call checks one integer.
+call and again after every change of the runtime (a reload,
+``backends.configure()``, metrics switched on); a warm call checks one integer.
+
+Every form runs its attempts through the attempt engine
+(:mod:`resilient.attempt`), so they admit, time out, count and release alike.
 """
 
 from __future__ import annotations
@@ -13,41 +17,50 @@ import asyncio
 import functools
 import inspect
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from types import TracebackType
+from types import CoroutineType, TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 import tenacity
 
 from resilient import _clock
-from resilient import pipeline as _pipeline
+from resilient import attempt as _attempt
 from resilient._models import Policy
 from resilient.bulkhead import priority_level
-from resilient.errors import CircuitOpenError
-from resilient.events import bus
-from resilient.pipeline import (
-    LANE_DIRECT,
-    LANE_SINGLE,
-    Pipeline,
-    _current_task,
-    _is_async_callable,
-    _since,
-)
-from resilient.policy import registry
-from resilient.timeout import DONE as _DONE
-from resilient.timeout import FIRED as _FIRED
-from resilient.timeout import settle as _settle
+from resilient.errors import RejectedError
+from resilient.pipeline import LANE_DIRECT, LANE_SINGLE, Pipeline, _is_async_callable, observe
+from resilient.pipeline import outcome_of as _outcome_of
+from resilient.runtime import runtime
+from resilient.timeout import settle as _settle_deadline
 
 __all__ = ["Attempt", "AttemptIterator", "acall", "acall_sync", "attempts", "call", "resilient"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
+_admit = _attempt.admit
+_admit_rest = _attempt.admit_rest
+_admit_sync = _attempt.admit_sync
+_arm = _attempt.arm
+_settle = _attempt.settle
+_WAIT = _attempt.WAIT
+
 
 class _Handle:
-    """Compiles a pipeline lazily and rebuilds it when the registry changes."""
+    """Compiles a pipeline lazily and rebuilds it when the runtime changes."""
 
-    __slots__ = ("_lock", "callable_name", "fallback", "key", "policy", "priority", "state")
+    __slots__ = (
+        "_lock",
+        "callable_name",
+        "claimant",
+        "fallback",
+        "key",
+        "policy",
+        "priority",
+        "state",
+        "transform",
+    )
 
     def __init__(
         self,
@@ -57,6 +70,8 @@ class _Handle:
         callable_name: str,
         fallback: Callable[[BaseException], Any] | None,
         priority: str | None = None,
+        claimant: str | None = None,
+        transform: Callable[[Policy], Policy] | None = None,
     ) -> None:
         if not isinstance(policy, str | Policy):
             msg = f"policy must be a policy name or a resilient.Policy, not {policy!r}"
@@ -66,42 +81,46 @@ class _Handle:
         self.callable_name = callable_name
         self.fallback = fallback
         self.priority = priority
+        if claimant is None:
+            named = isinstance(policy, str)
+            claimant = f"policy {policy!r}" if named else f"the Policy of {callable_name}"
+        self.claimant = claimant
+        self.transform = transform
         self._lock = threading.Lock()
-        # (registry generation, pipeline): read as one tuple so that another
+        # (runtime generation, pipeline): read as one tuple so that another
         # thread rebuilding it can never be seen half-way.
         self.state: tuple[int, Pipeline | None] = (-1, None)
 
     def get(self) -> Pipeline:
         generation, pipeline = self.state
-        if generation == registry.generation and pipeline is not None:
+        if generation == runtime.generation and pipeline is not None:
             return pipeline
         return self.rebuild()
 
     def rebuild(self) -> Pipeline:
         with self._lock:
+            # The generation is read *before* the policy: a reload in between
+            # leaves this handle one generation behind, so it rebuilds again at
+            # its next call instead of keeping the old policy.
+            generation = runtime.generation
             if isinstance(self.policy, str):
-                policy = registry.get(self.policy)  # may discover files; raises PolicyError
+                policy = runtime.registry.get(self.policy)  # may discover files; PolicyError
                 name = self.key or self.policy
             else:
                 policy = self.policy
                 name = self.key or self.callable_name
-            generation = registry.generation
-            current = self.state[1]
-            if (
-                current is not None
-                and current.policy is policy
-                and current.name == name
-                and current.factory is _pipeline._observer_factory
-            ):
-                pipeline = current
-            else:
-                pipeline = Pipeline(
-                    policy,
-                    name=name,
-                    callable_name=self.callable_name,
-                    fallback=self.fallback,
-                    priority=self.priority,
-                )
+            if self.transform is not None:
+                policy = self.transform(policy)
+            # Always a new pipeline: it re-reads the shared objects (which the
+            # tables keep while their configuration and backend are unchanged).
+            pipeline = Pipeline(
+                policy,
+                name=name,
+                callable_name=self.callable_name,
+                fallback=self.fallback,
+                priority=self.priority,
+                claimant=self.claimant,
+            )
             self.state = (generation, pipeline)
             return pipeline
 
@@ -119,6 +138,17 @@ def _reject_generators(fn: Any) -> None:
             "its body runs after the call returns. Guard the function that consumes it."
         )
         raise TypeError(msg)
+
+
+def _returned_coroutine(fn: Any, result: Any) -> TypeError:
+    """A sync function handed back a coroutine: it was never run, and nothing was retried."""
+    result.close()
+    msg = (
+        f"{_qualname(fn)} is guarded as a synchronous function but returned a coroutine: "
+        "make it `async def` (then @resilient awaits it, with retries and timeouts), or "
+        "await the coroutine inside it"
+    )
+    return TypeError(msg)
 
 
 def resilient(
@@ -147,7 +177,8 @@ def resilient(
     Raises:
         TypeError: At decoration, for generator functions, or an async fallback
             on a sync function.
-        PolicyError: At decoration, for an unknown *priority* name.
+        PolicyError: At decoration, for an unknown *priority* name; at the first
+            call, when *name* is already used by another configuration.
     """
 
     def decorate(fn: Callable[P, T]) -> Callable[P, T]:
@@ -164,10 +195,9 @@ def resilient(
         handle = _Handle(
             policy, key=name, callable_name=_qualname(fn), fallback=fallback, priority=priority
         )
-        # The wrappers inline the two fast lanes chosen when the pipeline was
-        # built (see Pipeline.lane): a coroutine or call layer per call would
-        # cost more than the strategies themselves. Everything else goes
-        # through Pipeline.run_async / run_sync.
+        # The wrappers inline only the choice of lane (see Pipeline.lane): a
+        # coroutine or call layer per call would cost more than the strategies
+        # themselves. The single-attempt lane is one attempt of the engine.
 
         if is_async:
             afn: Callable[..., Awaitable[Any]] = fn  # type: ignore[assignment]
@@ -175,7 +205,7 @@ def resilient(
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
                 generation, pipeline = handle.state
-                if generation != registry.generation or pipeline is None:
+                if generation != runtime.generation or pipeline is None:
                     pipeline = handle.rebuild()
                 lane = pipeline.lane
                 if lane == LANE_DIRECT:
@@ -185,74 +215,19 @@ def resilient(
                         return await pipeline.run_async(afn, args, kwargs, exc)
                 if lane != LANE_SINGLE:
                     return await pipeline.run_async(afn, args, kwargs)
-                # one attempt: breaker, rate limiter, bulkhead and/or per-attempt
-                # deadline (the same steps as one attempt of Pipeline.run_async)
-                breaker = pipeline.breaker
-                token: int | None = None
-                measured = -1.0
-                if breaker is not None:
-                    if bus.active:
-                        token = pipeline._acquire_reporting(breaker)
-                    else:
-                        token = breaker.acquire()
-                    if breaker.needs_duration:
-                        measured = _clock.monotonic()
-                bulkhead = pipeline.bulkhead
-                limiter = pipeline.limiter
-                slot_began = -1.0
-                if limiter is not None or bulkhead is not None:
-                    try:
-                        if limiter is not None:
-                            loop_limiter = limiter.for_loop()
-                            if not loop_limiter.try_take():
-                                await pipeline._rate_wait_async(limiter, loop_limiter)
-                        if bulkhead is not None:
-                            if not bulkhead.try_acquire():
-                                await pipeline._bulkhead_wait_async(bulkhead)
-                            slot_began = _clock.monotonic() if pipeline.slot_timed else 0.0
-                    except BaseException:
-                        if token is not None:
-                            assert breaker is not None
-                            breaker.on_cancel(token)  # refused: the call did not run
-                        raise
-                queues = pipeline.per_attempt_queues
-                entry = None
-                if queues is not None:
-                    task = _current_task()
-                    if task is not None:
-                        entry = queues.arm(task)
+                ticket = _admit(pipeline)
+                if ticket[_WAIT]:
+                    await _admit_rest(pipeline, ticket)
+                _arm(pipeline, ticket)
                 try:
                     result = await afn(*args, **kwargs)
                 except BaseException as exc:
-                    if slot_began >= 0:
-                        pipeline._release_slot(slot_began)
-                    error: BaseException = exc
-                    if entry is not None and _settle(entry, exc):
-                        error = pipeline._timeout("per_attempt")
-                    if token is not None:
-                        assert breaker is not None
-                        if isinstance(error, Exception):
-                            breaker.on_failure(token, error, _since(measured))
-                        else:
-                            breaker.on_cancel(token)
+                    error = _settle(pipeline, ticket, exc)
                     if error is exc:
                         raise
+                    assert error is not None
                     raise error from None
-                if slot_began >= 0:
-                    assert bulkhead is not None
-                    if pipeline.slot_timed:
-                        bulkhead.release_timed(_clock.monotonic() - slot_began)
-                    else:
-                        bulkhead.release()
-                if entry is not None:
-                    entry[_DONE] = True
-                    if entry[_FIRED]:
-                        _settle(entry, None)
-                if token is not None:
-                    assert breaker is not None
-                    breaker.on_success(
-                        token, (_clock.monotonic() - measured) if measured >= 0 else 0.0
-                    )
+                _settle(pipeline, ticket, None)
                 return result
 
             async_wrapper.__resilient_handle__ = handle  # type: ignore[attr-defined]
@@ -261,67 +236,28 @@ def resilient(
         @functools.wraps(fn)
         def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             generation, pipeline = handle.state
-            if generation != registry.generation or pipeline is None:
+            if generation != runtime.generation or pipeline is None:
                 pipeline = handle.rebuild()
             lane = pipeline.lane
             if lane == LANE_DIRECT:
                 try:
-                    return fn(*args, **kwargs)
+                    result = fn(*args, **kwargs)
                 except Exception as exc:
                     return pipeline.run_sync(fn, args, kwargs, exc)  # type: ignore[no-any-return]
-            if lane != LANE_SINGLE:
-                return pipeline.run_sync(fn, args, kwargs)  # type: ignore[no-any-return]
-            # one attempt through breaker, rate limiter and bulkhead (sync code
-            # cannot be interrupted, so a per-attempt deadline does not apply
-            # here; docs/timeouts.md)
-            breaker = pipeline.breaker
-            token: int | None = None
-            measured = -1.0
-            if breaker is not None:
-                token = pipeline._acquire_reporting(breaker) if bus.active else breaker.acquire()
-                if breaker.needs_duration:
-                    measured = _clock.monotonic()
-            bulkhead = pipeline.bulkhead
-            limiter = pipeline.limiter
-            slot_began = -1.0
-            if limiter is not None or bulkhead is not None:
+            elif lane != LANE_SINGLE:
+                result = pipeline.run_sync(fn, args, kwargs)
+            else:
+                # one attempt (sync code cannot be interrupted, so a per-attempt
+                # deadline does not apply here; docs/timeouts.md)
+                ticket = _admit_sync(pipeline)
                 try:
-                    if limiter is not None:
-                        pipeline._rate_acquire_sync(limiter)
-                    if bulkhead is not None:
-                        if not bulkhead.try_acquire():
-                            pipeline._bulkhead_wait_sync(bulkhead)
-                        slot_began = _clock.monotonic() if pipeline.slot_timed else 0.0
-                except BaseException:
-                    if token is not None:
-                        assert breaker is not None
-                        breaker.on_cancel(token)  # refused: the call did not run
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    _settle(pipeline, ticket, exc)
                     raise
-            try:
-                result = fn(*args, **kwargs)
-            except Exception as exc:
-                if slot_began >= 0:
-                    pipeline._release_slot(slot_began)
-                if token is not None:
-                    assert breaker is not None
-                    breaker.on_failure(token, exc, _since(measured))
-                raise
-            except BaseException:
-                if slot_began >= 0:
-                    pipeline._release_slot(slot_began)
-                if token is not None:
-                    assert breaker is not None
-                    breaker.on_cancel(token)
-                raise
-            if slot_began >= 0:
-                assert bulkhead is not None
-                if pipeline.slot_timed:
-                    bulkhead.release_timed(_clock.monotonic() - slot_began)
-                else:
-                    bulkhead.release()
-            if token is not None:
-                assert breaker is not None
-                breaker.on_success(token, (_clock.monotonic() - measured) if measured >= 0 else 0.0)
+                _settle(pipeline, ticket, None)
+            if type(result) is CoroutineType:
+                raise _returned_coroutine(fn, result)
             return result
 
         sync_wrapper.__resilient_handle__ = handle  # type: ignore[attr-defined]
@@ -332,28 +268,36 @@ def resilient(
 
 # --------------------------------------------------------------------------- call forms
 
-_call_handles: dict[tuple[str | int, str | None], tuple[str | Policy, _Handle]] = {}
+_call_handles: dict[tuple[str | Policy, str | None], _Handle] = {}
 _call_lock = threading.Lock()
+_MAX_CALL_HANDLES = 512
 
 
 def _handle_for(policy: str | Policy, name: str | None) -> _Handle:
-    # Handles of Policy objects are keyed by identity and keep the object alive
-    # (so the id is not reused); the table is bounded for code that builds a new
-    # Policy per call.
-    key = (policy if isinstance(policy, str) else id(policy), name)
-    cached = _call_handles.get(key)
-    if cached is not None and (isinstance(policy, str) or cached[0] is policy):
-        return cached[1]
+    # Policies are immutable values: equal Policy objects share one handle (and
+    # one breaker), so code that builds a new Policy per call does not grow the
+    # tables. The table is bounded anyway (cleared past 512 distinct policies).
+    key = (policy, name)
+    handle = _call_handles.get(key)
+    if handle is not None:
+        return handle
     with _call_lock:
         if isinstance(policy, str):
             label = name or policy
         else:
-            label = name or f"policy-{policy.description or format(id(policy), 'x')}"
-            if len(_call_handles) >= 512:
+            label = name or f"policy-{policy.description or format(hash(policy) & 0xFFFFFFFF, 'x')}"
+            if len(_call_handles) >= _MAX_CALL_HANDLES:
                 _call_handles.clear()
         handle = _Handle(policy, key=name or label, callable_name=f"call:{label}", fallback=None)
-        _call_handles[key] = (policy, handle)
+        _call_handles[key] = handle
     return handle
+
+
+def _run_sync(pipeline: Pipeline, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    result = pipeline.run_sync(fn, args, kwargs)
+    if type(result) is CoroutineType:
+        raise _returned_coroutine(fn, result)
+    return result
 
 
 def call(policy: str | Policy, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -361,7 +305,7 @@ def call(policy: str | Policy, fn: Callable[P, T], /, *args: P.args, **kwargs: P
     if _is_async_callable(fn):
         msg = "resilient.call() runs sync functions; use `await resilient.acall(...)`"
         raise TypeError(msg)
-    return _handle_for(policy, None).get().run_sync(fn, args, kwargs)  # type: ignore[no-any-return]
+    return _run_sync(_handle_for(policy, None).get(), fn, args, kwargs)  # type: ignore[no-any-return]
 
 
 async def acall(
@@ -394,7 +338,7 @@ async def acall_sync(
         msg = "resilient.acall_sync() runs sync functions; use `await resilient.acall(...)`"
         raise TypeError(msg)
     pipeline = _handle_for(policy, None).get()
-    return await asyncio.to_thread(pipeline.run_sync, fn, args, kwargs)
+    return await asyncio.to_thread(_run_sync, pipeline, fn, args, kwargs)
 
 
 # --------------------------------------------------------------------------- block form
@@ -404,33 +348,32 @@ class Attempt:
     """
     One attempt of the block form; use it as ``with attempt:``.
 
+    The attempt was admitted (breaker, rate limiter, bulkhead) before the
+    iterator handed it out; ``with attempt:`` runs the block under the
+    per-attempt deadline (async iteration) and settles it.
+
     Attributes:
         number: 1 for the first attempt.
     """
 
-    __slots__ = ("_began", "_iterator", "_token", "exited", "number")
+    __slots__ = ("_iterator", "_ticket", "exited", "number")
 
-    def __init__(self, iterator: AttemptIterator, number: int) -> None:
+    def __init__(self, iterator: AttemptIterator, number: int, ticket: list[Any]) -> None:
         self._iterator = iterator
         self.number = number
-        self._token: int | None = None
-        self._began = -1.0
+        self._ticket: list[Any] | None = ticket
         self.exited = False
 
     def __repr__(self) -> str:
         return f"<Attempt {self.number} of policy {self._iterator.pipeline.name!r}>"
 
     def __enter__(self) -> Attempt:
-        breaker = self._iterator.pipeline.breaker
-        if breaker is not None:
-            try:
-                self._token = breaker.acquire()
-            except CircuitOpenError as rejected:
-                self._iterator.pipeline._rejected(rejected)
-                self._iterator.finished = True
-                raise
-            if breaker.needs_duration:
-                self._began = _clock.monotonic()
+        ticket = self._ticket
+        if ticket is None:
+            msg = "an Attempt can be entered once"
+            raise RuntimeError(msg)
+        if self._iterator.is_async:
+            _arm(self._iterator.pipeline, ticket)
         return self
 
     def __exit__(
@@ -440,34 +383,26 @@ class Attempt:
         tb: TracebackType | None,
     ) -> bool:
         self.exited = True
+        ticket, self._ticket = self._ticket, None
+        assert ticket is not None
         iterator = self._iterator
-        pipeline = iterator.pipeline
-        breaker = pipeline.breaker
-        token, self._token = self._token, None
-        duration = (_clock.monotonic() - self._began) if self._began >= 0 else 0.0
-        if exc is None:
-            if token is not None and breaker is not None:
-                breaker.on_success(token, duration)
-            iterator.finished = True
-            return False
-        if not isinstance(exc, Exception):
-            if token is not None and breaker is not None:
-                breaker.on_cancel(token)
-            iterator.finished = True
-            return False
-        if token is not None and breaker is not None:
-            breaker.on_failure(token, exc, duration)
-        if pipeline.retry is None:
-            iterator.finished = True
-            return False
-        if iterator.state is None:
-            iterator.state = pipeline.retry.new_state(iterator.started)
-        delay = pipeline._next_delay(iterator.state, self.number, exc, None)
-        if delay < 0:
-            iterator.finished = True
-            return False
-        iterator.delay = delay
-        return True  # swallow: the loop makes another attempt
+        error = _settle(iterator.pipeline, ticket, exc, iterator._total_entry)
+        spent = iterator.total_expired(error)
+        if spent is not error:  # the total budget is over: no retry
+            assert spent is not None
+            iterator._finish(spent)
+            raise spent from None
+        retry = iterator.after(self.number, error)
+        if retry or error is exc:
+            return retry
+        assert error is not None
+        raise error from None
+
+    def _release(self) -> None:
+        """The body never entered ``with attempt:``: give the admission back."""
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            _attempt.give_back(self._iterator.pipeline, ticket)
 
 
 class AttemptIterator:
@@ -479,41 +414,163 @@ class AttemptIterator:
                 send(order)
 
     The block runs again while it raises a retryable exception and attempts
-    remain; the breaker sees every attempt. Timeouts are not applied to the
-    block (use the decorator or ``acall`` for them), nor is a fallback.
+    remain. Every attempt passes the circuit breaker, the rate limiter and the
+    bulkhead before the iterator hands it out (a refusal is raised from the
+    ``for`` statement); under ``async for`` the per-attempt and total timeouts
+    apply to the block as well (sync code cannot be interrupted). A fallback
+    does not apply: there is no value to return.
     """
 
-    __slots__ = ("delay", "finished", "number", "pipeline", "started", "state")
+    __slots__ = (
+        "_began",
+        "_failed",
+        "_last",
+        "_total_entry",
+        "delay",
+        "finished",
+        "is_async",
+        "number",
+        "pipeline",
+        "started",
+        "state",
+    )
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.number = 0
         self.finished = False
         self.delay = 0.0
+        self.is_async = False
         self.started = _clock.monotonic()
         self.state: tenacity.RetryCallState | None = None
+        self._last: BaseException | None = None  # the block's own last exception
+        self._failed: BaseException | None = None
+        self._total_entry: Any = None
+        self._began = 0.0
         if pipeline.budget is not None:
             pipeline.budget.deposit()
 
+    # ------------------------------------------------------------ decisions
+
+    def after(self, number: int, error: BaseException | None) -> bool:
+        """Attempt *number* ended with *error*: ``True`` to run the block again."""
+        p = self.pipeline
+        if error is None:
+            self._finish(None)
+            return False
+        if not isinstance(error, Exception):
+            self._finish(error)
+            return False
+        self._last = error
+        if p.retry is not None:
+            if self.state is None:
+                self.state = p.retry.new_state(self.started)
+            delay = p._next_delay(self.state, number, error, None)
+        else:
+            delay = -1.0
+        if delay < 0:
+            self._finish(error)
+            return False
+        self.delay = delay
+        return True  # swallow: the loop makes another attempt
+
+    def refused(self, refusal: BaseException) -> BaseException:
+        """Admission of the next attempt was refused: what to raise from the loop."""
+        p = self.pipeline
+        last = self._last
+        error = refusal
+        if isinstance(refusal, RejectedError) and p.retry is not None and last is None:
+            if self.state is None:
+                self.state = p.retry.new_state(self.started)
+            delay = p._next_delay(self.state, self.number, refusal, None)
+            if delay >= 0:
+                self.delay = delay
+                return refusal  # retried (the policy retries this refusal)
+        if last is not None:
+            error = p._refused_after(refusal, last, self.number)
+        self._finish(error)
+        return error
+
+    def total_expired(self, error: BaseException | None) -> BaseException | None:
+        """Map a cancellation by the total deadline to ``AttemptTimeoutError``."""
+        entry = self._total_entry
+        if entry is not None and error is not None and _settle_deadline(entry, error):
+            self._total_entry = None
+            return _attempt.timeout_error(self.pipeline, "total")
+        return error
+
+    def _finish(self, error: BaseException | None) -> None:
+        self.finished = True
+        entry, self._total_entry = self._total_entry, None
+        if entry is not None:
+            _settle_deadline(entry, error)
+        observer = self.pipeline.observer
+        if observer is not None:
+            observe(observer, "success" if error is None else _outcome_of(error), self._began)
+
+    # ------------------------------------------------------------ iteration
+
     def __iter__(self) -> Iterator[Attempt]:
+        self._began = time.perf_counter()
+        p = self.pipeline
         while not self.finished:
             if self.delay > 0:
                 _clock.sleep(self.delay)
                 self.delay = 0.0
             self.number += 1
-            attempt = Attempt(self, self.number)
-            yield attempt
+            error: BaseException | None = None
+            try:
+                ticket = _admit_sync(p, in_pool=False)
+            except RejectedError as refusal:
+                error = self.refused(refusal)
+            if error is not None:  # raised outside `except`: the user's error is left as it is
+                if self.finished:
+                    raise error
+                continue
+            attempt = Attempt(self, self.number, ticket)
+            try:
+                yield attempt
+            finally:
+                attempt._release()
             if not attempt.exited:
                 return  # the body did not enter `with attempt:`: nothing to retry
 
     async def __aiter__(self) -> AsyncIterator[Attempt]:
+        self.is_async = True
+        self._began = time.perf_counter()
+        p = self.pipeline
+        if p.total_queues is not None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._total_entry = p.total_queues.arm(task)
         while not self.finished:
-            if self.delay > 0:
-                await _clock.asleep(self.delay)
-                self.delay = 0.0
-            self.number += 1
-            attempt = Attempt(self, self.number)
-            yield attempt
+            error: BaseException | None = None
+            try:
+                if self.delay > 0:
+                    await _clock.asleep(self.delay)
+                    self.delay = 0.0
+                self.number += 1
+                ticket = _admit(p)
+                if ticket[_WAIT]:
+                    await _admit_rest(p, ticket)
+            except RejectedError as refusal:
+                error = self.refused(refusal)
+            except BaseException as exc:
+                spent = self.total_expired(exc)
+                self._finish(spent)
+                if spent is exc:
+                    raise
+                assert spent is not None
+                raise spent from None
+            if error is not None:  # raised outside `except`: the user's error is left as it is
+                if self.finished:
+                    raise error
+                continue
+            attempt = Attempt(self, self.number, ticket)
+            try:
+                yield attempt
+            finally:
+                attempt._release()
             if not attempt.exited:
                 return
 

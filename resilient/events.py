@@ -198,6 +198,17 @@ class EventBus:
             self._subscribers = tuple(s for s in self._subscribers if s is not subscriber)
             self.active = bool(self._subscribers)
 
+    @property
+    def subscribers(self) -> tuple[Subscriber, ...]:
+        """The current subscribers, in order."""
+        return self._subscribers
+
+    def replace(self, subscribers: tuple[Subscriber, ...]) -> None:
+        """Swap in another set of subscribers (the testing kit isolates tests with it)."""
+        with self._lock:
+            self._subscribers = tuple(subscribers)
+            self.active = bool(self._subscribers)
+
     def emit(self, event: Any) -> None:
         """Deliver *event* to every subscriber; their errors are logged, never raised."""
         for subscriber in self._subscribers:

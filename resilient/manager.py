@@ -30,8 +30,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from resilient import _clock
 from resilient import _logging as _log_events
+from resilient import attempt as _attempt
 from resilient import events as _events
 from resilient import pipeline as _pipeline
 from resilient._models import (
@@ -44,12 +44,10 @@ from resilient._models import (
 )
 from resilient.breaker import CircuitBreaker
 from resilient.bulkhead import BulkheadManager, bulkhead_manager
-from resilient.decorator import AttemptIterator
+from resilient.decorator import AttemptIterator, _Handle
 from resilient.errors import PolicyError, ResilienceError
 from resilient.policy import registry
-from resilient.timeout import DONE as _DONE
-from resilient.timeout import FIRED as _FIRED
-from resilient.timeout import settle as _settle
+from resilient.runtime import runtime
 
 __all__ = [
     "FLAT_KEYS",
@@ -328,7 +326,7 @@ class _CallStats:
         if error is None:
             self.counts["success"] += 1
             return
-        outcome = _pipeline._outcome(error)
+        outcome = _pipeline.outcome_of(error)
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         if outcome != "cancelled":
             self.last_failure_at = _now_iso()
@@ -417,52 +415,47 @@ class RetryManager:
 
 class _ServiceHandle:
     """
-    The service's pipelines, one per operation name, rebuilt when the policy
-    registry changes (a reload, or metrics switched on): the decorator's handle,
-    with the manager's switched-off sections removed.
+    A service's pipelines, one per operation name (operations name the events):
+    the decorator's handles, claiming the shared objects under the service name,
+    with the manager's switched-off sections removed from the policy.
     """
 
-    __slots__ = ("_cache", "_lock", "_source", "name", "policy", "policy_name")
+    __slots__ = ("_handles", "_lock", "name", "policy", "policy_name", "transform")
 
-    def __init__(self, name: str, policy: Policy | None, policy_name: str | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        policy: Policy | None,
+        policy_name: str | None,
+        transform: Callable[[Policy], Policy] | None = None,
+    ) -> None:
         self.name = name
         self.policy = policy
         self.policy_name = policy_name
+        self.transform = transform
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[int, _pipeline.Pipeline]] = {}
-        self._source: tuple[Policy | None, Policy | None] = (None, None)
+        self._handles: dict[str, _Handle] = {}
 
-    def get(self, operation: str, config: ResilienceConfig) -> _pipeline.Pipeline:
-        cached = self._cache.get(operation)
-        if cached is not None and cached[0] == registry.generation:
-            return cached[1]
-        with self._lock:
-            generation = registry.generation
-            if self.policy_name is not None:
-                raw = registry.get(self.policy_name)
-                source, stripped = self._source
-                if source is not raw:
-                    stripped = _switch_off(raw, config)
-                    self._source = (raw, stripped)
-                policy = stripped
-            else:
-                policy = self.policy
-            assert policy is not None
-            current = cached[1] if cached is not None else None
-            if (
-                current is not None
-                and current.policy is policy
-                and current.factory is _pipeline._observer_factory
-            ):
-                pipeline = current
-            else:
-                pipeline = _pipeline.Pipeline(
-                    policy, name=self.name, callable_name=f"{self.name}.{operation}"
+    def get(self, operation: str) -> _pipeline.Pipeline:
+        handle = self._handles.get(operation)
+        if handle is None:
+            with self._lock:
+                if len(self._handles) >= 256 and operation not in self._handles:
+                    self._handles.clear()  # operation names come from code; a safety net
+                source = self.policy_name if self.policy_name is not None else self.policy
+                assert source is not None
+                handle = self._handles.setdefault(
+                    operation,
+                    _Handle(
+                        source,
+                        key=self.name,
+                        callable_name=f"{self.name}.{operation}",
+                        fallback=None,
+                        claimant=f"service {self.name!r}",
+                        transform=self.transform,
+                    ),
                 )
-            if len(self._cache) >= 256 and operation not in self._cache:
-                self._cache.clear()  # operation names come from code; this is a safety net
-            self._cache[operation] = (generation, pipeline)
-            return pipeline
+        return handle.get()
 
 
 class _Service:
@@ -628,78 +621,33 @@ class HealthMonitor:
 
 class _GuardedBlock:
     """
-    ``async with manager.resilient_call(service, operation):`` - one attempt of
-    the block through breaker, rate limiter, bulkhead and time budget.
+    ``async with manager.resilient_call(service, operation):`` - the block is
+    one attempt of the attempt engine (resilient.attempt): admitted by breaker,
+    rate limiter and bulkhead, under the smaller of the two time budgets.
     """
 
-    __slots__ = (
-        "_began",
-        "_entry",
-        "_held",
-        "_kind",
-        "_manager",
-        "_measured",
-        "_operation",
-        "_pipeline",
-        "_service",
-        "_slot_began",
-        "_token",
-    )
+    __slots__ = ("_began", "_manager", "_operation", "_pipeline", "_service", "_ticket")
 
     def __init__(self, manager: ResilienceManager, service: _Service, operation: str) -> None:
         self._manager = manager
         self._service = service
         self._operation = operation
-        self._token: int | None = None
-        self._entry: Any = None
-        self._held = False
-        self._kind = ""
-        self._measured = -1.0
-        self._slot_began = 0.0
+        self._ticket: list[Any] | None = None
         self._began = 0.0
 
     async def __aenter__(self) -> _GuardedBlock:
-        manager, service = self._manager, self._service
-        manager._check_open()
-        p = self._pipeline = service.handle.get(self._operation, manager.config)
+        self._manager._check_open()
+        p = self._pipeline = self._service.handle.get(self._operation)
         self._began = time.perf_counter()
-        breaker = p.breaker
         try:
-            if breaker is not None:
-                self._token = p._acquire_reporting(breaker)
-                if breaker.needs_duration:
-                    self._measured = _clock.monotonic()
-            limiter = p.limiter
-            if limiter is not None:
-                loop_limiter = limiter.for_loop()
-                if loop_limiter.bucket.has_capacity():
-                    await loop_limiter.bucket.acquire()
-                else:
-                    await p._rate_wait_async(limiter, loop_limiter)
-            bulkhead = p.bulkhead
-            if bulkhead is not None:
-                if not bulkhead.try_acquire():
-                    await p._bulkhead_wait_async(bulkhead)
-                self._held = True
-                self._slot_began = _clock.monotonic() if p.slot_timed else 0.0
+            ticket = _attempt.admit(p)
+            if ticket[_attempt.WAIT]:
+                await _attempt.admit_rest(p, ticket)
         except BaseException as exc:
-            if self._token is not None:
-                assert breaker is not None
-                breaker.on_cancel(self._token)
-                self._token = None
             self._finish(exc)
             raise
-        # One attempt, so the smaller of the two budgets is the block's budget.
-        queues, kind = p.per_attempt_queues, "per_attempt"
-        if p.total_queues is not None and (
-            queues is None or p.total_queues.duration < queues.duration
-        ):
-            queues, kind = p.total_queues, "total"
-        if queues is not None:
-            task = asyncio.current_task()
-            if task is not None:
-                self._entry = queues.arm(task)
-                self._kind = kind
+        _attempt.arm_single(p, ticket)
+        self._ticket = ticket
         return self
 
     async def __aexit__(
@@ -708,29 +656,9 @@ class _GuardedBlock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        p = self._pipeline
-        error = exc
-        entry, self._entry = self._entry, None
-        if entry is not None:
-            if exc is None:
-                entry[_DONE] = True
-                if entry[_FIRED]:
-                    _settle(entry, None)
-            elif _settle(entry, exc):
-                error = p._timeout(self._kind)
-        if self._held:
-            self._held = False
-            p._release_slot(self._slot_began)
-        token, self._token = self._token, None
-        breaker = p.breaker
-        if token is not None and breaker is not None:
-            duration = _clock.monotonic() - self._measured if self._measured >= 0 else 0.0
-            if error is None:
-                breaker.on_success(token, duration)
-            elif isinstance(error, Exception):
-                breaker.on_failure(token, error, duration)
-            else:
-                breaker.on_cancel(token)
+        ticket, self._ticket = self._ticket, None
+        assert ticket is not None
+        error = _attempt.settle(self._pipeline, ticket, exc)
         self._finish(error)
         if error is not exc:
             assert error is not None
@@ -740,8 +668,8 @@ class _GuardedBlock:
     def _finish(self, error: BaseException | None) -> None:
         observer = self._pipeline.observer
         if observer is not None:
-            outcome = "success" if error is None else _pipeline._outcome(error)
-            _pipeline._observe(observer, outcome, self._began)
+            outcome = "success" if error is None else _pipeline.outcome_of(error)
+            _pipeline.observe(observer, outcome, self._began)
         stats = self._service.stats
         if stats is not None:
             stats.record(error, self._began)
@@ -782,6 +710,7 @@ class ResilienceManager:
         self._owns_metrics = False
         self._owns_logging = False
         self._owns_backend = False
+        self._previous_backend: Any = None
         cfg = self.config
         self.circuit_breakers: Mapping[str, CircuitBreaker] = _ServiceView(
             self, lambda s: _breaker_of(self, s), "circuit breaker"
@@ -836,9 +765,11 @@ class ResilienceManager:
         self._initialized = True
 
     def _connect_backend(self, url: str) -> None:
-        from resilient import backends
+        from resilient.backends._config import BackendConfig
 
-        backends.configure(redis_url=url)
+        self._previous_backend = runtime.explicit_backend
+        runtime.configure_backend(BackendConfig(redis_url=url))
+        runtime.backend()  # connect now: a bad URL or a missing extra fails here
         self._owns_backend = True
 
     async def close(self) -> None:
@@ -862,9 +793,9 @@ class ResilienceManager:
             _log_events._release()
             self._owns_logging = False
         if self._owns_backend:
-            from resilient import backends
-
-            backends.reset()
+            # give back the application's own choice (never reset what we did not set)
+            runtime.configure_backend(self._previous_backend)
+            runtime.backend()  # switch now, so the manager's Redis link closes
             self._owns_backend = False
         self._services.clear()
 
@@ -930,7 +861,9 @@ class ResilienceManager:
         modes: tuple[str, ...] = ()
         if isinstance(policy, str):
             registry.get(policy)  # an unknown name fails now (PolicyError)
-            handle = _ServiceHandle(service_name, None, policy)
+            handle = _ServiceHandle(
+                service_name, None, policy, transform=lambda p: _switch_off(p, self.config)
+            )
         elif isinstance(policy, Policy):
             handle = _ServiceHandle(service_name, _switch_off(policy, self.config), None)
         elif policy is None:
@@ -971,7 +904,7 @@ class ResilienceManager:
         return service
 
     def _pipeline(self, service: _Service, operation: str = "call") -> _pipeline.Pipeline:
-        return service.handle.get(operation, self.config)
+        return service.handle.get(operation)
 
     # ------------------------------------------------------------ calling
 
@@ -1025,7 +958,7 @@ class ResilienceManager:
         else:
             target = fn
             operation = getattr(fn, "__name__", None) or "call"
-        pipeline = service.handle.get(operation, self.config)
+        pipeline = service.handle.get(operation)
         stats = service.stats
         began = time.perf_counter()
         try:
@@ -1149,7 +1082,7 @@ class ResilienceManager:
             "service_name": cfg.service_name,
             "environment": cfg.environment,
             "version": __version__,
-            "backend": "redis" if self._owns_backend else "memory",
+            "backend": runtime.backend_name(),
             "state": state,
             "started_at": self._started_at,
             "uptime_seconds": round(time.monotonic() - self._started, 3),

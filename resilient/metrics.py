@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from resilient import events as _events
 from resilient import pipeline as _pipeline
+from resilient.runtime import runtime
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -345,7 +346,7 @@ class PrometheusMetrics:
         with self._lock:
             if not self._installed:
                 return
-            if _pipeline._observer_factory == self.observer_for:
+            if runtime.observer_factory == self.observer_for:
                 _pipeline.set_observer_factory(None)
             if self._unsubscribe is not None:
                 self._unsubscribe()

@@ -1,10 +1,14 @@
 """
 The call pipeline: one compiled object per (function, policy).
 
-Order, outermost first (DESIGN §3)::
+Order, outermost first (docs/architecture.md)::
 
-    fallback -> total timeout -> retry -> circuit breaker -> rate limiter
-      -> bulkhead -> per-attempt timeout -> function
+    fallback -> total timeout -> retry -> [one attempt: circuit breaker
+      -> rate limiter -> bulkhead -> per-attempt timeout -> function]
+
+One attempt is the business of :mod:`resilient.attempt` (the attempt engine);
+this module is the loop around it: retries, the total budget, the fallback and
+the call observer.
 
 A strategy the policy does not enable is absent: its attribute is ``None`` and
 the code path that would use it is skipped by one ``is None`` test. All the
@@ -16,6 +20,7 @@ built; the hot path reads plain slotted attributes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -25,10 +30,11 @@ from typing import Any, Protocol
 import tenacity
 
 from resilient import _clock
+from resilient import attempt as _attempt
 from resilient._models import CircuitBreakerConfig, Policy, RetryStrategy
 from resilient._shared import SharedByName
 from resilient.breaker import CircuitBreaker
-from resilient.budget import RetryBudget, _budget_for
+from resilient.budget import _BUDGETS, RetryBudget
 from resilient.bulkhead import Bulkhead, bulkhead_manager, priority_level
 from resilient.errors import (
     AttemptTimeoutError,
@@ -39,26 +45,30 @@ from resilient.errors import (
 )
 from resilient.events import (
     BreakerStateChanged,
-    CallRejected,
     FallbackUsed,
     RetriesExhausted,
     RetryBudgetExhausted,
     RetryScheduled,
     bus,
 )
-from resilient.policy import registry
-from resilient.ratelimit import RateLimiter, _limiter_for, _LoopLimiter
+from resilient.ratelimit import _LIMITERS, RateLimiter
 from resilient.retry import FailureRate, RetryPlan
-from resilient.timeout import DONE as _DONE
-from resilient.timeout import FIRED as _FIRED
+from resilient.runtime import runtime
 from resilient.timeout import _QueueCache, deadline_queue
 from resilient.timeout import settle as _settle
 
 __all__ = ["CallObserver", "Pipeline", "breakers", "get_breaker", "set_observer_factory"]
 
-_current_task = asyncio.current_task
 _perf_counter = time.perf_counter
+_current_task = asyncio.current_task
 _log = logging.getLogger("resilient")
+_admit = _attempt.admit
+_admit_rest = _attempt.admit_rest
+_admit_sync = _attempt.admit_sync
+_arm = _attempt.arm
+_call_sync = _attempt.call_sync
+_settle_attempt = _attempt.settle
+_WAIT = _attempt.WAIT
 
 
 class CallObserver(Protocol):
@@ -73,7 +83,6 @@ class CallObserver(Protocol):
 
 
 ObserverFactory = Callable[["Pipeline"], CallObserver | None]
-_observer_factory: ObserverFactory | None = None
 
 
 def set_observer_factory(factory: ObserverFactory | None) -> None:
@@ -81,12 +90,11 @@ def set_observer_factory(factory: ObserverFactory | None) -> None:
     Install (or remove, with ``None``) the factory that gives each pipeline its
     observer. Pipelines are rebuilt at their next call.
     """
-    global _observer_factory
-    _observer_factory = factory
-    registry.touch()
+    runtime.set_observer_factory(factory)
 
 
-def _outcome(exc: BaseException) -> str:
+def outcome_of(exc: BaseException) -> str:
+    """The observer's outcome name for a call that ended with *exc*."""
     if isinstance(exc, RejectedError):
         return "rejected"
     if isinstance(exc, AttemptTimeoutError):
@@ -96,11 +104,16 @@ def _outcome(exc: BaseException) -> str:
     return "cancelled"
 
 
-def _observe(observer: CallObserver, outcome: str, began: float) -> None:
+def observe(observer: CallObserver, outcome: str, began: float) -> None:
+    """Hand a call's end to *observer*; an observer that raises is logged, never propagated."""
     try:
         observer.record(outcome, _perf_counter() - began)
     except Exception:
         _log.exception("call observer %r raised; ignoring it", observer)
+
+
+_outcome = outcome_of
+_observe = observe
 
 
 class _BusListener:
@@ -122,7 +135,9 @@ class _BusListener:
 # --------------------------------------------------------------------------- breakers
 
 
-def _make_breaker(name: str, config: CircuitBreakerConfig, backend: Any) -> CircuitBreaker:
+def _make_breaker(
+    name: str, config: CircuitBreakerConfig, backend: Any, previous: CircuitBreaker | None
+) -> CircuitBreaker:
     # The clock is read from the seam when the breaker is made, so a breaker
     # built under a virtual clock (resilient.testing) lives in virtual time.
     return CircuitBreaker(
@@ -131,9 +146,8 @@ def _make_breaker(name: str, config: CircuitBreakerConfig, backend: Any) -> Circ
 
 
 _BREAKERS: SharedByName[CircuitBreaker] = SharedByName(
-    "circuit_breaker", _make_breaker, uses_backend=True
+    "circuit breaker", "circuit_breaker", _make_breaker, uses_backend=True
 )
-_breaker_for = _BREAKERS.get_or_make
 _reset_breakers = _BREAKERS.clear
 
 
@@ -146,7 +160,7 @@ def get_breaker(name: str) -> CircuitBreaker:
         PolicyError: No breaker of that name, and no policy of that name with a
             ``circuit_breaker`` section.
     """
-    return _BREAKERS.lookup(name)
+    return runtime.lookup(_BREAKERS, name)
 
 
 def breakers() -> dict[str, CircuitBreaker]:
@@ -176,20 +190,29 @@ class Pipeline:
 
     Args:
         policy: The validated policy.
-        name: Policy name: names events and errors, and keys the shared breaker.
+        name: Policy name: names events and errors, and keys the shared breaker,
+            bulkhead, rate limiter and retry budget.
         callable_name: Qualified name of the guarded function (for events).
         fallback: Callable taking the exception; overrides the policy's static
             fallback value.
         priority: Priority name of this callable's bulkhead waits (a
             ``resilient.priority`` block wins over it).
+        claimant: Who asks for the shared objects of *name* (``policy 'db'``,
+            ``service 'db'`` ...): a second claimant with another configuration
+            for the same name is a :class:`~resilient.PolicyError`.
+
+    Raises:
+        PolicyError: Another claimant owns *name* with another configuration.
     """
 
     __slots__ = (
+        "attempt_timeout",
         "breaker",
         "budget",
         "bulkhead",
         "callable_name",
         "factory",
+        "failure_rate",
         "fallback",
         "fallback_async",
         "fallback_on",
@@ -203,7 +226,6 @@ class Pipeline:
         "policy",
         "pooled",
         "priority",
-        "rate",
         "retry",
         "retry_after",
         "slot_timed",
@@ -219,32 +241,36 @@ class Pipeline:
         callable_name: str = "<call>",
         fallback: Callable[[BaseException], Any] | None = None,
         priority: str | None = None,
+        claimant: str | None = None,
     ) -> None:
         self.policy = policy
         self.name = name
         self.callable_name = callable_name
-        # Rate limiter, bulkhead and retry budget are shared per policy name (or
-        # name=), like the breaker, and kept across reloads while unchanged.
+        owner = claimant if claimant is not None else f"policy {name!r}"
+        # Breaker, rate limiter, bulkhead and retry budget are shared per policy
+        # name (or name=) and kept across reloads while unchanged (resilient._shared).
         self.priority = priority_level(priority) if priority is not None else None
         bh = policy.bulkhead
         self.bulkhead: Bulkhead | None = (
-            bulkhead_manager.bulkhead_for(name, bh) if bh is not None else None
+            bulkhead_manager.bulkhead_for(name, bh, claimant=owner) if bh is not None else None
         )
         self.slot_timed = self.bulkhead is not None and self.bulkhead.controller is not None
         self.pooled = self.bulkhead is not None and self.bulkhead.pooled
         rl = policy.rate_limit
-        self.limiter: RateLimiter | None = _limiter_for(name, rl) if rl is not None else None
+        self.limiter: RateLimiter | None = (
+            runtime.claim(_LIMITERS, name, rl, owner) if rl is not None else None
+        )
         rc = policy.retry
         self.budget: RetryBudget | None = None
-        self.retry_after: Callable[[Any], float | None] | None = None
+        self.retry_after: Callable[[Any], Any] | None = None
         self.max_delay = 0.0
         if rc is not None and rc.max_attempts > 1:
             if rc.budget is not None:
-                self.budget = _budget_for(name, rc.budget)
+                self.budget = runtime.claim(_BUDGETS, name, rc.budget, owner)
             self.retry_after = rc.retry_after
             self.max_delay = rc.max_delay
         cb = policy.circuit_breaker
-        self.breaker = _breaker_for(name, cb) if cb is not None else None
+        self.breaker = runtime.claim(_BREAKERS, name, cb, owner) if cb is not None else None
         self.per_attempt = policy.per_attempt_timeout
         self.total = policy.total_timeout
         self.per_attempt_queues: _QueueCache | None = (
@@ -253,7 +279,9 @@ class Pipeline:
         self.total_queues: _QueueCache | None = (
             deadline_queue(self.total) if self.total is not None else None
         )
-        self.rate: FailureRate | None = None
+        self.attempt_timeout = functools.partial(_attempt.timeout_error, self, "per_attempt")
+        # failure average of the adaptive retry strategy, for policies without a breaker
+        self.failure_rate: FailureRate | None = None
         self.retry: RetryPlan | None = None
         if policy.retry is not None and policy.retry.max_attempts > 1:
             rate_source: Callable[[], float] | None = None
@@ -262,7 +290,7 @@ class Pipeline:
                 if breaker is not None:
                     rate_source = lambda: breaker.failure_rate  # noqa: E731
                 else:
-                    rate = self.rate = FailureRate()
+                    rate = self.failure_rate = FailureRate()
                     rate_source = lambda: rate.rate  # noqa: E731
             self.retry = RetryPlan(policy.retry, total=self.total, rate=rate_source)
         if fallback is not None:
@@ -280,12 +308,12 @@ class Pipeline:
         self.fallback_async = self.fallback is not None and _is_async_callable(self.fallback)
         # The factory is remembered so that a handle rebuilding after
         # set_observer_factory() makes a new pipeline instead of reusing this one.
-        self.factory = factory = _observer_factory
+        self.factory = factory = runtime.observer_factory
         self.observer: CallObserver | None = factory(self) if factory is not None else None
         # Fast lanes, chosen once here and read by the decorator's wrappers:
         # DIRECT calls the function with no wrapping at all and only enters the
-        # pipeline after a first failure; SINGLE is one guarded attempt (breaker
-        # and/or per-attempt timeout) inlined in the wrapper; FULL is run_*().
+        # pipeline after a first failure; SINGLE is one attempt of the engine
+        # (resilient.attempt) with no loop around it; FULL is run_*().
         # Both fast lanes are white lists: a policy section they do not know
         # about (a later strategy) sends the call down the FULL path.
         known = {"retry", "fallback", "circuit_breaker", "timeout", "bulkhead", "rate_limit"}
@@ -297,7 +325,7 @@ class Pipeline:
             and self.per_attempt is None
             and self.limiter is None
             and self.bulkhead is None
-            and self.rate is None
+            and self.failure_rate is None
             and self.budget is None
             and (self.retry is None or not self.retry.checks_result)
         ):
@@ -307,12 +335,15 @@ class Pipeline:
         else:
             self.lane = LANE_FULL
 
+    def __repr__(self) -> str:
+        return f"<Pipeline {self.name!r} of {self.callable_name}>"
+
     # ------------------------------------------------------------ shared logic
 
     def _give_up(self, exc: BaseException, attempt: int, reason: str) -> None:
         if attempt > 1:
-            exc.add_note(
-                f"resilient: policy {self.name!r} gave up after {attempt} attempts ({reason})"
+            _note_once(
+                exc, f"resilient: policy {self.name!r} gave up after {attempt} attempts ({reason})"
             )
         if bus.active:
             bus.emit(
@@ -326,8 +357,19 @@ class Pipeline:
         plan = self.retry
         assert plan is not None
         delay, reason = plan.decide(state, attempt, exc, result)
+        if delay < 0 and reason == "not_retryable" and isinstance(exc, RejectedError):
+            return -1.0  # refused, not retried: CallRejected was the event
         if delay >= 0 and (self.retry_after is not None or isinstance(exc, RejectedError)):
             delay, reason = self._server_delay(plan, state, delay, exc, result)
+        if (
+            delay >= 0
+            and self.breaker is not None
+            and not isinstance(exc, RejectedError)
+            and self.breaker.open_for() > delay
+        ):
+            # Respect the breaker: it is open and stays open past this delay,
+            # so the next attempt would only be refused.
+            delay, reason = -1.0, "circuit_open"
         if delay >= 0 and self.budget is not None and not self.budget.try_withdraw():
             delay, reason = -1.0, "budget"
             if bus.active:
@@ -342,14 +384,6 @@ class Pipeline:
             bus.emit(RetryScheduled(self.name, self.callable_name, attempt, delay, error))
         return delay
 
-    def _acquire_reporting(self, breaker: CircuitBreaker) -> int:
-        """``breaker.acquire()``, putting a rejection on the event bus."""
-        try:
-            return breaker.acquire()
-        except CircuitOpenError as rejected:
-            self._rejected(rejected)
-            raise
-
     def _server_delay(
         self,
         plan: RetryPlan,
@@ -362,81 +396,41 @@ class Pipeline:
         hint: float | None = None
         if self.retry_after is not None:
             try:
-                hint = self.retry_after(exc if exc is not None else result)
+                hint = _seconds(self.retry_after(exc if exc is not None else result))
             except Exception:
                 _log.exception("retry_after hook of policy %r raised; ignoring it", self.name)
         if hint is None and isinstance(exc, RejectedError):
             hint = exc.retry_after
         if hint is None:
             return delay, ""
-        wait = min(max(float(hint), 0.0), self.max_delay)
+        wait = min(max(hint, 0.0), self.max_delay)
         state.idle_for += wait - delay
         state.upcoming_sleep = wait
         if plan.stop(state):  # the server's delay outlives the total budget
             return -1.0, "total_timeout"
         return wait, ""
 
-    def _refused(self, exc: RejectedError, reason: str) -> None:
-        if bus.active:
-            bus.emit(CallRejected(self.name, self.callable_name, reason, exc.retry_after))
-
-    async def _rate_wait_async(self, limiter: RateLimiter, loop_limiter: _LoopLimiter) -> None:
-        try:
-            await limiter.wait_async(loop_limiter)
-        except RateLimitedError as exc:
-            self._refused(exc, "rate_limited")
-            raise
-
-    def _rate_acquire_sync(self, limiter: RateLimiter) -> None:
-        try:
-            limiter.acquire_sync()
-        except RateLimitedError as exc:
-            self._refused(exc, "rate_limited")
-            raise
-
-    async def _bulkhead_wait_async(self, bulkhead: Bulkhead) -> None:
-        try:
-            await bulkhead.acquire_async(self.priority)
-        except BulkheadFullError as exc:
-            self._refused(exc, "bulkhead_full")
-            raise
-
-    def _bulkhead_wait_sync(self, bulkhead: Bulkhead) -> None:
-        try:
-            bulkhead.acquire_sync(self.priority)
-        except BulkheadFullError as exc:
-            self._refused(exc, "bulkhead_full")
-            raise
-
-    def _release_slot(self, began: float) -> None:
-        bulkhead = self.bulkhead
-        assert bulkhead is not None
-        if self.slot_timed:
-            bulkhead.release_timed(_clock.monotonic() - began)
-        else:
-            bulkhead.release()
-
-    def _attempt_timeout(self) -> AttemptTimeoutError:
-        return self._timeout("per_attempt")
-
-    def _rejected(self, exc: CircuitOpenError) -> None:
-        if bus.active:
-            bus.emit(CallRejected(self.name, self.callable_name, "circuit_open", exc.retry_after))
+    def _refused_after(
+        self, refusal: BaseException, last: BaseException, attempt: int
+    ) -> BaseException:
+        """
+        An attempt after the first was refused (breaker open, bulkhead full, rate
+        limited) and will not be retried: the caller gets its function's own last
+        exception, with a note, rather than the library's refusal.
+        """
+        if not isinstance(refusal, RejectedError):
+            return refusal
+        reason = {
+            CircuitOpenError: "circuit_open",
+            BulkheadFullError: "bulkhead_full",
+            RateLimitedError: "rate_limited",
+        }.get(type(refusal), "rejected")
+        self._give_up(last, attempt - 1, reason)
+        return last
 
     def _fallback_used(self, exc: BaseException) -> None:
         if bus.active:
             bus.emit(FallbackUsed(self.name, self.callable_name, type(exc).__name__))
-
-    def _timeout(self, kind: str) -> AttemptTimeoutError:
-        budget = self.per_attempt if kind == "per_attempt" else self.total
-        assert budget is not None
-        what = "attempt" if kind == "per_attempt" else "call"
-        return AttemptTimeoutError(
-            f"policy {self.name!r}: {what} of {self.callable_name} took longer than {budget}s",
-            policy=self.name,
-            timeout=budget,
-            kind=kind,
-        )
 
     # ------------------------------------------------------------------ async
 
@@ -452,16 +446,12 @@ class Pipeline:
         first attempt the caller already made (the direct lane).
         """
         # One coroutine for the whole pipeline: every extra layer of coroutine
-        # would cost more than all the checks below together.
+        # would cost more than all the checks below together. Each attempt goes
+        # through the attempt engine (resilient.attempt).
         observer = self.observer
         began = _perf_counter() if observer is not None else 0.0
-        breaker = self.breaker
-        queues = self.per_attempt_queues
-        rate = self.rate
+        rate = self.failure_rate
         retry = self.retry
-        limiter = self.limiter
-        bulkhead = self.bulkhead
-        slot_timed = self.slot_timed
         if self.budget is not None:
             self.budget.deposit()
         total_entry = None
@@ -473,77 +463,33 @@ class Pipeline:
                 total_entry = self.total_queues.arm(task)
         attempt = 1
         state: tenacity.RetryCallState | None = None
+        last = failed  # the function's own last exception
         try:
             while True:
                 if failed is None:
-                    token: int | None = None
-                    measured = -1.0
-                    held = admitted = False
                     try:
-                        if breaker is not None:
-                            try:
-                                token = breaker.acquire()
-                            except CircuitOpenError as rejected:
-                                self._rejected(rejected)
-                                raise
-                            if breaker.needs_duration:
-                                measured = _clock.monotonic()
-                        if limiter is not None:
-                            loop_limiter = limiter.for_loop()
-                            if not loop_limiter.try_take():
-                                await self._rate_wait_async(limiter, loop_limiter)
-                        if bulkhead is not None:
-                            if not bulkhead.try_acquire():
-                                await self._bulkhead_wait_async(bulkhead)
-                            held = True
-                            slot_began = _clock.monotonic() if slot_timed else 0.0
-                        admitted = True
-                        if queues is not None:
-                            task = _current_task()
-                            assert task is not None
-                            entry = queues.arm(task)
-                            try:
-                                result = await fn(*args, **kwargs)
-                            except BaseException as exc:
-                                if _settle(entry, exc):
-                                    raise self._timeout("per_attempt") from None
-                                raise
-                            entry[_DONE] = True
-                            if entry[_FIRED]:
-                                _settle(entry, None)
-                        else:
-                            result = await fn(*args, **kwargs)
-                    except Exception as exc:
-                        if held:
-                            self._release_slot(slot_began)
-                        if token is not None:
-                            assert breaker is not None
-                            if admitted:
-                                breaker.on_failure(token, exc, _since(measured))
-                            else:  # refused by the rate limiter or the bulkhead
-                                breaker.on_cancel(token)
+                        ticket = _admit(self)
+                        if ticket[_WAIT]:
+                            await _admit_rest(self, ticket)
+                    except RejectedError as refusal:  # nothing is held
+                        failed = refusal
+                    else:
+                        _arm(self, ticket)
+                if failed is None:
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except BaseException as exc:
+                        error = _settle_attempt(self, ticket, exc, total_entry)
+                        if not isinstance(error, Exception):
+                            raise  # the caller is cancelled: nothing to retry
                         if rate is not None:
                             rate.record(True)
-                        failed = exc
-                    except BaseException:
-                        if held:
-                            self._release_slot(slot_began)
-                        if token is not None:
-                            assert breaker is not None
-                            breaker.on_cancel(token)
-                        raise
+                        if error is not exc:  # the per-attempt deadline fired
+                            error.__cause__ = None
+                            error.__suppress_context__ = True
+                        failed = last = error
                     else:
-                        if held:
-                            assert bulkhead is not None
-                            if slot_timed:
-                                bulkhead.release_timed(_clock.monotonic() - slot_began)
-                            else:
-                                bulkhead.release()
-                        if token is not None:
-                            assert breaker is not None
-                            breaker.on_success(
-                                token, (_clock.monotonic() - measured) if measured >= 0 else 0.0
-                            )
+                        _settle_attempt(self, ticket, None)
                         if rate is not None:
                             rate.record(False)
                         if retry is None or not retry.checks_result:
@@ -565,34 +511,38 @@ class Pipeline:
                 else:
                     delay = -1.0
                 if delay < 0:
+                    if last is not None and failed is not last:
+                        failed = self._refused_after(failed, last, attempt)
                     try:
                         raise failed
                     finally:
                         # no frame -> exception -> traceback -> frame cycle
-                        failed = None
+                        failed = last = None
                 failed = None
                 if delay > 0:
                     await _clock.asleep(delay)
                 attempt += 1
         except BaseException as exc:
-            error: BaseException = exc
+            error = exc
             if total_entry is not None and _settle(total_entry, exc):
-                error = self._timeout("total")
+                error = _attempt.timeout_error(self, "total")
             if self.fallback is not None and isinstance(error, self.fallback_on):
                 self._fallback_used(error)
                 if observer is not None:
-                    _observe(observer, "fallback", began)
+                    observe(observer, "fallback", began)
                 value = self.fallback(error)
-                return (await value) if self.fallback_async else value
+                if self.fallback_async or inspect.isawaitable(value):
+                    return await value
+                return value
             if observer is not None:
-                _observe(observer, _outcome(error), began)
+                observe(observer, outcome_of(error), began)
             if error is exc:
                 raise
             raise error from None
         if total_entry is not None:
             _settle(total_entry, None)
         if observer is not None:
-            _observe(observer, "success", began)
+            observe(observer, "success", began)
         return result
 
     # ------------------------------------------------------------------- sync
@@ -607,13 +557,8 @@ class Pipeline:
         """Run *fn* in the caller's thread through the whole pipeline (see run_async)."""
         observer = self.observer
         began = _perf_counter() if observer is not None else 0.0
-        breaker = self.breaker
-        rate = self.rate
+        rate = self.failure_rate
         retry = self.retry
-        limiter = self.limiter
-        bulkhead = self.bulkhead
-        slot_timed = self.slot_timed
-        pooled = self.pooled
         if self.budget is not None:
             self.budget.deposit()
         # Sync code cannot be interrupted: the total budget is checked between
@@ -621,69 +566,27 @@ class Pipeline:
         started = _clock.monotonic() if self.total is not None else -1.0
         attempt = 1
         state: tenacity.RetryCallState | None = None
+        last = failed  # the function's own last exception
         try:
             while True:
                 if failed is None:
-                    token: int | None = None
-                    measured = -1.0
-                    held = admitted = False
                     try:
-                        if breaker is not None:
-                            try:
-                                token = breaker.acquire()
-                            except CircuitOpenError as rejected:
-                                self._rejected(rejected)
-                                raise
-                            if breaker.needs_duration:
-                                measured = _clock.monotonic()
-                        if limiter is not None:
-                            self._rate_acquire_sync(limiter)
-                        if bulkhead is not None:
-                            if not bulkhead.try_acquire():
-                                self._bulkhead_wait_sync(bulkhead)
-                            if pooled:
-                                # the pool's thread gives the slot back when fn ends
-                                admitted = True
-                                result = bulkhead.run_in_pool(
-                                    fn, args, kwargs, self.per_attempt, self._attempt_timeout
-                                )
-                            else:
-                                held = True
-                                slot_began = _clock.monotonic() if slot_timed else 0.0
-                        if not pooled:
-                            admitted = True
-                            result = fn(*args, **kwargs)
+                        ticket = _admit_sync(self)
+                    except RejectedError as refusal:  # nothing is held
+                        failed = refusal
+                if failed is None:
+                    try:
+                        result = _call_sync(self, fn, args, kwargs)
                     except Exception as exc:
-                        if held:
-                            self._release_slot(slot_began)
-                        if token is not None:
-                            assert breaker is not None
-                            if admitted:
-                                breaker.on_failure(token, exc, _since(measured))
-                            else:  # refused by the rate limiter or the bulkhead
-                                breaker.on_cancel(token)
+                        _settle_attempt(self, ticket, exc)
                         if rate is not None:
                             rate.record(True)
-                        failed = exc
-                    except BaseException:
-                        if held:
-                            self._release_slot(slot_began)
-                        if token is not None:
-                            assert breaker is not None
-                            breaker.on_cancel(token)
+                        failed = last = exc
+                    except BaseException as exc:
+                        _settle_attempt(self, ticket, exc)
                         raise
                     else:
-                        if held:
-                            assert bulkhead is not None
-                            if slot_timed:
-                                bulkhead.release_timed(_clock.monotonic() - slot_began)
-                            else:
-                                bulkhead.release()
-                        if token is not None:
-                            assert breaker is not None
-                            breaker.on_success(
-                                token, (_clock.monotonic() - measured) if measured >= 0 else 0.0
-                            )
+                        _settle_attempt(self, ticket, None)
                         if rate is not None:
                             rate.record(False)
                         if retry is None or not retry.checks_result:
@@ -704,10 +607,12 @@ class Pipeline:
                 else:
                     delay = -1.0
                 if delay < 0:
+                    if last is not None and failed is not last:
+                        failed = self._refused_after(failed, last, attempt)
                     try:
                         raise failed
                     finally:
-                        failed = None
+                        failed = last = None
                 failed = None
                 if delay > 0:
                     _clock.sleep(delay)
@@ -716,18 +621,54 @@ class Pipeline:
             if self.fallback is not None and isinstance(exc, self.fallback_on):
                 self._fallback_used(exc)
                 if observer is not None:
-                    _observe(observer, "fallback", began)
+                    observe(observer, "fallback", began)
                 return self.fallback(exc)
             if observer is not None:
-                _observe(observer, _outcome(exc), began)
+                observe(observer, outcome_of(exc), began)
             raise
         if observer is not None:
-            _observe(observer, "success", began)
+            observe(observer, "success", began)
         return result
 
 
-def _since(measured: float) -> float:
-    return (_clock.monotonic() - measured) if measured >= 0 else 0.0
+def _note_once(exc: BaseException, note: str) -> None:
+    """Add *note* unless the exception already carries a note of ours (a shared instance
+    re-raised by many calls must not grow a note per call)."""
+    notes = getattr(exc, "__notes__", None)
+    if notes and any(n.startswith("resilient: ") for n in notes):
+        return
+    exc.add_note(note)
+
+
+def _seconds(hint: Any) -> float | None:
+    """A Retry-After hint as seconds: a number, a numeric string or an HTTP-date;
+    ``None`` for anything else (NaN and negative values mean "no hint")."""
+    if hint is None or isinstance(hint, bool):
+        return None
+    if isinstance(hint, int | float):
+        value = float(hint)
+    elif isinstance(hint, str):
+        text = hint.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            try:
+                when = parsedate_to_datetime(text)
+            except (TypeError, ValueError, IndexError):
+                return None
+            if when.tzinfo is None:
+                return None
+            import datetime as _dt
+
+            value = (when - _dt.datetime.now(_dt.UTC)).total_seconds()
+            value = max(value, 0.0)
+    else:
+        return None
+    if value != value or value < 0:  # NaN, negative
+        return None
+    return value
 
 
 def _is_async_callable(obj: Any) -> bool:

@@ -10,8 +10,8 @@ import pytest
 import resilient
 from resilient import _clock
 from resilient.events import bus
-from resilient.pipeline import _reset_breakers
 from resilient.policy import registry
+from resilient.runtime import runtime
 from resilient.testing import load_hypothesis_profile
 
 # Hypothesis profiles: "ci" (fast, the default) or "nightly" (thorough), chosen with
@@ -25,12 +25,11 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[None]:
         monkeypatch.delenv(var)
     monkeypatch.chdir(tmp_path)
     registry.clear()
-    _reset_breakers()
+    runtime.clear_shared()
     yield
     registry.clear()
-    _reset_breakers()
-    for subscriber in list(bus._subscribers):
-        bus.unsubscribe(subscriber)
+    runtime.clear_shared()
+    bus.replace(())
 
 
 class Sleeps(list[float]):

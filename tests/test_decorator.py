@@ -459,12 +459,14 @@ class TestCallForms:
     def test_attempts_feed_breaker(self) -> None:
         """Each attempt of the block form is seen by the breaker."""
         load(p={**TestBreaker.POLICY, "retry": RETRY})
-        with pytest.raises(CircuitOpenError):
+        with pytest.raises(ConnectionError) as caught:
             for attempt in resilient.attempts("p"):
                 with attempt:
                     raise ConnectionError
-        # two failures opened it; the third attempt was rejected
+        # two failures opened it: no third attempt (it would only be refused);
+        # the block's own error comes back, with a note saying why it stopped
         assert resilient.get_breaker("p").state == "open"
+        assert "gave up after 2 attempts (circuit_open)" in caught.value.__notes__[0]
 
 
 class TestObserver:

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 import resilient
 from resilient import metrics
 from resilient.events import BackendDown, BackendUp, ChaosInjected, HealthChanged, bus
-from resilient.pipeline import _observer_factory
+from resilient.runtime import runtime
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +137,7 @@ class TestCalls:
         def exploding(pipeline: Any) -> Any:
             raise AssertionError("observer factory called on the call path")
 
-        monkeypatch.setattr(resilient.pipeline, "_observer_factory", exploding)
+        monkeypatch.setattr(runtime, "observer_factory", exploding)
         for _ in range(5):
             ok()
         monkeypatch.undo()
@@ -245,7 +245,7 @@ class TestLifecycle:
         with pytest.raises(RuntimeError, match="disable"):
             metrics.enable(registry=CollectorRegistry())
         metrics.disable()
-        assert _observer_factory is None or metrics.active() is None
+        assert runtime.observer_factory is None
         assert "resilient_calls" not in {m.name for m in registry.collect()}
         again = metrics.enable(registry=registry)  # re-registering works
         assert again is not first

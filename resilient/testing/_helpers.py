@@ -70,12 +70,9 @@ class IsolatedRegistry:
         Forget every circuit breaker, bulkhead, rate limiter and retry budget
         (each policy starts afresh at its next call).
         """
-        from resilient import _shared
-        from resilient.policy import registry
+        from resilient.runtime import runtime
 
-        for table in _shared.TABLES:
-            table.clear()
-        registry.touch()
+        runtime.clear_shared()
 
 
 @contextlib.contextmanager
@@ -89,31 +86,21 @@ def isolated_registry(source: PolicySource | None = None) -> Iterator[IsolatedRe
         with isolated_registry("resilience.yaml") as policies:
             assert "broker" in policies.names()
     """
-    from resilient.policy import registry
-    from resilient.testing._state import fresh_state
+    from resilient.runtime import runtime
 
-    saved_policies = registry._policies
-    saved_source = registry.source
-    saved_explicit = registry._explicit
-    saved_subscribers = bus._subscribers
-    for subscriber in saved_subscribers:
-        bus.unsubscribe(subscriber)
-    registry.clear()
+    saved = runtime.snapshot()
+    saved_subscribers = bus.subscribers
+    bus.replace(())
+    runtime.registry.clear()
+    runtime.clear_shared()
     handle = IsolatedRegistry()
     try:
-        with fresh_state():
-            if source is not None:
-                handle.load(source)
-            yield handle
+        if source is not None:
+            handle.load(source)
+        yield handle
     finally:
-        for subscriber in bus._subscribers:
-            bus.unsubscribe(subscriber)
-        for subscriber in saved_subscribers:
-            bus.subscribe(subscriber)
-        if saved_policies is None:
-            registry.clear()
-        else:
-            registry.replace(saved_policies, saved_source, explicit=saved_explicit)
+        bus.replace(saved_subscribers)
+        runtime.restore(saved)
 
 
 class CapturedEvents(list[Event]):

@@ -1,0 +1,331 @@
+"""
+The attempt engine: what happens to *one attempt* of a call, for every call form.
+
+An attempt is admitted, runs, and is settled:
+
+* **admit**: the circuit breaker gives a token (or refuses: ``CircuitOpenError``),
+  the rate limiter a permit (local bucket or a lease from the fleet's), the
+  bulkhead a slot; a refusal at any stage gives back what the earlier stages
+  handed out and is put on the event bus as ``CallRejected``. Async admission is
+  split in two so that the common case costs no coroutine: :func:`admit` takes
+  everything that is free *now* and :func:`admit_rest` waits for the rest.
+* **arm** (async only): the per-attempt deadline is armed on the current task.
+* **settle**: the deadline is disarmed (an attempt it cancelled becomes an
+  ``AttemptTimeoutError``), the bulkhead slot released, and the outcome handed
+  to the breaker: success, failure (an ``Exception``), or neither (cancellation
+  and other ``BaseException``: the token is given back, nothing is counted).
+
+The decorator (sync and async), ``call``/``acall``/``acall_sync``, the block form
+``attempts()`` and the manager's ``resilient_call``/``call`` all go through these
+functions, so they admit, time out, count and release in exactly the same way
+(``tests/test_conformance.py`` checks every form against every situation). A new
+innermost stage (fault injection, passive health) goes here, once.
+
+The state of one attempt is a plain list, a *ticket* (cheaper than an object):
+``[token, measured, slot_began, deadline_entry, wait, deadline_kind]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Protocol
+
+from resilient import _clock
+from resilient.errors import (
+    AttemptTimeoutError,
+    BulkheadFullError,
+    CircuitOpenError,
+    RateLimitedError,
+    RejectedError,
+)
+from resilient.events import CallRejected, bus
+from resilient.timeout import DONE as _DONE
+from resilient.timeout import FIRED as _FIRED
+from resilient.timeout import settle as _settle_deadline
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from resilient.breaker import CircuitBreaker
+    from resilient.bulkhead import Bulkhead
+    from resilient.ratelimit import RateLimiter
+    from resilient.timeout import _QueueCache
+
+
+class Stages(Protocol):
+    """
+    What the engine reads of a compiled pipeline (:class:`resilient.pipeline.Pipeline`
+    is one): the stages a policy enables, ``None`` for the others.
+    """
+
+    name: str
+    callable_name: str
+    breaker: CircuitBreaker | None
+    limiter: RateLimiter | None
+    bulkhead: Bulkhead | None
+    priority: int | None
+    slot_timed: bool
+    pooled: bool
+    per_attempt: float | None
+    total: float | None
+    per_attempt_queues: _QueueCache | None
+    total_queues: _QueueCache | None
+    attempt_timeout: Callable[[], AttemptTimeoutError]
+
+
+Pipeline = Stages  # the name the functions below use
+
+__all__ = [
+    "Stages",
+    "admit",
+    "admit_rest",
+    "admit_sync",
+    "arm",
+    "call_sync",
+    "settle",
+    "timeout_error",
+]
+
+_current_task = asyncio.current_task
+
+# ticket fields
+TOKEN = 0
+MEASURED = 1
+SLOT = 2
+ENTRY = 3
+WAIT = 4
+KIND = 5
+
+# what admit() left to wait for
+_WAIT_NONE = 0
+_WAIT_RATE = 1  # the rate limiter (then the bulkhead)
+_WAIT_SLOT = 2  # the bulkhead
+
+
+def refused(p: Pipeline, exc: RejectedError, reason: str) -> None:
+    """Put a refusal on the event bus (``circuit_open``, ``rate_limited``, ``bulkhead_full``)."""
+    if bus.active:
+        bus.emit(CallRejected(p.name, p.callable_name, reason, exc.retry_after))
+
+
+def _acquire(p: Pipeline) -> tuple[int | None, float]:
+    breaker = p.breaker
+    if breaker is None:
+        return None, -1.0
+    try:
+        token = breaker.acquire()
+    except CircuitOpenError as rejected:
+        refused(p, rejected, "circuit_open")
+        raise
+    return token, (_clock.monotonic() if breaker.needs_duration else -1.0)
+
+
+def admit(p: Pipeline) -> list[Any]:
+    """
+    Admit an async attempt as far as possible without waiting. When
+    ``ticket[WAIT]`` is set, ``await admit_rest(p, ticket)`` before running it.
+
+    Raises:
+        CircuitOpenError: The breaker refused (nothing is held).
+    """
+    token, measured = _acquire(p)
+    slot = -1.0
+    wait = _WAIT_NONE
+    limiter = p.limiter
+    if limiter is not None and not limiter.for_loop().try_take():
+        wait = _WAIT_RATE
+    else:
+        bulkhead = p.bulkhead
+        if bulkhead is not None:
+            if bulkhead.try_acquire():
+                slot = _clock.monotonic() if p.slot_timed else 0.0
+            else:
+                wait = _WAIT_SLOT
+    return [token, measured, slot, None, wait, "per_attempt"]
+
+
+async def admit_rest(p: Pipeline, ticket: list[Any]) -> None:
+    """
+    Wait for what :func:`admit` could not take at once (a rate-limit permit, a
+    bulkhead slot). On refusal or cancellation everything is given back.
+
+    Raises:
+        RateLimitedError, BulkheadFullError: Refused (after ``max_wait`` /
+            ``acquire_timeout``).
+    """
+    try:
+        if ticket[WAIT] == _WAIT_RATE:
+            limiter = p.limiter
+            assert limiter is not None
+            try:
+                await limiter.wait_async(limiter.for_loop())
+            except RateLimitedError as exc:
+                refused(p, exc, "rate_limited")
+                raise
+        bulkhead = p.bulkhead
+        if bulkhead is not None:
+            if not bulkhead.try_acquire():
+                try:
+                    await bulkhead.acquire_async(p.priority)
+                except BulkheadFullError as exc:
+                    refused(p, exc, "bulkhead_full")
+                    raise
+            ticket[SLOT] = _clock.monotonic() if p.slot_timed else 0.0
+        ticket[WAIT] = _WAIT_NONE
+    except BaseException:
+        _give_back(p, ticket)
+        raise
+
+
+def admit_sync(p: Pipeline, *, in_pool: bool = True) -> list[Any]:
+    """
+    Admit a sync attempt, waiting in this thread for a permit and a slot as the
+    policy allows. With a thread-pool bulkhead and *in_pool*, the slot is given
+    back by the pool's thread when :func:`call_sync` ends; a block (the
+    ``attempts()`` form, which runs in the caller's thread) holds it in the ticket.
+
+    Raises:
+        CircuitOpenError, RateLimitedError, BulkheadFullError: Refused
+            (nothing is held).
+    """
+    token, measured = _acquire(p)
+    ticket = [token, measured, -1.0, None, _WAIT_NONE, "per_attempt"]
+    limiter = p.limiter
+    bulkhead = p.bulkhead
+    if limiter is not None or bulkhead is not None:
+        try:
+            if limiter is not None:
+                try:
+                    limiter.acquire_sync()
+                except RateLimitedError as exc:
+                    refused(p, exc, "rate_limited")
+                    raise
+            if bulkhead is not None:
+                if not bulkhead.try_acquire():
+                    try:
+                        bulkhead.acquire_sync(p.priority)
+                    except BulkheadFullError as exc:
+                        refused(p, exc, "bulkhead_full")
+                        raise
+                if not (p.pooled and in_pool):
+                    ticket[SLOT] = _clock.monotonic() if p.slot_timed else 0.0
+        except BaseException:
+            _give_back(p, ticket)
+            raise
+    return ticket
+
+
+def call_sync(p: Pipeline, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run a sync attempt admitted by :func:`admit_sync`: in the caller's thread, or in
+    the thread-pool bulkhead (whose thread gives the slot back when *fn* ends)."""
+    if p.pooled:
+        bulkhead = p.bulkhead
+        assert bulkhead is not None
+        return bulkhead.run_in_pool(fn, args, kwargs, p.per_attempt, p.attempt_timeout)
+    return fn(*args, **kwargs)
+
+
+def arm(p: Pipeline, ticket: list[Any]) -> None:
+    """Arm the per-attempt deadline of an async attempt on the current task."""
+    queues = p.per_attempt_queues
+    if queues is not None:
+        task = _current_task()
+        if task is not None:
+            ticket[ENTRY] = queues.arm(task)
+
+
+def arm_single(p: Pipeline, ticket: list[Any]) -> None:
+    """
+    Arm the deadline of a call that is one attempt and nothing else (the
+    manager's ``resilient_call`` block): the smaller of the per-attempt and the
+    total budget.
+    """
+    queues, kind = p.per_attempt_queues, "per_attempt"
+    total = p.total_queues
+    if total is not None and (queues is None or total.duration < queues.duration):
+        queues, kind = total, "total"
+    if queues is not None:
+        task = _current_task()
+        if task is not None:
+            ticket[ENTRY] = queues.arm(task)
+            ticket[KIND] = kind
+
+
+def settle(
+    p: Pipeline, ticket: list[Any], error: BaseException | None, total: Any = None
+) -> BaseException | None:
+    """
+    Settle an attempt that ran: *error* is what it raised (``None``: it returned).
+    *total* is the call's total-deadline entry, if any: an attempt it cut short
+    counts as a timeout failure for the breaker (slowness must be able to trip
+    it), though the call's caller settles that deadline itself.
+
+    Returns:
+        What the caller must raise: *error*, or an ``AttemptTimeoutError`` when
+        the per-attempt deadline cancelled it; ``None`` on success.
+    """
+    entry = ticket[ENTRY]
+    if entry is not None:
+        if error is None:
+            entry[_DONE] = True
+            if entry[_FIRED]:
+                _settle_deadline(entry, None)
+        elif _settle_deadline(entry, error):
+            error = timeout_error(p, ticket[KIND])
+    slot = ticket[SLOT]
+    if slot >= 0:
+        bulkhead = p.bulkhead
+        assert bulkhead is not None
+        if p.slot_timed:
+            bulkhead.release_timed(_clock.monotonic() - slot)
+        else:
+            bulkhead.release()
+    token = ticket[TOKEN]
+    if token is not None:
+        breaker = p.breaker
+        assert breaker is not None
+        measured = ticket[MEASURED]
+        duration = (_clock.monotonic() - measured) if measured >= 0 else 0.0
+        if error is None:
+            breaker.on_success(token, duration)
+        elif isinstance(error, Exception):
+            breaker.on_failure(token, error, duration)
+        elif total is not None and total[_FIRED]:
+            breaker.on_failure(token, timeout_error(p, "total"), duration)
+        else:
+            breaker.on_cancel(token)
+    return error
+
+
+def _give_back(p: Pipeline, ticket: list[Any]) -> None:
+    """An attempt refused (or cancelled) before it ran: the breaker counts nothing."""
+    slot = ticket[SLOT]
+    if slot >= 0:
+        bulkhead = p.bulkhead
+        assert bulkhead is not None
+        bulkhead.release()
+        ticket[SLOT] = -1.0
+    token = ticket[TOKEN]
+    if token is not None:
+        breaker = p.breaker
+        assert breaker is not None
+        breaker.on_cancel(token)
+        ticket[TOKEN] = None
+
+
+def give_back(p: Pipeline, ticket: list[Any]) -> None:
+    """Release an admitted attempt that will not run (its caller was cancelled)."""
+    _give_back(p, ticket)
+
+
+def timeout_error(p: Pipeline, kind: str) -> AttemptTimeoutError:
+    """The error of a deadline that fired: *kind* is ``per_attempt`` or ``total``."""
+    budget = p.per_attempt if kind == "per_attempt" else p.total
+    assert budget is not None
+    what = "attempt" if kind == "per_attempt" else "call"
+    return AttemptTimeoutError(
+        f"policy {p.name!r}: {what} of {p.callable_name} took longer than {budget}s",
+        policy=p.name,
+        timeout=budget,
+        kind=kind,
+    )

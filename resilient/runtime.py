@@ -1,0 +1,241 @@
+"""
+The runtime: the one owner of the process-wide state that compiled pipelines
+depend on.
+
+* the **policy registry** (:data:`resilient.policy.registry`),
+* the **state backend** (memory, or Redis for a fleet): chosen, first match
+  wins, by :func:`resilient.backends.configure`, ``RESILIENCE_REDIS_URL``, then
+  ``redis_url:``/``backend:`` at the top level of the policy file,
+* the **call observer factory** (what :mod:`resilient.metrics` installs),
+* the **shared-by-name tables** (breakers, bulkheads, rate limiters, retry
+  budgets: :mod:`resilient._shared`),
+* and **one rebuild counter**, :attr:`Runtime.generation`.
+
+Every change to any of them (a policy reload, ``backends.configure()``, metrics
+switched on) goes up the counter; a decorated function compares the counter of
+its compiled pipeline with this one on each call (one integer test) and rebuilds
+when they differ, so a change reaches every function at its next call.
+
+:meth:`Runtime.snapshot` / :meth:`Runtime.restore` set the whole state aside and
+put it back; the testing kit and the pytest plugin isolate tests with them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import ValidationError
+
+from resilient import _shared
+from resilient.backends._config import BackendConfig
+from resilient.errors import PolicyError
+from resilient.policy import Policy, registry
+
+if TYPE_CHECKING:
+    from resilient.backends.protocol import Backend
+
+__all__ = ["ENV_REDIS_URL", "Runtime", "RuntimeSnapshot", "runtime"]
+
+ENV_REDIS_URL = "RESILIENCE_REDIS_URL"
+
+T = TypeVar("T", bound=_shared._Shared)
+
+
+@dataclass(frozen=True)
+class RuntimeSnapshot:
+    """Everything :meth:`Runtime.restore` puts back (opaque to users)."""
+
+    policies: Mapping[str, Policy] | None
+    source: str
+    fleet: BackendConfig | None
+    explicit_backend: BackendConfig | None
+    observer_factory: Any
+    tables: tuple[tuple[_shared.SharedByName[Any], Any], ...]
+
+
+class Runtime:
+    """
+    The process's runtime state (one instance: :data:`runtime`).
+
+    Attributes:
+        registry: The policy registry.
+        generation: The rebuild counter; goes up on every change that compiled
+            pipelines must see.
+        observer_factory: Gives each pipeline its call observer (metrics), or ``None``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.generation = 0
+        self.registry = registry
+        registry.on_change = self.touch
+        self.observer_factory: Callable[[Any], Any] | None = None
+        self._explicit_backend: BackendConfig | None = None
+        self._backend: Backend | None = None
+
+    def __repr__(self) -> str:
+        backend = self._backend.name if self._backend is not None else "not built"
+        return (
+            f"<Runtime generation={self.generation} policies={self.registry.source!r} "
+            f"backend={backend}>"
+        )
+
+    def touch(self) -> None:
+        """Make every compiled pipeline rebuild at its next call."""
+        with self._lock:
+            self.generation += 1
+
+    # ------------------------------------------------------------ observer
+
+    def set_observer_factory(self, factory: Callable[[Any], Any] | None) -> None:
+        """Install (or remove) the factory that gives each pipeline its call observer."""
+        with self._lock:
+            self.observer_factory = factory
+            self.generation += 1
+
+    # ------------------------------------------------------------ backend
+
+    def backend_config(self) -> BackendConfig:
+        """
+        The backend settings in force: :meth:`configure_backend`, else
+        ``RESILIENCE_REDIS_URL`` (on top of the file's settings), else the
+        policy file's ``redis_url``/``backend``, else memory.
+
+        Raises:
+            PolicyError: ``RESILIENCE_REDIS_URL`` is not a valid Redis URL (the
+                message names the variable, never the password).
+        """
+        explicit = self._explicit_backend
+        if explicit is not None:
+            return explicit
+        file_cfg = self.registry.fleet
+        env_url = os.environ.get(ENV_REDIS_URL, "").strip()
+        if env_url:
+            base = file_cfg if file_cfg is not None else BackendConfig()
+            try:
+                return BackendConfig.model_validate({**base.model_dump(), "redis_url": env_url})
+            except ValidationError as exc:
+                problem = "; ".join(str(e["msg"]) for e in exc.errors())
+                msg = f"environment variable {ENV_REDIS_URL}: {problem}"
+                raise PolicyError(msg, key=ENV_REDIS_URL) from None
+        return file_cfg if file_cfg is not None else BackendConfig()
+
+    def backend(self) -> Backend:
+        """The backend new breakers, budgets and limiters attach to (built on first use)."""
+        cfg = self.backend_config()
+        active = self._backend
+        if active is not None and active.config == cfg:
+            return active
+        with self._lock:
+            active = self._backend
+            if active is not None and active.config == cfg:
+                return active
+            new: Backend
+            if cfg.redis_url:
+                from resilient.backends.redis import RedisBackend
+
+                new = RedisBackend(cfg)
+            else:
+                from resilient.backends.memory import MemoryBackend
+
+                new = MemoryBackend(cfg)
+            self._backend = new
+            self.generation += 1
+        if active is not None:
+            active.close()
+        return new
+
+    def configure_backend(self, config: BackendConfig | None) -> None:
+        """Choose the backend explicitly (``None``: back to the environment and the file)."""
+        with self._lock:
+            self._explicit_backend = config
+            self.generation += 1
+
+    def reset_backend(self) -> None:
+        """Forget :meth:`configure_backend` and stop the active backend's threads."""
+        with self._lock:
+            self._explicit_backend = None
+            active, self._backend = self._backend, None
+            self.generation += 1
+        if active is not None:
+            active.close()
+
+    @property
+    def explicit_backend(self) -> BackendConfig | None:
+        """What :meth:`configure_backend` set, if anything."""
+        return self._explicit_backend
+
+    def backend_name(self) -> str:
+        """``"memory"`` or ``"redis"``: the backend in force (builds it if needed)."""
+        try:
+            return self.backend().name
+        except PolicyError:
+            return "invalid"
+
+    # ------------------------------------------------------------ shared objects
+
+    def claim(self, table: _shared.SharedByName[T], name: str, config: Any, claimant: str) -> T:
+        """*table*'s object for *name* under *config*, owned or shared by *claimant*."""
+        backend = self.backend() if table.uses_backend else None
+        return table.get_or_make(name, config, claimant=claimant, backend=backend)
+
+    def lookup(self, table: _shared.SharedByName[T], name: str) -> T:
+        """
+        *table*'s object for *name*, made from the active policy *name* if needed.
+
+        Raises:
+            PolicyError: No such object and no policy *name* with that section.
+        """
+        known = table.get(name)
+        if known is not None:
+            return known
+        config: Any = self.registry.get(name)
+        for part in table.section.split("."):  # "retry.budget" is nested
+            config = getattr(config, part, None) if config is not None else None
+        if config is None:
+            msg = f"policy {name!r} has no {table.section} section"
+            raise PolicyError(msg, policy=name)
+        return self.claim(table, name, config, f"policy {name!r}")
+
+    def clear_shared(self) -> None:
+        """Forget every breaker, bulkhead, rate limiter and budget (each starts afresh)."""
+        for table in _shared.TABLES:
+            table.clear()
+        self.touch()
+
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self) -> RuntimeSnapshot:
+        """Set the whole runtime state aside (see :meth:`restore`)."""
+        with self._lock:
+            policies, source, fleet = self.registry.contents()
+            return RuntimeSnapshot(
+                policies=policies,
+                source=source,
+                fleet=fleet,
+                explicit_backend=self._explicit_backend,
+                observer_factory=self.observer_factory,
+                tables=tuple((table, table.snapshot()) for table in _shared.TABLES),
+            )
+
+    def restore(self, snapshot: RuntimeSnapshot) -> None:
+        """Put back what :meth:`snapshot` returned; every pipeline rebuilds at its next call."""
+        with self._lock:
+            self.registry.set_contents(snapshot.policies, snapshot.source, snapshot.fleet)
+            self._explicit_backend = snapshot.explicit_backend
+            self.observer_factory = snapshot.observer_factory
+            saved = dict(snapshot.tables)
+            for table in _shared.TABLES:
+                if table in saved:
+                    table.restore(saved[table])
+                else:
+                    table.clear()
+            self.generation += 1
+
+
+#: The process's runtime.
+runtime = Runtime()

@@ -1,0 +1,471 @@
+"""
+The conformance matrix: every call form x every situation an attempt can meet.
+
+Each form runs one call of the same policy in the same situation; they must give
+the same outcome, put the same events on the bus, call the function the same
+number of times and leave the same state behind (breaker counts, trial permits,
+bulkhead slots). Sync forms cannot interrupt code, so the timeout situations
+are checked on the async forms only. A new stage of the attempt engine (fault
+injection, hedging) adds its situations here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+import resilient
+from resilient.bulkhead import get_bulkhead
+from resilient.events import CallRejected, Event, subscribe
+from resilient.manager import ResilienceManager
+from resilient.runtime import runtime
+
+# --------------------------------------------------------------------------- forms
+
+Work = Callable[[], Any]  # the guarded body: returns "ok" or raises
+
+
+async def _decorator_async(work: Work) -> Any:
+    @resilient.resilient("p")
+    async def guarded() -> Any:
+        return await work()
+
+    return await guarded()
+
+
+async def _acall(work: Work) -> Any:
+    async def guarded() -> Any:
+        return await work()
+
+    return await resilient.acall("p", guarded)
+
+
+async def _attempts_async(work: Work) -> Any:
+    async for attempt in resilient.attempts("p"):
+        with attempt:
+            return await work()
+    raise AssertionError("no attempt")
+
+
+async def _manager_block(work: Work) -> Any:
+    manager = _MANAGER[0]
+    async with manager.resilient_call("p", "op"):
+        return await work()
+
+
+async def _manager_call_async(work: Work) -> Any:
+    async def guarded() -> Any:
+        return await work()
+
+    return await _MANAGER[0].call("p", guarded)
+
+
+def _decorator_sync(work: Work) -> Any:
+    @resilient.resilient("p")
+    def guarded() -> Any:
+        return work()
+
+    return guarded()
+
+
+def _call(work: Work) -> Any:
+    return resilient.call("p", work)
+
+
+def _attempts_sync(work: Work) -> Any:
+    for attempt in resilient.attempts("p"):
+        with attempt:
+            return work()
+    raise AssertionError("no attempt")
+
+
+async def _acall_sync(work: Work) -> Any:
+    return await resilient.acall_sync("p", work)
+
+
+async def _manager_call_sync(work: Work) -> Any:
+    return await _MANAGER[0].call("p", work)
+
+
+_MANAGER: list[ResilienceManager] = []
+
+ASYNC_FORMS: dict[str, Callable[[Work], Awaitable[Any]]] = {
+    "decorator": _decorator_async,
+    "acall": _acall,
+    "attempts": _attempts_async,
+    "manager.resilient_call": _manager_block,
+    "manager.call": _manager_call_async,
+}
+SYNC_FORMS: dict[str, Callable[[Work], Any]] = {
+    "decorator": _decorator_sync,
+    "call": _call,
+    "attempts": _attempts_sync,
+}
+# sync functions awaited from async code (they run the sync pipeline in a thread)
+THREAD_FORMS: dict[str, Callable[[Work], Awaitable[Any]]] = {
+    "acall_sync": _acall_sync,
+    "manager.call(sync)": _manager_call_sync,
+}
+
+
+# --------------------------------------------------------------------------- harness
+
+
+@dataclass
+class Seen:
+    outcome: str = ""
+    calls: int = 0
+    events: list[tuple[str, str]] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def _event_key(event: Event) -> tuple[str, str]:
+    detail = getattr(event, "reason", "") or getattr(event, "new_state", "")
+    return type(event).__name__, str(detail)
+
+
+def _outcome(result: Any, error: BaseException | None) -> str:
+    if error is None:
+        return f"returned {result!r}"
+    kind = getattr(error, "kind", None)
+    return type(error).__name__ + (f"({kind})" if kind else "")
+
+
+def _state() -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    breaker = resilient.breakers().get("p")
+    if breaker is not None:
+        status = breaker.get_status()
+        state["breaker"] = (
+            status["state"],
+            status["totals"]["successes"],
+            status["totals"]["failures"],
+            status["trial_permits_issued"],
+        )
+    bulkheads = resilient.bulkhead_manager.bulkheads()
+    if "p" in bulkheads:
+        state["bulkhead_in_use"] = bulkheads["p"].get_status()["in_use"]
+    return state
+
+
+POLICY: dict[str, Any] = {
+    "retry": {"max_attempts": 1},
+    "circuit_breaker": {"failure_threshold": 5, "timeout_seconds": 30},
+}
+
+
+def _load(**sections: Any) -> None:
+    """A fresh start for one form: the policy, and no breaker, bulkhead or limiter yet."""
+    runtime.clear_shared()
+    resilient.load_policies({"version": 1, "policies": {"p": {**POLICY, **sections}}})
+
+
+async def _start_manager() -> None:
+    manager = ResilienceManager(
+        resilient.ResilienceConfig(prometheus_enabled=False, logging_enabled=False)
+    )
+    await manager.initialize()
+    await manager.register_service("p", policy="p")
+    _MANAGER[:] = [manager]
+
+
+class Situation:
+    """Sets the scene before the call; what the guarded body does."""
+
+    name = ""
+    sections: dict[str, Any] = {}  # noqa: RUF012 - read-only per subclass
+
+    def prepare(self) -> None:
+        """Called after the policy is loaded and the objects exist."""
+
+    def body_sync(self, seen: Seen) -> Any:
+        seen.calls += 1
+        return "ok"
+
+    async def body_async(self, seen: Seen) -> Any:
+        seen.calls += 1
+        return "ok"
+
+    def cleanup(self) -> None:
+        """Give back what prepare() took, before the state is read."""
+
+
+class Closed(Situation):
+    name = "closed"
+
+
+class Failing(Situation):
+    name = "failing"
+
+    def body_sync(self, seen: Seen) -> Any:
+        seen.calls += 1
+        raise ConnectionError("down")
+
+    async def body_async(self, seen: Seen) -> Any:
+        seen.calls += 1
+        raise ConnectionError("down")
+
+
+class Open(Situation):
+    name = "open breaker"
+
+    def prepare(self) -> None:
+        resilient.get_breaker("p").open()
+
+
+class HalfOpenBusy(Situation):
+    name = "half-open, trial permits taken"
+    sections = {  # noqa: RUF012
+        "circuit_breaker": {
+            "failure_threshold": 5,
+            "timeout_seconds": 0.05,
+            "half_open_max_calls": 1,
+            "success_threshold": 1,
+        }
+    }
+
+    def prepare(self) -> None:
+        breaker = resilient.get_breaker("p")
+        breaker.open()
+        time.sleep(0.06)
+        self.token = breaker.acquire()  # the one trial permit
+
+    def cleanup(self) -> None:
+        resilient.get_breaker("p").on_cancel(self.token)
+
+
+class RateEmpty(Situation):
+    name = "empty local rate limiter"
+    sections = {"rate_limit": {"max_rate": 1, "time_period": 60, "max_wait": 0}}  # noqa: RUF012
+
+
+class BulkheadFull(Situation):
+    name = "full bulkhead"
+    sections = {  # noqa: RUF012
+        "bulkhead": {
+            "max_concurrent_requests": 1,
+            "max_queue": 0,
+            "enable_auto_scaling": False,
+        }
+    }
+
+    def prepare(self) -> None:
+        assert get_bulkhead("p").try_acquire()
+
+    def cleanup(self) -> None:
+        get_bulkhead("p").release()
+
+
+class PerAttemptTimeout(Situation):
+    name = "per-attempt timeout"
+    sections = {"timeout": {"per_attempt": 0.02}}  # noqa: RUF012
+
+    async def body_async(self, seen: Seen) -> Any:
+        seen.calls += 1
+        await asyncio.sleep(5)
+        return "late"
+
+
+class TotalTimeout(Situation):
+    name = "total timeout"
+    sections = {"timeout": {"per_attempt": 1.0, "total": 0.02}}  # noqa: RUF012
+
+    async def body_async(self, seen: Seen) -> Any:
+        seen.calls += 1
+        await asyncio.sleep(5)
+        return "late"
+
+
+SYNC_SITUATIONS = [Closed(), Failing(), Open(), HalfOpenBusy(), RateEmpty(), BulkheadFull()]
+ASYNC_SITUATIONS = [*SYNC_SITUATIONS, PerAttemptTimeout(), TotalTimeout()]
+
+
+async def _run_async_form(
+    form: Callable[[Work], Awaitable[Any]], situation: Situation, *, body_sync: bool
+) -> Seen:
+    seen = Seen()
+    _load(**situation.sections)
+    await _start_manager()
+    try:
+        if isinstance(situation, RateEmpty):  # the first call takes the one permit
+            await form(_body(situation, Seen(), body_sync))
+        else:
+            _touch_objects()
+        situation.prepare()
+        events: list[Event] = []
+        unsubscribe = subscribe(events.append)
+        result, error = None, None
+        try:
+            result = await form(_body(situation, seen, body_sync))
+        except Exception as exc:
+            error = exc
+        unsubscribe()
+        situation.cleanup()
+        seen.outcome = _outcome(result, error)
+        seen.events = [_event_key(e) for e in events]
+        seen.state = _state()
+    finally:
+        await _MANAGER[0].close()
+    return seen
+
+
+def _body(situation: Situation, seen: Seen, sync: bool) -> Work:
+    if sync:
+        return lambda: situation.body_sync(seen)
+    return lambda: situation.body_async(seen)
+
+
+def _touch_objects() -> None:
+    """Make the shared objects exist before prepare() reaches for them."""
+    resilient.get_breaker("p")
+    policy = resilient.get_policy("p")
+    if policy.bulkhead is not None:
+        get_bulkhead("p")
+
+
+def _run_sync_form(form: Callable[[Work], Any], situation: Situation) -> Seen:
+    seen = Seen()
+    _load(**situation.sections)
+    if isinstance(situation, RateEmpty):
+        form(_body(situation, Seen(), True))
+    else:
+        _touch_objects()
+    situation.prepare()
+    events: list[Event] = []
+    unsubscribe = subscribe(events.append)
+    result, error = None, None
+    try:
+        result = form(_body(situation, seen, True))
+    except Exception as exc:
+        error = exc
+    unsubscribe()
+    situation.cleanup()
+    seen.outcome = _outcome(result, error)
+    seen.events = [_event_key(e) for e in events]
+    seen.state = _state()
+    return seen
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+@pytest.mark.parametrize("situation", ASYNC_SITUATIONS, ids=lambda s: s.name)
+async def test_async_forms_agree(situation: Situation) -> None:
+    results = {}
+    for name, form in ASYNC_FORMS.items():
+        results[name] = await _run_async_form(form, situation, body_sync=False)
+    reference = results["decorator"]
+    for name, seen in results.items():
+        assert seen == reference, f"{name} differs from the decorator in {situation.name!r}"
+
+
+@pytest.mark.parametrize("situation", SYNC_SITUATIONS, ids=lambda s: s.name)
+async def test_sync_forms_agree(situation: Situation) -> None:
+    results = {name: _run_sync_form(form, situation) for name, form in SYNC_FORMS.items()}
+    for name, form in THREAD_FORMS.items():
+        results[name] = await _run_async_form(form, situation, body_sync=True)
+    reference = results["decorator"]
+    for name, seen in results.items():
+        assert seen == reference, f"{name} differs from the decorator in {situation.name!r}"
+
+
+EXPECTED = {
+    "closed": ("returned 'ok'", 1, []),
+    "failing": ("ConnectionError", 1, []),
+    "open breaker": ("CircuitOpenError", 0, [("CallRejected", "circuit_open")]),
+    "half-open, trial permits taken": ("CircuitOpenError", 0, [("CallRejected", "circuit_open")]),
+    "empty local rate limiter": ("RateLimitedError", 0, [("CallRejected", "rate_limited")]),
+    "full bulkhead": ("BulkheadFullError", 0, [("CallRejected", "bulkhead_full")]),
+    "per-attempt timeout": ("AttemptTimeoutError(per_attempt)", 1, []),
+    "total timeout": ("AttemptTimeoutError(total)", 1, []),
+}
+
+
+@pytest.mark.parametrize("situation", ASYNC_SITUATIONS, ids=lambda s: s.name)
+async def test_the_reference_is_right(situation: Situation) -> None:
+    """The decorator's answer is the documented one (so agreeing with it means something)."""
+    seen = await _run_async_form(_decorator_async, situation, body_sync=False)
+    outcome, calls, events = EXPECTED[situation.name]
+    assert (seen.outcome, seen.calls, seen.events) == (outcome, calls, events)
+    if "bulkhead_in_use" in seen.state:
+        assert seen.state["bulkhead_in_use"] == 0
+    if situation.name in ("failing", "per-attempt timeout", "total timeout"):
+        assert seen.state["breaker"][1:3] == (0, 1)  # one failure counted
+    if situation.name in ("open breaker", "full bulkhead"):
+        assert seen.state["breaker"][1:3] == (0, 0)  # refused calls count nothing
+    if situation.name == "empty local rate limiter":
+        assert seen.state["breaker"][1:3] == (1, 0)  # the first call only
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+@pytest.mark.parametrize("form_name", list(ASYNC_FORMS))
+async def test_cancelled_while_waiting_for_a_slot_releases_everything(form_name: str) -> None:
+    form = ASYNC_FORMS[form_name]
+    _load(bulkhead={"max_concurrent_requests": 1, "acquire_timeout": 5, "max_queue": 10})
+    await _start_manager()
+    try:
+        _touch_objects()
+        bulkhead = get_bulkhead("p")
+        assert bulkhead.try_acquire()
+        seen = Seen()
+        events: list[Event] = []
+        unsubscribe = subscribe(events.append)
+        task = asyncio.ensure_future(form(_body(Closed(), seen, False)))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        unsubscribe()
+        bulkhead.release()
+        assert seen.calls == 0
+        assert bulkhead.get_status()["in_use"] == 0
+        assert bulkhead.get_status()["queued"] == 0
+        status = resilient.get_breaker("p").get_status()
+        assert _state()["breaker"][1:3] == (0, 0), status
+        assert [e for e in events if isinstance(e, CallRejected)] == []
+        # the trial-permit/pending accounting is clean: the breaker still admits
+        assert await form(_body(Closed(), seen, False)) == "ok"
+    finally:
+        await _MANAGER[0].close()
+
+
+# --------------------------------------------------------------------------- fleet lease
+
+
+@pytest.mark.parametrize("form_name", [*ASYNC_FORMS, *SYNC_FORMS])
+async def test_an_empty_fleet_rate_limit_refuses_every_form(server: Any, form_name: str) -> None:
+    """With the fleet's bucket empty, every form refuses (the manager once admitted 5 of 5)."""
+    from resilient import backends
+
+    backends.configure(redis_url=server.url, key_prefix=f"conf-{form_name}-{time.time_ns()}")
+    try:
+        _load(rate_limit={"max_rate": 2, "time_period": 60, "max_wait": 0})
+        await _start_manager()
+        drained = Seen()
+        for _ in range(4):  # the fleet's two tokens for this minute go to the decorator
+            with contextlib.suppress(resilient.RateLimitedError):
+                await _decorator_async(_body(Closed(), drained, False))
+        assert drained.calls == 2
+        admitted = 0
+        for _ in range(5):
+            seen = Seen()
+            try:
+                if form_name in ASYNC_FORMS:
+                    await ASYNC_FORMS[form_name](_body(Closed(), seen, False))
+                else:
+                    await asyncio.to_thread(SYNC_FORMS[form_name], _body(Closed(), seen, True))
+            except resilient.RateLimitedError:
+                pass
+            admitted += seen.calls
+        assert admitted == 0
+        await _MANAGER[0].close()
+    finally:
+        backends.reset()
