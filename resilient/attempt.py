@@ -72,9 +72,6 @@ class Stages(Protocol):
     total_queues: _QueueCache | None
     attempt_timeout: Callable[[], AttemptTimeoutError]
 
-
-Pipeline = Stages  # the name the functions below use
-
 __all__ = [
     "Stages",
     "admit",
@@ -102,25 +99,13 @@ _WAIT_RATE = 1  # the rate limiter (then the bulkhead)
 _WAIT_SLOT = 2  # the bulkhead
 
 
-def refused(p: Pipeline, exc: RejectedError, reason: str) -> None:
+def refused(p: Stages, exc: RejectedError, reason: str) -> None:
     """Put a refusal on the event bus (``circuit_open``, ``rate_limited``, ``bulkhead_full``)."""
     if bus.active:
         bus.emit(CallRejected(p.name, p.callable_name, reason, exc.retry_after))
 
 
-def _acquire(p: Pipeline) -> tuple[int | None, float]:
-    breaker = p.breaker
-    if breaker is None:
-        return None, -1.0
-    try:
-        token = breaker.acquire()
-    except CircuitOpenError as rejected:
-        refused(p, rejected, "circuit_open")
-        raise
-    return token, (_clock.monotonic() if breaker.needs_duration else -1.0)
-
-
-def admit(p: Pipeline) -> list[Any]:
+def admit(p: Stages) -> list[Any]:
     """
     Admit an async attempt as far as possible without waiting. When
     ``ticket[WAIT]`` is set, ``await admit_rest(p, ticket)`` before running it.
@@ -128,23 +113,34 @@ def admit(p: Pipeline) -> list[Any]:
     Raises:
         CircuitOpenError: The breaker refused (nothing is held).
     """
-    token, measured = _acquire(p)
+    breaker = p.breaker
+    token = None
+    measured = -1.0
+    if breaker is not None:
+        try:
+            token = breaker.acquire()
+        except CircuitOpenError as rejected:
+            refused(p, rejected, "circuit_open")
+            raise
+        if breaker.needs_duration:
+            measured = _clock.monotonic()
+    limiter = p.limiter
+    bulkhead = p.bulkhead
+    if limiter is None and bulkhead is None:
+        return [token, measured, -1.0, None, _WAIT_NONE, "per_attempt"]
     slot = -1.0
     wait = _WAIT_NONE
-    limiter = p.limiter
     if limiter is not None and not limiter.for_loop().try_take():
         wait = _WAIT_RATE
-    else:
-        bulkhead = p.bulkhead
-        if bulkhead is not None:
-            if bulkhead.try_acquire():
-                slot = _clock.monotonic() if p.slot_timed else 0.0
-            else:
-                wait = _WAIT_SLOT
+    elif bulkhead is not None:
+        if bulkhead.try_acquire():
+            slot = _clock.monotonic() if p.slot_timed else 0.0
+        else:
+            wait = _WAIT_SLOT
     return [token, measured, slot, None, wait, "per_attempt"]
 
 
-async def admit_rest(p: Pipeline, ticket: list[Any]) -> None:
+async def admit_rest(p: Stages, ticket: list[Any]) -> None:
     """
     Wait for what :func:`admit` could not take at once (a rate-limit permit, a
     bulkhead slot). On refusal or cancellation everything is given back.
@@ -177,7 +173,7 @@ async def admit_rest(p: Pipeline, ticket: list[Any]) -> None:
         raise
 
 
-def admit_sync(p: Pipeline, *, in_pool: bool = True) -> list[Any]:
+def admit_sync(p: Stages, *, in_pool: bool = True) -> list[Any]:
     """
     Admit a sync attempt, waiting in this thread for a permit and a slot as the
     policy allows. With a thread-pool bulkhead and *in_pool*, the slot is given
@@ -188,7 +184,17 @@ def admit_sync(p: Pipeline, *, in_pool: bool = True) -> list[Any]:
         CircuitOpenError, RateLimitedError, BulkheadFullError: Refused
             (nothing is held).
     """
-    token, measured = _acquire(p)
+    breaker = p.breaker
+    token = None
+    measured = -1.0
+    if breaker is not None:
+        try:
+            token = breaker.acquire()
+        except CircuitOpenError as rejected:
+            refused(p, rejected, "circuit_open")
+            raise
+        if breaker.needs_duration:
+            measured = _clock.monotonic()
     ticket = [token, measured, -1.0, None, _WAIT_NONE, "per_attempt"]
     limiter = p.limiter
     bulkhead = p.bulkhead
@@ -215,7 +221,7 @@ def admit_sync(p: Pipeline, *, in_pool: bool = True) -> list[Any]:
     return ticket
 
 
-def call_sync(p: Pipeline, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def call_sync(p: Stages, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run a sync attempt admitted by :func:`admit_sync`: in the caller's thread, or in
     the thread-pool bulkhead (whose thread gives the slot back when *fn* ends)."""
     if p.pooled:
@@ -225,7 +231,7 @@ def call_sync(p: Pipeline, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any
     return fn(*args, **kwargs)
 
 
-def arm(p: Pipeline, ticket: list[Any]) -> None:
+def arm(p: Stages, ticket: list[Any]) -> None:
     """Arm the per-attempt deadline of an async attempt on the current task."""
     queues = p.per_attempt_queues
     if queues is not None:
@@ -234,7 +240,7 @@ def arm(p: Pipeline, ticket: list[Any]) -> None:
             ticket[ENTRY] = queues.arm(task)
 
 
-def arm_single(p: Pipeline, ticket: list[Any]) -> None:
+def arm_single(p: Stages, ticket: list[Any]) -> None:
     """
     Arm the deadline of a call that is one attempt and nothing else (the
     manager's ``resilient_call`` block): the smaller of the per-attempt and the
@@ -252,7 +258,7 @@ def arm_single(p: Pipeline, ticket: list[Any]) -> None:
 
 
 def settle(
-    p: Pipeline, ticket: list[Any], error: BaseException | None, total: Any = None
+    p: Stages, ticket: list[Any], error: BaseException | None, total: Any = None
 ) -> BaseException | None:
     """
     Settle an attempt that ran: *error* is what it raised (``None``: it returned).
@@ -264,15 +270,16 @@ def settle(
         What the caller must raise: *error*, or an ``AttemptTimeoutError`` when
         the per-attempt deadline cancelled it; ``None`` on success.
     """
-    entry = ticket[ENTRY]
+    # ticket fields by position (module constants cost a global look-up each)
+    entry = ticket[3]
     if entry is not None:
         if error is None:
             entry[_DONE] = True
             if entry[_FIRED]:
                 _settle_deadline(entry, None)
         elif _settle_deadline(entry, error):
-            error = timeout_error(p, ticket[KIND])
-    slot = ticket[SLOT]
+            error = timeout_error(p, ticket[5])
+    slot = ticket[2]
     if slot >= 0:
         bulkhead = p.bulkhead
         assert bulkhead is not None
@@ -280,11 +287,11 @@ def settle(
             bulkhead.release_timed(_clock.monotonic() - slot)
         else:
             bulkhead.release()
-    token = ticket[TOKEN]
+    token = ticket[0]
     if token is not None:
         breaker = p.breaker
         assert breaker is not None
-        measured = ticket[MEASURED]
+        measured = ticket[1]
         duration = (_clock.monotonic() - measured) if measured >= 0 else 0.0
         if error is None:
             breaker.on_success(token, duration)
@@ -297,7 +304,7 @@ def settle(
     return error
 
 
-def _give_back(p: Pipeline, ticket: list[Any]) -> None:
+def _give_back(p: Stages, ticket: list[Any]) -> None:
     """An attempt refused (or cancelled) before it ran: the breaker counts nothing."""
     slot = ticket[SLOT]
     if slot >= 0:
@@ -313,12 +320,12 @@ def _give_back(p: Pipeline, ticket: list[Any]) -> None:
         ticket[TOKEN] = None
 
 
-def give_back(p: Pipeline, ticket: list[Any]) -> None:
+def give_back(p: Stages, ticket: list[Any]) -> None:
     """Release an admitted attempt that will not run (its caller was cancelled)."""
     _give_back(p, ticket)
 
 
-def timeout_error(p: Pipeline, kind: str) -> AttemptTimeoutError:
+def timeout_error(p: Stages, kind: str) -> AttemptTimeoutError:
     """The error of a deadline that fired: *kind* is ``per_attempt`` or ``total``."""
     budget = p.per_attempt if kind == "per_attempt" else p.total
     assert budget is not None

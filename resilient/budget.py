@@ -28,14 +28,14 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from resilient import _clock
 from resilient._models import RetryBudgetConfig
 from resilient._shared import SharedByName
 
 if TYPE_CHECKING:
-    from resilient.backends import BreakerBackend, BudgetLink
+    from resilient.backends.protocol import Backend, BudgetLink
 
 __all__ = ["RetryBudget", "retry_budgets"]
 
@@ -48,7 +48,12 @@ class RetryBudget:
         deposit: Call once per call (its first attempt); cheap, lock-free.
         retries: Retries allowed so far.
         refused: Retries refused so far.
+        backend: The state backend it was attached to (``None``: local only).
+        link: The backend's link (``None``: the local bucket always decides).
+        fleet_kind: ``"budget"``: what a state backend attaches it as.
     """
+
+    fleet_kind: Final = "budget"
 
     __slots__ = (
         "_calls",
@@ -68,8 +73,23 @@ class RetryBudget:
     )
 
     def __init__(
-        self, name: str, config: RetryBudgetConfig, *, clock: Callable[[], float] | None = None
+        self,
+        name: str,
+        config: RetryBudgetConfig,
+        *,
+        clock: Callable[[], float] | None = None,
+        backend: Backend | None = None,
     ) -> None:
+        """
+        Create a full budget.
+
+        Args:
+            name: The policy (or ``name=``) it belongs to.
+            config: The ``retry.budget`` section.
+            clock: Monotonic clock in seconds (default: the library's clock seam).
+            backend: A state backend to share the budget through (a Redis backend
+                makes it the fleet's budget); ``None``: this process only.
+        """
         self.name = name
         self.config = config
         self.clock = clock or _clock.monotonic
@@ -82,8 +102,10 @@ class RetryBudget:
         self._lock = threading.Lock()
         self.retries = 0
         self.refused = 0
-        self.backend: BreakerBackend | None = None
+        self.backend = backend
         self.link: BudgetLink | None = None
+        if backend is not None:
+            self.link = backend.attach(self)  # last: the backend reads the budget
 
     def _fold(self) -> None:
         """Under the lock: turn counted calls and elapsed time into tokens."""
@@ -122,6 +144,10 @@ class RetryBudget:
             self.refused += 1
             return False
 
+    def after_fork(self) -> None:
+        """In a forked child (its backend calls it): a new lock, the parent's may be held."""
+        self._lock = threading.Lock()
+
     @property
     def calls(self) -> int:
         """Calls counted so far."""
@@ -148,15 +174,15 @@ class RetryBudget:
         return status
 
 
-def _make_budget(name: str, config: RetryBudgetConfig, backend: Any) -> RetryBudget:
-    budget = RetryBudget(name, config, clock=_clock.monotonic)
-    budget.backend = backend
-    budget.link = backend.attach_budget(budget)  # a Redis backend makes it the fleet's budget
-    return budget
+def _make_budget(
+    name: str, config: RetryBudgetConfig, backend: Any, previous: RetryBudget | None
+) -> RetryBudget:
+    return RetryBudget(name, config, clock=_clock.monotonic, backend=backend)
 
 
-_BUDGETS: SharedByName[RetryBudget] = SharedByName("retry.budget", _make_budget, uses_backend=True)
-_budget_for = _BUDGETS.get_or_make
+_BUDGETS: SharedByName[RetryBudget] = SharedByName(
+    "retry budget", "retry.budget", _make_budget, uses_backend=True
+)
 _reset_budgets = _BUDGETS.clear
 
 

@@ -19,7 +19,6 @@ docs/manager.md has the flat-key table and the shapes of the status dicts.
 from __future__ import annotations
 
 import asyncio
-import difflib
 import os
 import threading
 import time
@@ -28,11 +27,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from resilient import _logging as _log_events
 from resilient import attempt as _attempt
 from resilient import events as _events
+from resilient import metrics as _metrics
 from resilient import pipeline as _pipeline
 from resilient._models import (
     BulkheadConfig,
@@ -45,8 +45,8 @@ from resilient._models import (
 from resilient.breaker import CircuitBreaker
 from resilient.bulkhead import BulkheadManager, bulkhead_manager
 from resilient.decorator import AttemptIterator, _Handle
-from resilient.errors import PolicyError, ResilienceError
-from resilient.policy import registry
+from resilient.errors import PolicyError, ResilienceError, did_you_mean
+from resilient.policy import parse_env_value, registry
 from resilient.runtime import runtime
 
 __all__ = [
@@ -77,10 +77,7 @@ class ServiceNotFoundError(ResilienceError, KeyError):
     """
 
     def __init__(self, service: str, registered: list[str], what: str = "service") -> None:
-        hint = ""
-        close = difflib.get_close_matches(service, registered, n=1)
-        if close:
-            hint = f" (did you mean {close[0]!r}?)"
+        hint = did_you_mean(service, registered)
         known = ", ".join(repr(n) for n in sorted(registered)) or "(none)"
         super().__init__(f"no {what} {service!r}{hint}; registered: {known}")
         self.service = service
@@ -175,8 +172,6 @@ class ResilienceConfig(BaseModel):
     bulkhead_config: BulkheadConfig = Field(default_factory=BulkheadConfig)
     """Bulkhead settings every flat ``service_config`` starts from."""
 
-    _ADAPTERS: ClassVar[dict[str, TypeAdapter[Any]]] = {}
-
     @model_validator(mode="before")
     @classmethod
     def _from_environment(cls, data: Any) -> Any:
@@ -189,19 +184,10 @@ class ResilienceConfig(BaseModel):
             raw = os.environ.get(var)
             if raw is None or raw.strip() == "":
                 continue
-            adapter = cls._ADAPTERS.get(field)
-            if adapter is None:
-                annotation = cls.model_fields[field].annotation
-                assert annotation is not None
-                adapter = TypeAdapter(annotation)
-                cls._ADAPTERS[field] = adapter
-            try:
-                merged[field] = adapter.validate_python(raw.strip())
-            except ValidationError as exc:
-                problem = exc.errors()[0]["msg"]
-                shown = "<hidden>" if field == "redis_url" else repr(raw)
-                msg = f"environment variable {var}={shown}: {problem}"
-                raise ValueError(msg) from None
+            # the one parser of RESILIENCE_* values (policy overrides use it too)
+            merged[field] = parse_env_value(
+                var, raw, cls.model_fields[field], secret=field == "redis_url"
+            )
         return merged
 
 
@@ -235,8 +221,7 @@ def _flat_policy(
     if unknown:
         problems = []
         for key in unknown:
-            close = difflib.get_close_matches(str(key), list(FLAT_KEYS), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(key, FLAT_KEYS)
             problems.append(f"unknown service_config key {key!r}{hint}")
         known = ", ".join(FLAT_KEYS)
         msg = f"service {service!r}: {'; '.join(problems)}; known keys: {known}"
@@ -309,70 +294,46 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-class _CallStats:
-    """Per-service call counts kept by the manager's own entry points."""
+def _iso(timestamp: float | None) -> str | None:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat() if timestamp is not None else None
 
-    __slots__ = ("counts", "duration", "fallbacks", "last_error_type", "last_failure_at")
 
-    def __init__(self) -> None:
-        self.counts = dict.fromkeys(("success", "failure", "rejected", "timeout", "cancelled"), 0)
-        self.duration = 0.0
-        self.fallbacks = 0
-        self.last_failure_at: str | None = None
-        self.last_error_type: str | None = None
-
-    def record(self, error: BaseException | None, began: float) -> None:
-        self.duration += time.perf_counter() - began
-        if error is None:
-            self.counts["success"] += 1
-            return
-        outcome = _pipeline.outcome_of(error)
-        self.counts[outcome] = self.counts.get(outcome, 0) + 1
-        if outcome != "cancelled":
-            self.last_failure_at = _now_iso()
-            self.last_error_type = type(error).__name__
-
-    def snapshot(self) -> dict[str, Any]:
-        total = sum(self.counts.values())
-        return {
-            "total": total,
-            **self.counts,
-            "fallbacks": self.fallbacks,
-            "average_duration": self.duration / total if total else 0.0,
-            "last_failure_at": self.last_failure_at,
-            "last_error_type": self.last_error_type,
-        }
+def _calls_status(name: str) -> dict[str, Any]:
+    """
+    The ``calls`` part of a service's status, read from the process's shared
+    counters (resilient.metrics.statistics) for *name*: every call of a pipeline
+    of that name, the manager's and ``@resilient(..., name=<service>)``'s alike.
+    """
+    counts = _metrics.statistics.counts(name)
+    calls = counts.calls
+    total = counts.total
+    return {
+        "total": total,
+        "success": calls["success"] + calls["fallback"],  # the fallback answered
+        "failure": calls["failure"],
+        "rejected": calls["rejected"],
+        "timeout": calls["timeout"],
+        "cancelled": calls["cancelled"],
+        "fallbacks": calls["fallback"],
+        "average_duration": counts.duration_sum / total if total else 0.0,
+        "last_failure_at": _iso(counts.last_failure_at),
+        "last_error_type": counts.last_error_type,
+    }
 
 
 class RetryManager:
     """
     The retry side of one service (the seed's ``retry_managers[name]``): its
-    settings and what its retries did, counted from the event bus while the
-    manager runs. Calls of ``@resilient(..., name=<service>)`` share the name
-    and are counted too.
+    settings, its retry budget, and what its retries did. The counts are the
+    process's shared counters for the service name (``resilient.metrics.statistics``,
+    the ones Prometheus exports), so calls of ``@resilient(..., name=<service>)``
+    are in them too; they are kept while the manager runs with ``metrics_enabled``
+    (or while anything else holds them) and read zero otherwise.
     """
 
     def __init__(self, service: str, pipeline_of: Callable[[], _pipeline.Pipeline]) -> None:
         self.service = service
         self._pipeline_of = pipeline_of
-        self._lock = threading.Lock()
-        self._scheduled = 0
-        self._delay = 0.0
-        self._exhausted: dict[str, int] = {}
-        self._budget = 0
-        self._last_error: str | None = None
-
-    def _record(self, event: object) -> None:
-        with self._lock:
-            if isinstance(event, _events.RetryScheduled):
-                self._scheduled += 1
-                self._delay += event.delay
-                self._last_error = event.error_type
-            elif isinstance(event, _events.RetriesExhausted):
-                self._exhausted[event.reason] = self._exhausted.get(event.reason, 0) + 1
-                self._last_error = event.error_type
-            elif isinstance(event, _events.RetryBudgetExhausted):
-                self._budget += 1
 
     def get_metrics(self) -> dict[str, Any]:
         """
@@ -395,20 +356,18 @@ class RetryManager:
                 "jitter": retry.jitter,
                 "retry_on": [e.__name__ for e in retry.retry_on],
             }
-        with self._lock:
-            scheduled, delay = self._scheduled, self._delay
-            exhausted = dict(self._exhausted)
-            budget_hits, last = self._budget, self._last_error
+        counts = _metrics.statistics.counts(self.service)
+        scheduled, delay = counts.retries, counts.retry_delay
         return {
             "service": self.service,
             "config": config,
             "retries_scheduled": scheduled,
             "total_delay": delay,
             "average_delay": delay / scheduled if scheduled else 0.0,
-            "exhausted": sum(exhausted.values()),
-            "exhausted_by_reason": exhausted,
-            "budget_exhausted": budget_hits,
-            "last_error_type": last,
+            "exhausted": sum(counts.exhausted.values()),
+            "exhausted_by_reason": dict(counts.exhausted),
+            "budget_exhausted": counts.budget_exhausted,
+            "last_error_type": counts.retry_error_type,
             "budget": pipeline.budget.get_status() if pipeline.budget is not None else None,
         }
 
@@ -469,7 +428,6 @@ class _Service:
         "policy_name",
         "registered_at",
         "retry",
-        "stats",
     )
 
     def __init__(
@@ -487,7 +445,6 @@ class _Service:
         self.policy_name = handle.policy_name
         self.failure_modes = failure_modes
         self.registered_at = _now_iso()
-        self.stats: _CallStats | None = None
         self.retry: RetryManager | None = None
         self.health: tuple[str, float | None, str] = ("unknown", None, "not evaluated")
 
@@ -670,9 +627,10 @@ class _GuardedBlock:
         if observer is not None:
             outcome = "success" if error is None else _pipeline.outcome_of(error)
             _pipeline.observe(observer, outcome, self._began)
-        stats = self._service.stats
-        if stats is not None:
-            stats.record(error, self._began)
+            if error is not None:
+                failed = getattr(observer, "failed", None)
+                if failed is not None:
+                    failed(error)
 
 
 # --------------------------------------------------------------------------- the manager
@@ -708,6 +666,7 @@ class ResilienceManager:
         self._started_at = _now_iso()
         self._unsubscribe: Callable[[], None] | None = None
         self._owns_metrics = False
+        self._owns_statistics = False
         self._owns_logging = False
         self._owns_backend = False
         self._previous_backend: Any = None
@@ -753,11 +712,12 @@ class ResilienceManager:
         cfg = self.config
         if cfg.redis_url is not None:
             self._connect_backend(cfg.redis_url)
-        if cfg.metrics_enabled and cfg.prometheus_enabled:
-            from resilient import metrics
-
-            metrics._retain()
-            self._owns_metrics = True
+        if cfg.metrics_enabled:
+            _metrics.statistics.retain()  # the per-service counts of the status
+            self._owns_statistics = True
+            if cfg.prometheus_enabled:
+                _metrics._retain()
+                self._owns_metrics = True
         if cfg.logging_enabled:
             _log_events._retain()
             self._owns_logging = True
@@ -785,10 +745,11 @@ class ResilienceManager:
             self._unsubscribe()
             self._unsubscribe = None
         if self._owns_metrics:
-            from resilient import metrics
-
-            metrics._release()
+            _metrics._release()
             self._owns_metrics = False
+        if self._owns_statistics:
+            _metrics.statistics.release()
+            self._owns_statistics = False
         if self._owns_logging:
             _log_events._release()
             self._owns_logging = False
@@ -874,8 +835,6 @@ class ResilienceManager:
             msg = f"policy must be a policy name or a resilient.Policy, not {policy!r}"
             raise TypeError(msg)
         service = _Service(service_name, service_instance, handle, flat, modes)
-        if self.config.metrics_enabled:
-            service.stats = _CallStats()
         service.retry = RetryManager(service_name, lambda: self._pipeline(service))
         self._pipeline(service)  # build now: breaker and bulkhead exist from the start
         self._services[service_name] = service
@@ -959,20 +918,10 @@ class ResilienceManager:
             target = fn
             operation = getattr(fn, "__name__", None) or "call"
         pipeline = service.handle.get(operation)
-        stats = service.stats
-        began = time.perf_counter()
-        try:
-            if _pipeline._is_async_callable(target):
-                result = await pipeline.run_async(target, args, kwargs)
-            else:
-                result = await asyncio.to_thread(pipeline.run_sync, target, args, kwargs)
-        except BaseException as exc:
-            if stats is not None:
-                stats.record(exc, began)
-            raise
-        if stats is not None:
-            stats.record(None, began)
-        return result
+        # counted by the pipeline's observer (resilient.metrics.statistics)
+        if _pipeline._is_async_callable(target):
+            return await pipeline.run_async(target, args, kwargs)
+        return await asyncio.to_thread(pipeline.run_sync, target, args, kwargs)
 
     def attempts(self, service_name: str) -> AttemptIterator:
         """
@@ -1043,8 +992,8 @@ class ResilienceManager:
             status["timeouts"] = {"per_attempt": pipeline.per_attempt, "total": pipeline.total}
         if self.health_monitor is not None:
             status["health"] = self.health_monitor.get_service_health(service.name)
-        if service.stats is not None:
-            status["calls"] = service.stats.snapshot()
+        if self.config.metrics_enabled:
+            status["calls"] = _calls_status(service.name)
         return status
 
     def get_system_status(self) -> dict[str, Any]:
@@ -1073,6 +1022,11 @@ class ResilienceManager:
         if cfg.chaos_engineering_enabled:
             unavailable["chaos_experiments"] = "not in this version"
         state = "closed" if self._closed else ("running" if self._initialized else "created")
+        try:  # the backend really in use (connecting / up / down), whoever chose it
+            backend = runtime.backend()
+            backend_name, backend_status = backend.name, backend.status()
+        except PolicyError as exc:  # RESILIENCE_REDIS_URL is not a valid URL
+            backend_name, backend_status = "invalid", {"error": str(exc)}
         open_breakers = [
             name
             for name, s in services.items()
@@ -1082,7 +1036,8 @@ class ResilienceManager:
             "service_name": cfg.service_name,
             "environment": cfg.environment,
             "version": __version__,
-            "backend": runtime.backend_name(),
+            "backend": backend_name,
+            "backend_status": backend_status,
             "state": state,
             "started_at": self._started_at,
             "uptime_seconds": round(time.monotonic() - self._started, 3),
@@ -1170,17 +1125,9 @@ class ResilienceManager:
         service = self._services.get(policy)
         if service is None:
             return
-        if isinstance(event, _events.BreakerStateChanged):
-            if self.health_monitor is not None:
-                self._update_health(service, f"circuit_breaker:{event.new_state}")
-        elif isinstance(event, _events.FallbackUsed):
-            if service.stats is not None:
-                service.stats.fallbacks += 1
-        elif service.retry is not None and isinstance(
-            event,
-            _events.RetryScheduled | _events.RetriesExhausted | _events.RetryBudgetExhausted,
-        ):
-            service.retry._record(event)
+        # counting is resilient.metrics.statistics' job; the manager only derives health
+        if isinstance(event, _events.BreakerStateChanged) and self.health_monitor is not None:
+            self._update_health(service, f"circuit_breaker:{event.new_state}")
 
     def _update_health(self, service: _Service, reason: str) -> None:
         assert self.health_monitor is not None

@@ -279,7 +279,9 @@ class Pipeline:
         self.total_queues: _QueueCache | None = (
             deadline_queue(self.total) if self.total is not None else None
         )
-        self.attempt_timeout = functools.partial(_attempt.timeout_error, self, "per_attempt")
+        self.attempt_timeout: Callable[[], AttemptTimeoutError] = functools.partial(
+            _attempt.timeout_error, self, "per_attempt"
+        )
         # failure average of the adaptive retry strategy, for policies without a breaker
         self.failure_rate: FailureRate | None = None
         self.retry: RetryPlan | None = None
@@ -622,7 +624,15 @@ class Pipeline:
                 self._fallback_used(exc)
                 if observer is not None:
                     observe(observer, "fallback", began)
-                return self.fallback(exc)
+                value = self.fallback(exc)
+                if inspect.iscoroutine(value):
+                    value.close()
+                    msg = (
+                        f"the fallback of {self.callable_name} returned a coroutine, but the "
+                        "function is synchronous: give it a synchronous fallback"
+                    )
+                    raise TypeError(msg) from exc
+                return value
             if observer is not None:
                 observe(observer, outcome_of(exc), began)
             raise

@@ -169,13 +169,6 @@ class Runtime:
         """What :meth:`configure_backend` set, if anything."""
         return self._explicit_backend
 
-    def backend_name(self) -> str:
-        """``"memory"`` or ``"redis"``: the backend in force (builds it if needed)."""
-        try:
-            return self.backend().name
-        except PolicyError:
-            return "invalid"
-
     # ------------------------------------------------------------ shared objects
 
     def claim(self, table: _shared.SharedByName[T], name: str, config: Any, claimant: str) -> T:

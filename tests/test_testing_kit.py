@@ -382,8 +382,9 @@ class TestSimulate:
 
     def test_counts_add_up(self) -> None:
         result = simulate(FULL, outage(start=10, duration=20), duration=40, rate=50, seed=1)
-        outcomes = result.succeeded + result.fallback + result.failed + result.rejected
+        outcomes = result.succeeded + result.failed + result.rejected
         assert outcomes == result.attempted > 1500
+        assert result.fallback == 0  # FULL has no fallback
         assert sum(s.arrivals for s in result.timeline) == result.attempted
         assert sum(s.backend_calls for s in result.timeline) == result.backend_calls
         assert sum(s.succeeded for s in result.timeline) == result.succeeded
@@ -427,7 +428,98 @@ class TestSimulate:
         policy = resilient.Policy(fallback="cached")
         result = simulate(policy, outage(start=0, duration=10), duration=10, rate=20, seed=1)
         assert result.fallback == result.attempted
-        assert result.failed == 0
+        # the calls still failed: the fallback answered them
+        assert result.failed == result.attempted
+        assert result.succeeded == 0
+
+    def test_fallback_does_not_hide_why_calls_were_refused(self) -> None:
+        # Issue 10: with a fallback, the summary showed 0 rejections by the breaker
+        # and the rate limit. The fallback changes what callers get, not what the
+        # breaker and the rate limiter did: the counts must be those of the same run
+        # without a fallback.
+        limited = FULL.model_copy(
+            update={"rate_limit": resilient.RateLimitConfig(max_rate=40, max_wait=0)}
+        )
+        sc = outage(start=10, duration=30)
+        for policy, counted in ((FULL, "rejected_breaker"), (limited, "rejected_rate_limit")):
+            plain = simulate(policy, sc, duration=50, rate=60, seed=4)
+            covered = simulate(
+                policy.model_copy(update={"fallback": resilient.FallbackConfig(value="stale")}),
+                sc,
+                duration=50,
+                rate=60,
+                seed=4,
+            )
+            assert getattr(plain, counted) > 100
+            for name in (
+                "succeeded",
+                "failed",
+                "timed_out",
+                "rejected_breaker",
+                "rejected_bulkhead",
+                "rejected_rate_limit",
+                "rejected_other",
+                "backend_calls",
+            ):
+                assert getattr(covered, name) == getattr(plain, name), name
+            assert [s.rejected for s in covered.timeline] == [s.rejected for s in plain.timeline]
+            assert plain.fallback == 0
+            assert covered.fallback == covered.failed + covered.rejected
+            assert covered.answered == covered.attempted > plain.answered
+            assert sum(s.fallback for s in covered.timeline) == covered.fallback
+            text = covered.summary()
+            assert f"answered by fallback{covered.fallback:>13}" in text
+            by_breaker = f"rejected by breaker{covered.rejected_breaker:>14}"
+            assert by_breaker in text
+
+    def test_fallback_of_a_timed_out_call_counts_as_timed_out(self) -> None:
+        policy = FULL.model_copy(
+            update={"circuit_breaker": None, "fallback": resilient.FallbackConfig(value=0)}
+        )
+        sc = outage(start=0, duration=30, hang=1.0, hang_for=30.0)
+        result = simulate(policy, sc, duration=10, rate=10, seed=2)
+        assert result.timed_out == result.failed == result.fallback == result.attempted
+
+    def test_warns_when_retry_on_misses_the_simulated_error(self) -> None:
+        # Issue 10: a retry_on without ConnectionError silently showed 0 retries.
+        policy = FULL.model_copy(
+            update={"retry": FULL.retry.model_copy(update={"retry_on": (KeyError,)})}
+        )
+        sc = outage(start=0, duration=10)
+        with pytest.warns(UserWarning, match=r"never retries .*retry_on \(KeyError\)"):
+            result = simulate(policy, sc, duration=10, rate=10, seed=1, name="broker")
+        assert result.retried == 0
+        assert len(result.warnings) == 1
+        assert "policy 'broker'" in result.warnings[0]
+        assert result.summary().splitlines()[2] == f"  warning: {result.warnings[0]}"
+        assert json.loads(json.dumps(result.to_dict()))["warnings"] == list(result.warnings)
+        # give_up_on that stops it is reported too
+        stopped = FULL.model_copy(
+            update={"retry": FULL.retry.model_copy(update={"give_up_on": (ConnectionError,)})}
+        )
+        with pytest.warns(UserWarning, match="give_up_on"):
+            simulate(stopped, sc, duration=2, rate=5, seed=1)
+
+    def test_no_warning_when_the_simulated_error_is_retried(self) -> None:
+        by_predicate = FULL.model_copy(
+            update={
+                "retry": FULL.retry.model_copy(
+                    update={
+                        "retry_on": (KeyError,),
+                        "retry_if_exception": lambda exc: isinstance(exc, OSError),
+                    }
+                )
+            }
+        )
+        single = FULL.model_copy(
+            update={"retry": FULL.retry.model_copy(update={"max_attempts": 1, "retry_on": ()})}
+        )
+        sc = outage(start=0, duration=5)
+        for policy in (FULL, by_predicate, single, BARE):
+            # pytest turns warnings into errors (filterwarnings = error)
+            result = simulate(policy, sc, duration=5, rate=10, seed=1)
+            assert result.warnings == ()
+            assert "warning:" not in result.summary()
 
     def test_policy_by_name_and_isolation(self) -> None:
         load(broker={"retry": {"max_attempts": 2, "base_delay": 0.1}, "circuit_breaker": {}})
@@ -544,6 +636,32 @@ class TestCli:
         assert _cli([*argv, "--rate", "10", "--plot", "out.png"]) == 0
         assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "out.png" in capsys.readouterr().out
+
+    def test_warning_in_the_summary(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        (tmp_path / "resilience.yaml").write_text(
+            POLICY_FILE.replace("base_delay: 0.1}", "base_delay: 0.1, retry_on: [KeyError]}")
+        )
+        argv = ["simulate", "resilience.yaml", "--policy", "broker", "--duration", "10"]
+        with pytest.warns(UserWarning, match="never retries"):
+            assert _cli([*argv, "--rate", "10"]) == 0
+        out = capsys.readouterr().out
+        assert "  warning: policy 'broker' never retries the simulated backend's failures" in out
+        assert "retries scheduled               0" in out
+
+    def test_plot_with_a_fallback_shows_rejections(self, tmp_path: Path) -> None:
+        pytest.importorskip("matplotlib")
+        from resilient.testing._plot import plot_timeline
+
+        policy = FULL.model_copy(update={"fallback": resilient.FallbackConfig(value=None)})
+        result = simulate(policy, outage(start=5, duration=20), duration=30, rate=20, seed=1)
+        assert result.rejected_breaker > 0
+        plot_timeline(result, tmp_path / "plot.svg")
+        svg = (tmp_path / "plot.svg").read_text()
+        # matplotlib writes each text it draws as a comment in the SVG
+        assert "<!-- rejected -->" in svg
+        assert "<!-- answered by fallback -->" in svg
 
     def test_run_simulate_is_the_handler(self) -> None:
         parser = argparse.ArgumentParser()

@@ -58,8 +58,7 @@ def test_a_broker_call_never_waits_more_than_5_seconds(scenario, seed):
 def test_catalogue_readers_always_get_an_answer(scenario, seed):
     with isolated_registry(POLICY_FILE):
         result = simulate("catalogue", scenario, duration=60, rate=20, seed=seed)
-    assert result.failed == 0
-    assert result.rejected == 0
+    assert result.answered == result.attempted  # by the service or by the fallback
     assert result.latency.max <= 2.0 + 1e-9
 
 

@@ -26,10 +26,17 @@ The protocol (docs/distributed.md has the diagram):
   counted locally and added by the flusher. Leases unused for ``lease_ttl`` are
   given back.
 
+Breakers, budgets and limiters are *members* (resilient.backends.protocol): this
+module uses only their public protocol (``fleet_snapshot``, ``adopt``,
+``set_offline``, ``merge_window``, ``after_fork`` ...) and never imports them.
+
 Redis being slow or down never fails a call: every command has a short timeout and
 no retries; on error the process carries on under ``on_backend_failure``, emits
 :class:`~resilient.events.BackendDown`, reconnects with back-off and re-syncs
 (a state record lost with a restarted Redis is re-seeded from the local state).
+A process starting up is not in an outage: until the first answer (or the first
+failed attempt, which counts as an outage) its members decide locally.
+Malformed pub/sub messages and state records are ignored and counted.
 """
 
 from __future__ import annotations
@@ -39,36 +46,53 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import socket
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
-from resilient.backends._config import BackendConfig
-from resilient.breaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN
+from resilient.backends._config import BackendConfig, redact_url, split_cluster
+from resilient.backends.protocol import (
+    STATE_CLOSED,
+    STATE_HALF_OPEN,
+    STATE_OPEN,
+    STATES,
+    SharedState,
+)
 from resilient.events import BackendDown, BackendUp, bus
 
 if TYPE_CHECKING:
-    from resilient.backends import OnBackendFailure
-    from resilient.breaker import CircuitBreaker
-    from resilient.budget import RetryBudget
-    from resilient.ratelimit import RateLimiter, _Lease
+    from resilient.backends.protocol import (
+        BreakerMember,
+        BudgetMember,
+        FleetMember,
+        LimiterMember,
+        OnBackendFailure,
+    )
 
-__all__ = ["RedisBackend", "fleet_status", "make_client", "redact"]
+__all__ = ["RedisBackend", "fleet_status", "make_client", "redact", "redact_url"]
 
 _log = logging.getLogger("resilient.backends.redis")
 
 #: Errors that mean "Redis is not answering properly": the process carries on without it.
 _BACKEND_ERRORS = (RedisError, RedisClusterException, OSError, ValueError)
+
+#: *url* without credentials (the old name of :func:`redact_url`).
+redact = redact_url
+
+#: A malformed message or record is logged at most once per this many seconds.
+_BAD_LOG_INTERVAL = 60.0
+
+Health = Literal["connecting", "up", "down"]
 
 # --------------------------------------------------------------------------- Lua
 
@@ -272,39 +296,21 @@ _SHA = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SCRIPTS.i
 # --------------------------------------------------------------------------- clients
 
 
-def _split_cluster(url: str, cluster: bool) -> tuple[str, bool]:
-    """Remove a ``cluster=`` query parameter (ours, not redis-py's) from *url*."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    kept = [(k, v) for k, v in query if k != "cluster"]
-    for k, v in query:
-        if k == "cluster":
-            cluster = v.lower() in ("1", "true", "yes", "on")
-    return urlunsplit(parts._replace(query=urlencode(kept))), cluster
-
-
-def redact(url: str) -> str:
-    """*url* without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-
-
-def make_client(config: BackendConfig, *, socket_timeout: float | None = None) -> Any:
+def make_client(
+    config: BackendConfig, *, socket_timeout: float | None = None, decode: bool = True
+) -> Any:
     """
     A synchronous redis-py client for *config*: short timeouts and **no retries**
-    (a retry would multiply the time a hung Redis can cost).
+    (a retry would multiply the time a hung Redis can cost). *decode*: replies as
+    ``str`` (``False``: ``bytes``, for a pub/sub connection that may carry garbage).
     """
     assert config.redis_url is not None
-    url, cluster = _split_cluster(config.redis_url, config.cluster)
+    url, cluster = split_cluster(config.redis_url, config.cluster)
     options: dict[str, Any] = {
         "socket_timeout": socket_timeout if socket_timeout is not None else config.socket_timeout,
         "socket_connect_timeout": config.connect_timeout,
         "retry": Retry(NoBackoff(), 0),
-        "decode_responses": True,
+        "decode_responses": decode,
     }
     if cluster:
         from redis.cluster import RedisCluster
@@ -313,13 +319,61 @@ def make_client(config: BackendConfig, *, socket_timeout: float | None = None) -
     return redis.Redis.from_url(url, retry_on_timeout=False, **options)
 
 
+# --------------------------------------------------------------------------- records
+
+_MAX_INT = 1 << 62
+
+
+def _int(value: Any) -> int | None:
+    """An integer from a script reply or a JSON message; ``None`` if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if -_MAX_INT < value < _MAX_INT else None
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and abs(value) < _MAX_INT else None
+    if isinstance(value, str | bytes) and 0 < len(value) <= 19:
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _shared_state(record: Any) -> SharedState | None:
+    """
+    The record ``(code, g, s, open ms, half-open ms, trips, ...)`` of a script reply
+    or a pub/sub message as a :class:`SharedState`; ``None`` when it is malformed
+    (wrong shape, unknown state name, not numbers): it is then ignored.
+    """
+    try:
+        raw_state = record[2]
+        gen, open_ms, half_ms, trips = (_int(record[i]) for i in (1, 3, 4, 5))
+    except (TypeError, IndexError, KeyError):
+        return None
+    state = raw_state.decode("utf-8", "replace") if isinstance(raw_state, bytes) else raw_state
+    if (
+        state not in STATES
+        or gen is None
+        or gen < 0
+        or open_ms is None
+        or open_ms < 0
+        or half_ms is None
+        or half_ms < -1
+        or trips is None
+        or trips < 0
+    ):
+        return None
+    return SharedState(gen, state, open_ms / 1000, half_ms / 1000 if half_ms >= 0 else None, trips)
+
+
 # --------------------------------------------------------------------------- link
 
 
 class _Link:
-    """One breaker's connection to the fleet (see resilient.backends.BreakerLink)."""
+    """One breaker's connection to the fleet (see resilient.backends.protocol.BreakerLink)."""
 
-    def __init__(self, backend: RedisBackend, breaker: CircuitBreaker) -> None:
+    def __init__(self, backend: RedisBackend, breaker: BreakerMember) -> None:
         self.backend = backend
         self.breaker = breaker
         self.name = breaker.name
@@ -327,7 +381,7 @@ class _Link:
         self.known_gen = 0
         self.known_state = STATE_CLOSED
         self.usable = backend.up
-        tag = f"{{{backend.config.key_prefix}:{breaker.name}}}"
+        tag = backend.tag(breaker.name)
         self.keys = (f"{tag}:state", f"{tag}:trial", f"{tag}:win", f"{tag}:replicas")
         self.common: tuple[Any, ...] = (
             breaker.name,
@@ -349,8 +403,9 @@ class _Link:
         self.pending: tuple[int, str] | None = None
         self.results: collections.deque[tuple[str, int]] = collections.deque()
         self.exhausted_gen = -1
-        self.last_s = breaker._totals()[0]
-        self.last_f = breaker._n_failures
+        snapshot = breaker.fleet_snapshot()
+        self.last_s = snapshot.successes
+        self.last_f = snapshot.failures
         self.own: collections.deque[tuple[int, int, int]] = collections.deque()
         self.next_reconcile = 0.0
         # Adoptions are serialized, and every pub/sub message bumps ``seen``: a read
@@ -395,10 +450,14 @@ class _Link:
         except _BACKEND_ERRORS as exc:
             backend._mark_down(exc)
             return None
+        shared = _shared_state(reply)
+        code = _int(reply[0]) if isinstance(reply, list | tuple) and reply else None
+        if shared is None or code is None:
+            backend._bad("state record", reply)
+            return None  # decide with the local permits
         self.apply(reply, fresh=True, since=since)
-        code = int(reply[0])
         if code == 0:
-            self.exhausted_gen = int(reply[1])
+            self.exhausted_gen = shared.generation
         return code == 1
 
     # ---- called by the backend's threads
@@ -408,10 +467,13 @@ class _Link:
         Adopt the record ``(code, g, s, open ms, half-open ms, trips)``: a pub/sub
         message (*fresh* false) or a script's reply (*fresh* true; *since* the value
         of ``seen`` when the script was sent). Returns False if the reply was skipped
-        as older than a message applied meanwhile.
+        as older than a message applied meanwhile, or malformed.
         """
-        gen = int(reply[1])
-        state = str(reply[2])
+        shared = _shared_state(reply)
+        if shared is None:
+            self.backend._bad("state record", reply)
+            return False
+        gen, state = shared.generation, shared.state
         with self._alock:
             if not fresh:
                 self.seen += 1
@@ -432,15 +494,7 @@ class _Link:
                     self.next_reconcile = 0.0
                     self.backend._wake.set()
                     return False
-            half = int(reply[4])
-            self.breaker._adopt(
-                gen,
-                state,
-                int(reply[3]) / 1000,
-                half / 1000 if half >= 0 else None,
-                int(reply[5]),
-                fresh=fresh,
-            )
+            self.breaker.adopt(shared, fresh=fresh)
         return True
 
     def take_pending(self) -> tuple[int, str] | None:
@@ -449,15 +503,14 @@ class _Link:
         return pending
 
     def flush_args(self) -> tuple[Any, ...]:
-        breaker = self.breaker
-        s, f = breaker._totals()
+        snapshot = self.breaker.fleet_snapshot()
+        s, f = snapshot.successes, snapshot.failures
         ds, df = s - self.last_s, f - self.last_f
         self.last_s, self.last_f = s, f
         if ds < 0 or df < 0:  # reset() cleared the totals
             ds = df = 0
         calls, fails = (ds + df, df) if self.buckets else (0, 0)
-        state = breaker._state
-        open_ms = max(int((breaker._open_until - breaker._clock()) * 1000), 0)
+        state = snapshot.state
         return (
             *self.common,
             self.known_gen,
@@ -468,13 +521,13 @@ class _Link:
             self.backend.replica_id,
             int(self.backend.config.heartbeat_ttl * 1000),
             state,
-            open_ms if state == STATE_OPEN else 0,
-            breaker._trips,
+            int(snapshot.open_for * 1000) if state == STATE_OPEN else 0,
+            snapshot.trips,
         )
 
     def has_news(self) -> bool:
-        successes, failures = self.breaker._totals()
-        return successes != self.last_s or failures != self.last_f
+        snapshot = self.breaker.fleet_snapshot()
+        return snapshot.successes != self.last_s or snapshot.failures != self.last_f
 
     def flushed(self, args: tuple[Any, ...], reply: Any, since: int) -> None:
         cur, total_c, total_f, applied = (int(x) for x in reply[6:10])
@@ -487,7 +540,16 @@ class _Link:
         if self.buckets and self.known_state == STATE_CLOSED:
             own_c = sum(c for _, c, _ in self.own)
             own_f = sum(f for _, _, f in self.own)
-            self.breaker._fleet_check(max(total_c - own_c, 0), max(total_f - own_f, 0))
+            self.breaker.merge_window(max(total_c - own_c, 0), max(total_f - own_f, 0))
+
+    def after_fork(self, replica_id: str) -> None:
+        """In a forked child: own locks afresh, the child's identity, the breaker's locks."""
+        self.usable = False
+        self._plock = threading.Lock()
+        self._alock = threading.RLock()
+        self.common = (*self.common[:6], replica_id)
+        self.breaker.after_fork()
+        self.breaker.set_offline(None)  # the child starts up: local until Redis answers
 
 
 class _Bucket:
@@ -508,7 +570,11 @@ class _Bucket:
         full_ms = capacity / self.per_ms if self.per_ms > 0 else 86_400_000
         self.key_ttl = int(min(full_ms, 7 * 86_400_000)) + 1000
         self.usable = backend.up
-        self.fallback: OnBackendFailure = backend.config.on_backend_failure
+        # Starting up is not an outage: the local bucket decides until Redis has been
+        # found down, then on_backend_failure does (set by the backend's _mark_down).
+        self.fallback: OnBackendFailure = (
+            backend.config.on_backend_failure if backend.health == "down" else "local"
+        )
         self.timeout = backend.config.socket_timeout
 
     def args(self, add: float, want: int) -> tuple[Any, ...]:
@@ -536,13 +602,19 @@ class _Bucket:
             return None
         return int(reply[0]), int(reply[1]), float(reply[2])
 
+    def offline(self) -> None:
+        """Redis is away: leased tokens may be stale by the time it returns."""
+
+    def after_fork(self) -> None:
+        """In a forked child: own locks afresh, the member's too."""
+
 
 class _BudgetLink(_Bucket):
-    """One retry budget's share of the fleet's bucket (see resilient.backends.BudgetLink)."""
+    """One retry budget's share of the fleet's bucket (see protocol.BudgetLink)."""
 
     kind = "budget"
 
-    def __init__(self, backend: RedisBackend, budget: RetryBudget) -> None:
+    def __init__(self, backend: RedisBackend, budget: BudgetMember) -> None:
         cfg = budget.config
         super().__init__(backend, budget.name, cfg.max_tokens, cfg.min_retries_per_second)
         self.budget = budget
@@ -615,17 +687,29 @@ class _BudgetLink(_Bucket):
             self.tokens = 0
         self.dry_until = 0.0
 
+    def after_fork(self) -> None:
+        """In a forked child: own locks afresh; the parent's lease is the parent's."""
+        self.usable = False
+        self.fallback = "local"
+        self._lock = threading.Lock()
+        self._leasing = threading.Lock()
+        self.tokens = 0
+        self.dry_until = 0.0
+        self.budget.after_fork()
+
 
 class _RateLink(_Bucket):
-    """One rate limiter's source of leases (see resilient.backends.LeaseSource)."""
+    """One rate limiter's source of leases (see protocol.LeaseSource)."""
 
     kind = "rate"
 
-    def __init__(self, backend: RedisBackend, limiter: RateLimiter) -> None:
+    def __init__(self, backend: RedisBackend, limiter: LimiterMember) -> None:
         cfg = limiter.config
-        super().__init__(backend, limiter.name, cfg.max_rate, cfg.max_rate / cfg.time_period)
+        # a bucket holds at least one call: 0.5 per second is one call per 2 s
+        capacity = max(cfg.max_rate, 1.0)
+        super().__init__(backend, limiter.name, capacity, cfg.max_rate / cfg.time_period)
         self.limiter = limiter
-        self.lease_obj: _Lease = limiter.use_fleet(self, backend.config.fallback_rate_share)
+        self.local_share = backend.config.fallback_rate_share
         self.last_taken = 0
         self.active_at = time.monotonic()
 
@@ -639,9 +723,17 @@ class _RateLink(_Bucket):
     def wake(self) -> None:
         self.backend._wake.set()
 
+    def top_up(self) -> None:
+        """In the flusher: top the limiter's lease up if it asked for it."""
+        lease = self.limiter.lease
+        if lease is not None and lease.refill:
+            lease.top_up()
+
     def idle_args(self, now: float, lease_ttl: float) -> tuple[Any, ...] | None:
         """In the flusher: give back a lease nobody took from for ``lease_ttl``."""
-        lease = self.lease_obj
+        lease = self.limiter.lease
+        if lease is None:
+            return None
         taken = lease.taken
         if taken != self.last_taken:
             self.last_taken = taken
@@ -654,7 +746,15 @@ class _RateLink(_Bucket):
         return None
 
     def offline(self) -> None:
-        self.lease_obj.revoke()
+        lease = self.limiter.lease
+        if lease is not None:
+            lease.revoke()
+
+    def after_fork(self) -> None:
+        """In a forked child: the limiter's own locks afresh, the parent's lease dropped."""
+        self.usable = False
+        self.fallback = "local"
+        self.limiter.after_fork()
 
 
 #: What a retry decides while Redis is unreachable (None: the local bucket).
@@ -671,10 +771,17 @@ class RedisBackend:
     """
     Shares breaker state through Redis. One per process (see ``resilient.backends.configure``).
 
-    Two daemon threads, started with the first breaker: the *flusher* (counts,
+    Two daemon threads, started with the backend: the *flusher* (counts,
     queued transitions and trial verdicts, reconcile, heartbeat, reconnection) and
     the *listener* (pub/sub). Both use the synchronous client, so sync and async
     callers are served alike and no event loop is ever involved.
+
+    Attributes:
+        health: ``"connecting"`` (starting: no answer yet, members decide locally),
+            ``"up"`` or ``"down"`` (an outage, ``on_backend_failure`` decides).
+        up: Whether Redis answers now.
+        url: The URL without credentials.
+        bad_messages: Malformed pub/sub messages and state records ignored so far.
     """
 
     name = "redis"
@@ -684,11 +791,11 @@ class RedisBackend:
             msg = "RedisBackend needs a redis_url"
             raise ValueError(msg)
         self.config = config
-        self.url = redact(config.redis_url)
+        self.url = redact_url(config.redis_url)
         self.channel = f"{config.key_prefix}:events"
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(24):06x}"
         self._client = make_client(config)
-        self._cluster = _split_cluster(config.redis_url, config.cluster)[1]
+        self._cluster = split_cluster(config.redis_url, config.cluster)[1]
         self._links: dict[str, _Link] = {}
         self._budgets: dict[str, _BudgetLink] = {}
         self._rates: dict[str, _RateLink] = {}
@@ -696,17 +803,39 @@ class RedisBackend:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.health: Health = "connecting"
         self.up = False
         self.subscribed = False
-        self._ever_up = False
         self._down_since = 0.0
         self._last_heartbeat = 0.0
         self._next_flush = 0.0
         self._force = False
+        self._bad_lock = threading.Lock()
+        self.bad_messages = 0
+        self._next_bad_log = 0.0
         _instances.add(self)
+        # The first connection attempt starts now, in the background: members attached
+        # meanwhile decide locally (starting up is not an outage) until it answers.
+        self._start()
 
     def __repr__(self) -> str:
-        return f"<RedisBackend {self.url} {'up' if self.up else 'down'}>"
+        return f"<RedisBackend {self.url} {self.health}>"
+
+    def status(self) -> dict[str, Any]:
+        """
+        This process's view of the backend (JSON-serialisable): ``backend``, ``url``
+        (without credentials), ``up``, ``state`` (``connecting``/``up``/``down``),
+        ``replica``, ``subscribed`` and ``bad_messages``.
+        """
+        return {
+            "backend": self.name,
+            "url": self.url,
+            "up": self.up,
+            "state": self.health,
+            "replica": self.replica_id,
+            "subscribed": self.subscribed,
+            "bad_messages": self.bad_messages,
+        }
 
     # ---- breakers, budgets, limiters
 
@@ -714,36 +843,38 @@ class RedisBackend:
         """The hash tag of policy *name*: all its keys are in one slot."""
         return f"{{{self.config.key_prefix}:{name}}}"
 
-    def attach(self, breaker: CircuitBreaker) -> _Link:
-        """Link *breaker* to the fleet (replacing an earlier breaker of the same name)."""
-        link = _Link(self, breaker)
-        with self._lock:
-            self._links[breaker.name] = link
-            if not self._threads:
-                self._start()
-        if not self.up and self.config.on_backend_failure != "local":
-            breaker._set_offline(self.config.on_backend_failure)
-        self._force = True
-        self._wake.set()
-        return link
+    @overload
+    def attach(self, member: BreakerMember) -> _Link: ...
+    @overload
+    def attach(self, member: BudgetMember) -> _BudgetLink: ...
+    @overload
+    def attach(self, member: LimiterMember) -> _RateLink: ...
 
-    def attach_budget(self, budget: RetryBudget) -> _BudgetLink:
-        """Make *budget* the fleet's (replacing an earlier budget of the same name)."""
-        link = _BudgetLink(self, budget)
-        with self._lock:
-            self._budgets[budget.name] = link
-            if not self._threads:
-                self._start()
-        return link
+    def attach(self, member: FleetMember) -> _Link | _BudgetLink | _RateLink:
+        """
+        Share *member*'s state with the fleet (replacing an earlier member of the same
+        kind and name).
+        """
+        if member.fleet_kind == "breaker":
+            link = _Link(self, member)
+            self._add(self._links, member.name, link)
+            policy = self.config.on_backend_failure
+            if self.health == "down" and policy != "local":
+                member.set_offline(policy)
+            self._force = True
+            self._wake.set()
+            return link
+        if member.fleet_kind == "budget":
+            budget = _BudgetLink(self, member)
+            self._add(self._budgets, member.name, budget)
+            return budget
+        rate = _RateLink(self, member)
+        self._add(self._rates, member.name, rate)
+        return rate
 
-    def attach_limiter(self, limiter: RateLimiter) -> _RateLink:
-        """Make *limiter* the fleet's (replacing an earlier limiter of the same name)."""
-        link = _RateLink(self, limiter)
+    def _add(self, table: dict[str, Any], name: str, link: Any) -> None:
         with self._lock:
-            self._rates[limiter.name] = link
-            if not self._threads:
-                self._start()
-        return link
+            table[name] = link
 
     def wait_ready(self, timeout: float = 5.0) -> bool:
         """Wait until Redis answered and the pub/sub subscription is in place."""
@@ -811,27 +942,53 @@ class RedisBackend:
         for src in _SCRIPTS.values():
             self._client.script_load(src)
 
+    # ---- malformed input
+
+    def _bad(self, what: str, detail: Any) -> None:
+        """Count a malformed message or record; log it at most once per interval."""
+        now = time.monotonic()
+        with self._bad_lock:
+            self.bad_messages += 1
+            count = self.bad_messages
+            log = now >= self._next_bad_log
+            if log:
+                self._next_bad_log = now + _BAD_LOG_INTERVAL
+        if log:
+            _log.warning(
+                "resilient: ignored a malformed %s from Redis %s: %.200r "
+                "(%d ignored so far; logged at most once every %gs)",
+                what,
+                self.url,
+                detail,
+                count,
+                _BAD_LOG_INTERVAL,
+            )
+
     # ---- up / down
 
     def _mark_down(self, exc: BaseException) -> None:
         with self._lock:
-            if not self.up:
+            if self.health == "down":
                 return
+            starting = self.health == "connecting"
+            self.health = "down"
             self.up = False
             self._down_since = time.monotonic()
             links = list(self._links.values())
         for link in links:
             link.usable = False
+        policy = self.config.on_backend_failure
         for bucket in self._buckets():
             bucket.usable = False
+            bucket.fallback = policy
             bucket.offline()  # leased tokens may be stale by the time Redis is back
-        policy = self.config.on_backend_failure
         if policy != "local":
             for link in links:
-                link.breaker._set_offline(policy)
+                link.breaker.set_offline(policy)
         _log.warning(
-            "resilient: Redis backend %s unreachable (%s: %s); carrying on with %s state",
+            "resilient: Redis backend %s unreachable%s (%s: %s); carrying on with %s state",
             self.url,
+            " from the start" if starting else "",
             type(exc).__name__,
             exc,
             "local" if policy == "local" else f"breakers {policy}",
@@ -842,18 +999,18 @@ class RedisBackend:
 
     def _mark_up(self) -> None:
         with self._lock:
+            was = self.health
+            self.health = "up"
             self.up = True
             links = list(self._links.values())
-            first = not self._ever_up
-            self._ever_up = True
         for link in links:
             link.usable = True
             link.exhausted_gen = -1
-            link.breaker._set_offline(None)
+            link.breaker.set_offline(None)
         for bucket in self._buckets():
             bucket.usable = True
-        down_for = None if first else time.monotonic() - self._down_since
-        if not first:
+        down_for = None if was == "connecting" else time.monotonic() - self._down_since
+        if down_for is not None:
             _log.warning("resilient: Redis backend %s is back after %.3gs", self.url, down_for)
         if bus.active:
             bus.emit(BackendUp("redis", down_for))
@@ -869,7 +1026,10 @@ class RedisBackend:
                     self._load_scripts()
                     self._tick(force=True)
                 except Exception as exc:  # whatever it is, try again later
-                    _log.debug("resilient: Redis %s still unreachable: %s", self.url, exc)
+                    if self.health == "connecting":
+                        self._mark_down(exc)  # unreachable from the start: an outage too
+                    else:
+                        _log.debug("resilient: Redis %s still unreachable: %s", self.url, exc)
                     self._stop.wait(delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, self.config.max_reconnect_delay)
                     continue
@@ -886,7 +1046,7 @@ class RedisBackend:
                 _log.exception("resilient: Redis flusher got an error reply")
             except _BACKEND_ERRORS as exc:
                 self._mark_down(exc)
-            except Exception:  # pragma: no cover - a bug must not kill the thread
+            except Exception:  # a bug must not kill the thread
                 _log.exception("resilient: Redis flusher failed")
 
     def _tick(self, *, force: bool) -> None:
@@ -922,8 +1082,7 @@ class RedisBackend:
                 link.apply(self._eval("result", link.keys[:2], args), fresh=True, since=since)
                 link.results.popleft()
         for rate in rates:  # after transitions (convergence first), before the flush
-            if rate.lease_obj.refill:
-                rate.lease_obj.top_up()
+            rate.top_up()
         due = [
             link
             for link in links
@@ -960,6 +1119,7 @@ class RedisBackend:
                     | {b.name for b in budgets}
                     | {r.name for r in rates}
                 ),
+                "bad_messages": self.bad_messages,
             }
             self._client.set(
                 f"{self.config.key_prefix}:replica:{self.replica_id}",
@@ -978,8 +1138,10 @@ class RedisBackend:
                 try:
                     if listener is None:
                         # its own client: a blocking read on this thread delays no caller,
-                        # so it need not give up after socket_timeout
-                        listener = make_client(self.config, socket_timeout=5.0)
+                        # so it need not give up after socket_timeout; bytes, not str, so
+                        # that a message that is not UTF-8 is one bad message, not an error
+                        # of the connection
+                        listener = make_client(self.config, socket_timeout=5.0, decode=False)
                     pubsub = listener.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(self.channel)
                 except _BACKEND_ERRORS:
@@ -996,12 +1158,15 @@ class RedisBackend:
             except _BACKEND_ERRORS:
                 pubsub = self._close_pubsub(pubsub)
                 continue
-            except Exception:  # pragma: no cover - a bug must not kill the thread
+            except Exception:  # a bug must not kill the thread
                 _log.exception("resilient: Redis listener failed")
                 pubsub = self._close_pubsub(pubsub)
                 continue
             if message is not None and message.get("type") == "message":
-                self._on_message(message.get("data"))
+                try:
+                    self._on_message(message.get("data"))
+                except Exception:  # a bug must not kill the thread either
+                    self._bad("pub/sub message", message.get("data"))
         self._close_pubsub(pubsub)
         if listener is not None:
             with contextlib.suppress(*_BACKEND_ERRORS):
@@ -1015,44 +1180,42 @@ class RedisBackend:
         return None
 
     def _on_message(self, data: Any) -> None:
+        """A transition published by a replica: ``[policy, g, s, open ms, half ms, trips, by]``."""
         try:
-            name, gen, state, open_ms, half_ms, trips, _origin = json.loads(data)
-        except (TypeError, ValueError):
-            _log.debug("resilient: ignoring pub/sub message %r", data)
+            message = json.loads(data)
+        except (TypeError, ValueError):  # not JSON, not UTF-8
+            self._bad("pub/sub message", data)
             return
-        link = self._links.get(str(name))
-        if link is not None:
-            link.apply((0, gen, state, open_ms, half_ms, trips), fresh=False)
+        if not (isinstance(message, list) and len(message) == 7 and isinstance(message[0], str)):
+            self._bad("pub/sub message", data)
+            return
+        link = self._links.get(message[0])
+        if link is None:
+            return  # a policy this process does not use
+        record = (0, *message[1:6])
+        if _shared_state(record) is None:  # an unknown state name, not numbers...
+            self._bad("pub/sub message", data)
+            return
+        link.apply(record, fresh=False)
 
     # ---- fork
 
     def _after_fork(self) -> None:
         """In a forked child: no threads survive a fork; start afresh with a new identity."""
         self._lock = threading.Lock()
+        self._bad_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.up = self.subscribed = False
+        self.health = "connecting"
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(24):06x}"
         self._client = make_client(self.config)
         for link in self._links.values():
-            link.usable = False
-            link._plock = threading.Lock()
-            link._alock = threading.RLock()
-            link.common = (*link.common[:6], self.replica_id)
-        for budget in self._budgets.values():  # the parent's lease is the parent's
-            budget.usable = False
-            budget._lock = threading.Lock()
-            budget._leasing = threading.Lock()
-            budget.tokens = 0
-        for rate in self._rates.values():
-            rate.usable = False
-            lease = rate.lease_obj
-            lease._lock = threading.Lock()
-            lease._leasing = threading.Lock()
-            lease.revoke()
+            link.after_fork(self.replica_id)
+        for bucket in [*self._budgets.values(), *self._rates.values()]:
+            bucket.after_fork()
         self._threads = []
-        if self._links or self._budgets or self._rates:
-            self._start()
+        self._start()
 
 
 def _reinit_after_fork() -> None:
@@ -1067,9 +1230,20 @@ os.register_at_fork(after_in_child=_reinit_after_fork)
 # --------------------------------------------------------------------------- status
 
 
+def _field(record: dict[str, Any], key: str, default: int = 0) -> int:
+    value = _int(record.get(key, default))
+    return default if value is None else value
+
+
 def fleet_status(config: BackendConfig) -> dict[str, Any]:
     """
     The fleet's view, read from Redis: every policy's shared state and the replicas seen.
+
+    Returns:
+        ``url`` (without credentials), ``policies`` (state, generation, trips,
+        ``retry_after``, ``trial_permits_taken``, replicas, per policy), ``replicas``
+        (each one's heartbeat: pid, host, policies, ``bad_messages``) and
+        ``bad_messages`` (malformed messages and records the replicas ignored).
 
     Raises:
         redis.RedisError: Redis cannot be reached.
@@ -1089,24 +1263,38 @@ def fleet_status(config: BackendConfig) -> dict[str, Any]:
             )
             trial = client.hgetall(f"{tag}:trial")
             state = record.get("s", STATE_CLOSED)
-            gen = int(record.get("g", 0))
+            gen = _field(record, "g")
             policies[name] = {
                 "state": state,
                 "generation": gen,
-                "trips": int(record.get("t", 0)),
-                "retry_after": max(int(record.get("ou", 0)) - now_ms, 0) / 1000
+                "trips": _field(record, "t"),
+                "retry_after": max(_field(record, "ou") - now_ms, 0) / 1000
                 if state == STATE_OPEN
                 else None,
-                "trial_permits_taken": int(trial.get("n", 0))
-                if state == STATE_HALF_OPEN and int(trial.get("g", -1)) == gen
+                "trial_permits_taken": _field(trial, "n")
+                if state == STATE_HALF_OPEN and _field(trial, "g", -1) == gen
                 else 0,
                 "replicas": sorted(seen),
             }
-        replicas = {}
+        replicas: dict[str, Any] = {}
         for key in client.scan_iter(match=f"{prefix}:replica:*", count=500):
             raw = client.get(key)
             if raw is not None:
-                replicas[key[len(prefix) + len(":replica:") :]] = json.loads(raw)
-        return {"url": redact(config.redis_url or ""), "policies": policies, "replicas": replicas}
+                try:
+                    info = json.loads(raw)
+                except ValueError:
+                    info = {"malformed": True}
+                replicas[key[len(prefix) + len(":replica:") :]] = info
+        bad = sum(
+            count
+            for info in replicas.values()
+            if isinstance(info, dict) and (count := _int(info.get("bad_messages"))) is not None
+        )
+        return {
+            "url": redact_url(config.redis_url or ""),
+            "policies": policies,
+            "replicas": replicas,
+            "bad_messages": bad,
+        }
     finally:
         client.close()

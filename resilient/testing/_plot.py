@@ -15,6 +15,10 @@ def plot_timeline(result: SimulationResult, path: str | os.PathLike[str]) -> Non
     """
     Write a PNG (or any format matplotlib infers from *path*): outcomes and
     backend calls per second on top, the breaker state underneath.
+
+    The stacked areas are what the pipeline did with each call (succeeded,
+    failed, rejected); calls that the policy's fallback answered are a dashed
+    line over them, so a fallback never hides rejections.
     """
     import matplotlib
 
@@ -24,7 +28,6 @@ def plot_timeline(result: SimulationResult, path: str | os.PathLike[str]) -> Non
     seconds = [s.second for s in result.timeline]
     series = [
         ("succeeded", [s.succeeded for s in result.timeline], "tab:green"),
-        ("fallback", [s.fallback for s in result.timeline], "tab:olive"),
         ("failed", [s.failed for s in result.timeline], "tab:red"),
         ("rejected", [s.rejected for s in result.timeline], "tab:gray"),
     ]
@@ -55,6 +58,16 @@ def plot_timeline(result: SimulationResult, path: str | os.PathLike[str]) -> Non
         linewidth=1.0,
         label="backend calls",
     )
+    if result.fallback:
+        top.step(
+            seconds,
+            [s.fallback for s in result.timeline],
+            where="post",
+            color="tab:olive",
+            linestyle="--",
+            linewidth=1.5,
+            label="answered by fallback",
+        )
     top.set_ylabel("calls per second")
     top.set_title(
         f"policy {result.policy!r} vs {result.scenario!r} ({result.rate:g}/s, seed {result.seed})"

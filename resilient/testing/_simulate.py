@@ -9,14 +9,22 @@ backoff sleeps, timeouts and breaker periods cost no real time, and the run is
 a pure function of its arguments: one ``random.Random(seed)`` draws arrivals,
 failures and latencies, and the global ``random`` module (which tenacity's
 jittered waits use) is seeded for the run and restored afterwards.
+
+Outcomes count what the pipeline did with each call: it *succeeded*, *failed*
+(the backend's error or a timeout ended it) or was *rejected* (by the breaker,
+the bulkhead or the rate limit). A policy's fallback does not hide any of that:
+*fallback* counts, among the failed and rejected calls, those the fallback
+answered (the cause comes from the ``FallbackUsed`` event of the call).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import random
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,26 +37,32 @@ from resilient.errors import (
     RateLimitedError,
     RejectedError,
 )
-from resilient.events import BreakerStateChanged, RetryScheduled, bus
+from resilient.events import BreakerStateChanged, FallbackUsed, RetryScheduled, bus
 from resilient.testing._helpers import isolated_registry
 from resilient.testing._scenario import Scenario, SimulatedError
 from resilient.testing._virtual import VirtualClock
 
 __all__ = ["LatencySummary", "SecondStats", "SimulationResult", "Transition", "simulate"]
 
-#: Names of the caller outcomes, in the order the timeline and tables show them.
+#: Names of the call outcomes, in the order the timeline and tables show them.
+#: Exactly one per call; a fallback's answer is counted on top (``fallback``).
 _OUTCOMES = (
     "succeeded",
-    "fallback",
     "failed",
     "rejected_breaker",
     "rejected_bulkhead",
     "rejected_rate_limit",
     "rejected_other",
 )
-_SUCCEEDED, _FALLBACK, _FAILED, _BREAKER, _BULKHEAD, _RATE, _OTHER = range(7)
+_SUCCEEDED, _FAILED, _BREAKER, _BULKHEAD, _RATE, _OTHER = range(6)
+_TIMED_OUT = -1  # a failure by AttemptTimeoutError (counted as _FAILED too)
 
 _OK = object()  # what the simulated backend returns; anything else came from a fallback
+
+#: The error type of the ``FallbackUsed`` event of the call running in this context.
+_fallback_cause: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "resilient_simulation_fallback_cause", default=None
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +97,7 @@ class SecondStats:
     backend_calls: int
     succeeded: int
     fallback: int
+    """Of the calls that failed or were rejected in this second, those the fallback answered."""
     failed: int
     rejected: int
     breaker_state: str | None
@@ -114,20 +129,23 @@ class SimulationResult:
     rate: float
     seed: int
     attempted: int
-    """Calls made by callers."""
+    """Calls made by callers: ``succeeded + failed + rejected``."""
     succeeded: int
     """Calls whose caller got the backend's answer."""
     fallback: int
-    """Calls answered by the policy's fallback."""
+    """Of the failed and rejected calls, those the policy's fallback answered."""
     failed: int
-    """Calls that ended with an error that is not a rejection (timeouts included)."""
+    """Calls ended by an error that is not a rejection (timeouts included), whether the
+    caller got the error or the fallback's answer."""
     timed_out: int
     """Of the failed calls, those that ended with ``AttemptTimeoutError``."""
     rejected_breaker: int
+    """Calls refused by the circuit breaker (``CircuitOpenError``), whether the caller
+    got the refusal or the fallback's answer; so are the other ``rejected_*`` counts."""
     rejected_bulkhead: int
     rejected_rate_limit: int
     rejected_other: int
-    """Calls that ended with another ``RejectedError``."""
+    """Calls refused with another ``RejectedError``."""
     retried: int
     """Retries scheduled (``RetryScheduled`` events)."""
     backend_calls: int
@@ -141,16 +159,24 @@ class SimulationResult:
     latency: LatencySummary
     ended_at: float
     """Virtual time when the last call finished."""
+    warnings: tuple[str, ...] = ()
+    """What may make the run misleading, e.g. a ``retry_on`` that does not cover the
+    simulated error (each is also issued as a ``UserWarning``)."""
 
     @property
     def rejected(self) -> int:
-        """Calls refused before reaching the backend, for any reason."""
+        """Calls refused before reaching the backend, for any reason (fallback or not)."""
         return (
             self.rejected_breaker
             + self.rejected_bulkhead
             + self.rejected_rate_limit
             + self.rejected_other
         )
+
+    @property
+    def answered(self) -> int:
+        """Calls whose caller got an answer: the backend's or the fallback's."""
+        return self.succeeded + self.fallback
 
     @property
     def load_amplification(self) -> float:
@@ -166,6 +192,7 @@ class SimulationResult:
         """Everything as plain JSON-ready data (the ``--json`` output of the CLI)."""
         data = asdict(self)
         data["rejected"] = self.rejected
+        data["answered"] = self.answered
         data["load_amplification"] = round(self.load_amplification, 6)
         data["success_rate"] = round(self.success_rate, 6)
         return data
@@ -178,10 +205,12 @@ class SimulationResult:
             f"{self.duration:g} s at {self.rate:g} calls/s, seed {self.seed}",
             "",
         ]
+        lines += [f"  warning: {text}" for text in self.warnings]
+        if self.warnings:
+            lines.append("")
         rows = [
             ("attempted", self.attempted),
             ("succeeded", self.succeeded),
-            ("fallback", self.fallback),
             ("failed", self.failed),
             ("  of which timed out", self.timed_out),
             ("rejected by breaker", self.rejected_breaker),
@@ -192,6 +221,11 @@ class SimulationResult:
             rows.append(("rejected (other)", self.rejected_other))
         for label, value in rows:
             lines.append(f"  {label:<24}{value:>9}  {100 * value / n:6.2f}%")
+        if self.fallback:
+            lines.append(
+                f"  {'answered by fallback':<24}{self.fallback:>9}  "
+                f"{100 * self.fallback / n:6.2f}%  (of the failed and rejected calls)"
+            )
         lines += [
             f"  {'retries scheduled':<24}{self.retried:>9}",
             f"  {'backend calls':<24}{self.backend_calls:>9}  "
@@ -242,17 +276,17 @@ def _seeded_global_random(seed: int) -> Iterator[None]:
 @contextlib.contextmanager
 def _no_observer() -> Iterator[None]:
     # Metrics observers (if any are installed) must not count simulated calls.
-    from resilient import pipeline
+    from resilient.runtime import runtime
 
-    factory = pipeline._observer_factory
+    factory = runtime.observer_factory
     if factory is None:
         yield
         return
-    pipeline._observer_factory = None
+    runtime.set_observer_factory(None)
     try:
         yield
     finally:
-        pipeline._observer_factory = factory
+        runtime.set_observer_factory(factory)
 
 
 class _Run:
@@ -266,6 +300,9 @@ class _Run:
         self.backend = [0] * size
         self.outcomes = [[0] * size for _ in _OUTCOMES]
         self.totals = [0] * len(_OUTCOMES)
+        self.fallbacks = [0] * size
+        self.fallback_total = 0
+        self.causes = _fallback_causes()
         self.timed_out = 0
         self.backend_failures = 0
         self.retried = 0
@@ -284,10 +321,15 @@ class _Run:
             self.backend.extend([0] * missing)
             for counts in self.outcomes:
                 counts.extend([0] * missing)
+            self.fallbacks.extend([0] * missing)
 
     def on_event(self, event: object) -> None:
         if isinstance(event, RetryScheduled):
             self.retried += 1
+        elif isinstance(event, FallbackUsed):
+            cause = _fallback_cause.get()
+            if cause is not None:  # emitted inside one of the run's calls
+                cause.append(event.error_type)
         elif isinstance(event, BreakerStateChanged):
             assert self.loop is not None
             self.transitions.append(
@@ -328,6 +370,11 @@ class _Run:
     async def caller(self, fn: Any, arrival: float) -> None:
         loop = self.loop
         assert loop is not None
+        answered_by_fallback = False
+        # Each caller runs in a task of its own (a context of its own): the
+        # FallbackUsed event of its call lands in this list.
+        cause: list[str] = []
+        _fallback_cause.set(cause)
         try:
             value = await fn()
         except CircuitOpenError:
@@ -339,19 +386,77 @@ class _Run:
         except RejectedError:
             outcome = _OTHER
         except AttemptTimeoutError:
-            outcome = _FAILED
-            self.timed_out += 1
+            outcome = _TIMED_OUT
         except Exception:
             outcome = _FAILED
         else:
-            outcome = _SUCCEEDED if value is _OK else _FALLBACK
+            if value is _OK:
+                outcome = _SUCCEEDED
+            else:
+                answered_by_fallback = True
+                # Why the fallback had to answer: the error it replaced.
+                outcome = self.causes.get(cause[-1], _FAILED) if cause else _FAILED
+        if outcome == _TIMED_OUT:
+            self.timed_out += 1
+            outcome = _FAILED
         now = loop.time()
         second = int(now)
         if second >= len(self.arrivals):
             self.grow(second)
         self.outcomes[outcome][second] += 1
         self.totals[outcome] += 1
+        if answered_by_fallback:
+            self.fallbacks[second] += 1
+            self.fallback_total += 1
         self.latencies.append(now - arrival)
+
+
+def _fallback_causes() -> dict[str, int]:
+    """Outcome of a call that a fallback answered, by the name of the error it replaced."""
+    causes: dict[str, int] = {}
+
+    def add(cls: type[BaseException], outcome: int) -> None:
+        causes.setdefault(cls.__name__, outcome)
+        for sub in cls.__subclasses__():
+            add(sub, outcome)
+
+    # The specific classes first: setdefault keeps the first outcome given to a name.
+    add(AttemptTimeoutError, _TIMED_OUT)
+    add(CircuitOpenError, _BREAKER)
+    add(BulkheadFullError, _BULKHEAD)
+    add(RateLimitedError, _RATE)
+    add(RejectedError, _OTHER)
+    return causes
+
+
+def _retry_warning(policy: Policy, name: str) -> str | None:
+    """
+    Why *policy* would never retry the simulated backend's failures, or ``None``
+    when it would (or has no retry to speak of).
+    """
+    retry = policy.retry
+    if retry is None or retry.max_attempts < 2:
+        return None
+    error = SimulatedError("simulated backend failure")
+    covered = isinstance(error, retry.retry_on) and not isinstance(error, retry.give_up_on)
+    if not covered and retry.retry_if_exception is not None:
+        try:
+            covered = bool(retry.retry_if_exception(error))
+        except Exception:  # the user's predicate: assume it would retry
+            covered = True
+    if covered:
+        return None
+    listed = ", ".join(t.__name__ for t in retry.retry_on) or "nothing"
+    why = (
+        f"its give_up_on stops {SimulatedError.__name__}"
+        if isinstance(error, retry.retry_on)
+        else f"its retry_on ({listed}) does not cover it"
+    )
+    return (
+        f"policy {name!r} never retries the simulated backend's failures "
+        f"({SimulatedError.__name__}, a ConnectionError): {why}, so the run shows 0 "
+        "retries; add ConnectionError to retry_on to simulate retries"
+    )
 
 
 def simulate(
@@ -401,6 +506,9 @@ def simulate(
         msg = f"policy must be a resilient.Policy or a policy name, not {policy!r}"
         raise TypeError(msg)
     name = name or "simulated"
+    notes = tuple(n for n in (_retry_warning(policy, name),) if n is not None)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
     run = _Run(scenario, random.Random(seed), math.ceil(duration))
     clock = VirtualClock()
     with (
@@ -422,7 +530,13 @@ def simulate(
             run.state = "closed"
         clock.run(_drive(run, guarded, duration, rate), poll_io=False)
     return _result(
-        run, policy_name=name, duration=duration, rate=rate, seed=seed, breaker=has_breaker
+        run,
+        policy_name=name,
+        duration=duration,
+        rate=rate,
+        seed=seed,
+        breaker=has_breaker,
+        notes=notes,
     )
 
 
@@ -449,7 +563,14 @@ async def _drive(run: _Run, fn: Any, duration: float, rate: float) -> None:
 
 
 def _result(
-    run: _Run, *, policy_name: str, duration: float, rate: float, seed: int, breaker: bool
+    run: _Run,
+    *,
+    policy_name: str,
+    duration: float,
+    rate: float,
+    seed: int,
+    breaker: bool,
+    notes: tuple[str, ...],
 ) -> SimulationResult:
     latencies = sorted(run.latencies)
     latency = LatencySummary(
@@ -476,7 +597,7 @@ def _result(
                 arrivals=run.arrivals[second],
                 backend_calls=run.backend[second],
                 succeeded=o[_SUCCEEDED][second],
-                fallback=o[_FALLBACK][second],
+                fallback=run.fallbacks[second],
                 failed=o[_FAILED][second],
                 rejected=o[_BREAKER][second]
                 + o[_BULKHEAD][second]
@@ -494,7 +615,7 @@ def _result(
         seed=seed,
         attempted=sum(run.arrivals),
         succeeded=totals[_SUCCEEDED],
-        fallback=totals[_FALLBACK],
+        fallback=run.fallback_total,
         failed=totals[_FAILED],
         timed_out=run.timed_out,
         rejected_breaker=totals[_BREAKER],
@@ -509,4 +630,5 @@ def _result(
         timeline=tuple(timeline),
         latency=latency,
         ended_at=round(run.ended, 9),
+        warnings=notes,
     )
