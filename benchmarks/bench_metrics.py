@@ -5,7 +5,7 @@ Usage::
 
     python benchmarks/bench_metrics.py [--quick] [--rounds N] [--block-ms MS]
 
-The stack is the full pipeline (DESIGN §3): total timeout -> retry -> circuit
+The stack is the full pipeline (docs/architecture.md): total timeout -> retry -> circuit
 breaker -> rate limiter -> bulkhead -> per-attempt timeout (the sync stack has
 no per-attempt timeout, which sync code cannot enforce). The function returns
 at once, so the figures are the library's own cost, the worst case for the

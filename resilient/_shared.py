@@ -13,9 +13,10 @@ same name with the *same* configuration shares the object; with a different
 configuration it is refused with a :class:`~resilient.PolicyError` naming both,
 because two configurations under one name would silently split the state (one
 caller rejected by a breaker that ``get_breaker(name)`` reports closed). The
-owner itself may change its configuration (a policy reload): the object is then
-remade, and handed the one it replaces so that it can carry state over (a
-bulkhead keeps counting the calls still in flight on the old one).
+owner itself may change its configuration (a policy reload): the maker is then
+called again and handed the object it replaces, so that state carries over (a
+breaker starts afresh; a bulkhead updates itself in place, so the calls in flight
+keep counting against the new limit).
 
 This module imports nothing else of ``resilient`` but the errors: the runtime
 (:mod:`resilient.runtime`) passes the backend in and sets tables aside as a whole.

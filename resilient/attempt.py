@@ -76,7 +76,6 @@ __all__ = [
     "Stages",
     "admit",
     "admit_rest",
-    "admit_sync",
     "arm",
     "call_sync",
     "settle",
@@ -105,13 +104,22 @@ def refused(p: Stages, exc: RejectedError, reason: str) -> None:
         bus.emit(CallRejected(p.name, p.callable_name, reason, exc.retry_after))
 
 
-def admit(p: Stages) -> list[Any]:
+def admit(p: Stages, blocking: bool = False, in_pool: bool = True) -> list[Any]:
     """
-    Admit an async attempt as far as possible without waiting. When
+    Admit an attempt: the breaker's token, then the rate limiter's permit and the
+    bulkhead's slot.
+
+    Async callers (*blocking* false) get everything that is free *now*; when
     ``ticket[WAIT]`` is set, ``await admit_rest(p, ticket)`` before running it.
+    Sync callers (*blocking* true) wait in their thread as the policy allows. With
+    a thread-pool bulkhead and *in_pool*, the slot is given back by the pool's
+    thread when :func:`call_sync` ends; a block (the ``attempts()`` form, which
+    runs in the caller's thread) holds it in the ticket.
 
     Raises:
         CircuitOpenError: The breaker refused (nothing is held).
+        RateLimitedError, BulkheadFullError: *blocking* only; refused after the
+            policy's waits (nothing is held).
     """
     breaker = p.breaker
     token = None
@@ -126,18 +134,19 @@ def admit(p: Stages) -> list[Any]:
             measured = _clock.monotonic()
     limiter = p.limiter
     bulkhead = p.bulkhead
+    ticket = [token, measured, -1.0, None, _WAIT_NONE, "per_attempt"]
     if limiter is None and bulkhead is None:
-        return [token, measured, -1.0, None, _WAIT_NONE, "per_attempt"]
-    slot = -1.0
-    wait = _WAIT_NONE
-    if limiter is not None and not limiter.for_loop().try_take():
-        wait = _WAIT_RATE
+        return ticket
+    if blocking:
+        _wait_in_thread(p, ticket, in_pool)
+    elif limiter is not None and not limiter.for_loop().try_take():
+        ticket[WAIT] = _WAIT_RATE
     elif bulkhead is not None:
         if bulkhead.try_acquire():
-            slot = _clock.monotonic() if p.slot_timed else 0.0
+            ticket[SLOT] = _clock.monotonic() if p.slot_timed else 0.0
         else:
-            wait = _WAIT_SLOT
-    return [token, measured, slot, None, wait, "per_attempt"]
+            ticket[WAIT] = _WAIT_SLOT
+    return ticket
 
 
 async def admit_rest(p: Stages, ticket: list[Any]) -> None:
@@ -173,56 +182,33 @@ async def admit_rest(p: Stages, ticket: list[Any]) -> None:
         raise
 
 
-def admit_sync(p: Stages, *, in_pool: bool = True) -> list[Any]:
-    """
-    Admit a sync attempt, waiting in this thread for a permit and a slot as the
-    policy allows. With a thread-pool bulkhead and *in_pool*, the slot is given
-    back by the pool's thread when :func:`call_sync` ends; a block (the
-    ``attempts()`` form, which runs in the caller's thread) holds it in the ticket.
-
-    Raises:
-        CircuitOpenError, RateLimitedError, BulkheadFullError: Refused
-            (nothing is held).
-    """
-    breaker = p.breaker
-    token = None
-    measured = -1.0
-    if breaker is not None:
-        try:
-            token = breaker.acquire()
-        except CircuitOpenError as rejected:
-            refused(p, rejected, "circuit_open")
-            raise
-        if breaker.needs_duration:
-            measured = _clock.monotonic()
-    ticket = [token, measured, -1.0, None, _WAIT_NONE, "per_attempt"]
+def _wait_in_thread(p: Stages, ticket: list[Any], in_pool: bool) -> None:
+    """The rate-limit permit and the bulkhead slot of a sync attempt (see :func:`admit`)."""
     limiter = p.limiter
     bulkhead = p.bulkhead
-    if limiter is not None or bulkhead is not None:
-        try:
-            if limiter is not None:
+    try:
+        if limiter is not None:
+            try:
+                limiter.acquire_sync()
+            except RateLimitedError as exc:
+                refused(p, exc, "rate_limited")
+                raise
+        if bulkhead is not None:
+            if not bulkhead.try_acquire():
                 try:
-                    limiter.acquire_sync()
-                except RateLimitedError as exc:
-                    refused(p, exc, "rate_limited")
+                    bulkhead.acquire_sync(p.priority)
+                except BulkheadFullError as exc:
+                    refused(p, exc, "bulkhead_full")
                     raise
-            if bulkhead is not None:
-                if not bulkhead.try_acquire():
-                    try:
-                        bulkhead.acquire_sync(p.priority)
-                    except BulkheadFullError as exc:
-                        refused(p, exc, "bulkhead_full")
-                        raise
-                if not (p.pooled and in_pool):
-                    ticket[SLOT] = _clock.monotonic() if p.slot_timed else 0.0
-        except BaseException:
-            _give_back(p, ticket)
-            raise
-    return ticket
+            if not (p.pooled and in_pool):
+                ticket[SLOT] = _clock.monotonic() if p.slot_timed else 0.0
+    except BaseException:
+        _give_back(p, ticket)
+        raise
 
 
 def call_sync(p: Stages, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run a sync attempt admitted by :func:`admit_sync`: in the caller's thread, or in
+    """Run a sync attempt admitted by :func:`admit`: in the caller's thread, or in
     the thread-pool bulkhead (whose thread gives the slot back when *fn* ends)."""
     if p.pooled:
         bulkhead = p.bulkhead

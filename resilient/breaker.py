@@ -7,12 +7,12 @@ Why by hand, on pybreaker's model
 We reuse what pybreaker defines *as a model*: its state names
 (``"closed"``, ``"open"``, ``"half-open"``), its listener protocol
 (``CircuitBreakerListener.state_change/failure/success``, so existing
-pybreaker listeners plug in unchanged) and its storage interface
-(``CircuitBreakerStorage``, so a shared backend can later hold the persisted
-state). We do **not** use ``pybreaker.CircuitBreaker.call``, because:
+pybreaker listeners plug in unchanged). Shared state goes through a state
+backend (:mod:`resilient.backends`), not pybreaker's storage objects. We do
+**not** use ``pybreaker.CircuitBreaker.call``, because:
 
 * it holds an ``RLock`` for the whole guarded call, so concurrent callers of
-  one breaker run one after another (DESIGN.md §3);
+  one breaker run one after another (docs/architecture.md);
 * in half-open state it lets *every* caller through instead of a fixed number
   of trial calls;
 * it only counts consecutive failures: no sliding window, failure rate, slow
@@ -40,11 +40,13 @@ Listeners are called after the lock is released.
 What lives where
 ================
 
-* The *persisted* state (state name, ``opened_at``, consecutive trip count in
-  ``counter``) is written to a ``CircuitBreakerStorage`` on transitions only,
-  never per call.
-* Per-call counters (consecutive failures, the sliding window, half-open
-  trial permits, totals) are plain slotted attributes.
+* State, counters (consecutive failures, the sliding window, half-open
+  trial permits, totals) and trip count are plain slotted attributes.
+* With a shared backend the breaker is a *member*
+  (:class:`resilient.backends.protocol.BreakerMember`): it calls
+  ``backend.attach(self)`` once, and the backend talks to it only through
+  ``fleet_snapshot``, ``adopt``, ``set_offline``, ``merge_window`` and
+  ``after_fork``, from its own threads, never on a call path.
 
 Tokens
 ======
@@ -55,9 +57,18 @@ until the first transition) and a half-open trial permit gets
 ``2 * gen + 1``. A result whose token belongs to an earlier generation (the
 breaker tripped, was reset, ...) updates only the lifetime totals and never the
 current state. Negative tokens mark calls that were let through without being
-judged (``disabled`` mode, and ``metrics_only`` calls that a normal breaker
-would have rejected); reporting them is optional, they only feed the lifetime
-totals.
+judged (``disabled`` mode, and calls admitted while the state backend is away);
+reporting them is optional, they only feed the lifetime totals.
+
+Modes
+=====
+
+``normal`` is all of the above. ``metrics_only`` is resilience4j's METRICS_ONLY:
+every call gets the recording token of the current generation whatever the
+state, outcomes go into the window and the totals as usual, and nothing moves
+the state by itself (no trip, no open period running out); only ``open()``,
+``close()`` and ``reset()`` do. ``disabled`` records nothing and
+``forced_open`` rejects everything; both freeze the state too.
 """
 
 from __future__ import annotations
@@ -72,10 +83,18 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from resilient._models import CircuitBreakerConfig
+from resilient.backends.protocol import (
+    STATE_CLOSED,
+    STATE_HALF_OPEN,
+    STATE_OPEN,
+    STATES,
+    BreakerSnapshot,
+    SharedState,
+)
 from resilient.errors import CircuitOpenError
 
 if TYPE_CHECKING:
-    from resilient.backends import BreakerBackend, BreakerLink
+    from resilient.backends.protocol import Backend, BreakerLink, OnBackendFailure
 
 __all__ = [
     "STATE_CLOSED",
@@ -87,13 +106,11 @@ __all__ = [
 
 _log = logging.getLogger("resilient.breaker")
 
-# pybreaker's state names (a test checks they still match). pybreaker itself is
-# imported when the first breaker is built, not with this module: it imports
-# redis at import time whenever redis is installed, and `import resilient`
-# must not pull in optional dependencies.
-STATE_CLOSED: Final[str] = "closed"
-STATE_OPEN: Final[str] = "open"
-STATE_HALF_OPEN: Final[str] = "half-open"
+# The state names (pybreaker's; a test checks they still match) are defined in
+# resilient.backends.protocol, so that backends need not import this module.
+# pybreaker itself is imported when the first breaker is built, not with this
+# module: it imports redis at import time whenever redis is installed, and
+# `import resilient` must not pull in optional dependencies.
 
 
 def _pybreaker() -> Any:
@@ -110,7 +127,7 @@ _SLOW: Final = 2
 
 # Tokens that are not tied to a generation.
 _TOKEN_PASS: Final = -1  # disabled mode: nothing is recorded
-_TOKEN_SHADOW: Final = -2  # metrics_only, would have been rejected: totals only
+_TOKEN_SHADOW: Final = -2  # let through unjudged (backend away): totals only
 _NEVER: Final = -3  # a value no token ever has
 
 #: ``retry_after`` when every half-open trial permit is taken: the trial calls
@@ -321,7 +338,10 @@ class CircuitBreaker:
         config: The validated configuration.
         needs_duration: Whether ``on_success``/``on_failure`` need a measured
             ``duration`` (only when slow calls are tracked); otherwise pass 0.0.
+        fleet_kind: ``"breaker"``: what a state backend attaches it as.
     """
+
+    fleet_kind: Final = "breaker"
 
     __slots__ = (
         "_backend",
@@ -357,7 +377,6 @@ class CircuitBreaker:
         "_slow_s",
         "_slow_thr",
         "_state",
-        "_storage",
         "_success_cbs",
         "_timed",
         "_trial_calls",
@@ -377,7 +396,7 @@ class CircuitBreaker:
         *,
         clock: Callable[[], float] | None = None,
         listeners: Iterable[Any] = (),
-        backend: BreakerBackend | None = None,
+        backend: Backend | None = None,
     ) -> None:
         """
         Create a closed breaker.
@@ -401,7 +420,6 @@ class CircuitBreaker:
         self._failure_cbs: tuple[Callable[[Any, BaseException], object], ...] = ()
         self._set_listeners(tuple(listeners))
         self._lock = threading.Lock()
-        self._storage: Any = _pybreaker().CircuitMemoryStorage(STATE_CLOSED)
 
         self.needs_duration = config.slow_call_duration is not None
         self._slow_s = config.slow_call_duration if config.slow_call_duration is not None else _INF
@@ -529,7 +547,7 @@ class CircuitBreaker:
                 if self._window_add(
                     _SLOW if duration >= self._slow_s else 0, self._clock() if self._timed else 0.0
                 ) and self._window_trips(self._window):
-                    events = [self._transition(STATE_OPEN, self._clock())]
+                    events = self._trip(self._clock())
             elif token == _TOKEN_PASS:
                 return
             else:
@@ -574,12 +592,15 @@ class CircuitBreaker:
                 now = self._clock() if timed else 0.0
                 w.add(_FAIL | _SLOW if duration >= self._slow_s else _FAIL, now)
                 if consecutive >= self._failure_threshold or self._window_trips(w):
-                    events = [self._transition(STATE_OPEN, now if timed else self._clock())]
+                    events = self._trip(now if timed else self._clock())
             elif token & 1 and token > 0:
                 now = self._clock()
                 events = self._advance(now)  # a verdict after half_open_timeout is too late
                 if token == self._gen * 2 + 1 and self._state == STATE_HALF_OPEN:
-                    events = [self._transition(STATE_OPEN, now)]
+                    if self._mode == "normal":
+                        events = [self._transition(STATE_OPEN, now)]
+                    else:
+                        self._release_permit(token)  # the state is frozen: no verdict
         if self._failure_cbs:
             self._notify_outcome(exc, events)
         elif events is not None:
@@ -607,6 +628,8 @@ class CircuitBreaker:
         if mode == "forced_open":
             next(self._rejections)
             raise CircuitOpenError.fast(self.name, None, "forced open")
+        if mode == "metrics_only":
+            return self._closed_token  # every call passes and is recorded, in any state
         offline = self._offline
         if offline is not None:
             return self._acquire_offline(offline)
@@ -692,6 +715,9 @@ class CircuitBreaker:
             now = self._clock()
             events = self._advance(now)  # a verdict after half_open_timeout is too late
             if token == self._gen * 2 + 1 and self._state == STATE_HALF_OPEN:
+                if self._mode != "normal":
+                    self._release_permit(token)  # the state is frozen: no verdict
+                    return events
                 if duration >= self._slow_s:
                     return [self._transition(STATE_OPEN, now)]
                 link = self._link
@@ -717,6 +743,12 @@ class CircuitBreaker:
             if self._link is not None and self._link.usable:
                 self._link.release_permit()
 
+    def _trip(self, now: float) -> _Events | None:
+        """A threshold was reached (lock held): open, unless in ``metrics_only`` mode."""
+        if self._mode == "metrics_only":
+            return None  # observed only: the window and counters show it, the state stays
+        return [self._transition(STATE_OPEN, now)]
+
     def _window_trips(self, w: _CountWindow | _TimeWindow) -> bool:
         # _fleet_*: the other replicas' share of the window (0 without a shared backend)
         calls = w.calls + self._fleet_calls
@@ -735,9 +767,9 @@ class CircuitBreaker:
         deadline, so the new open period is not stretched by nobody looking;
         an open period that is over becomes half-open *now*, so the trial
         permits and the half-open timeout start when someone can use them.
-        Frozen in ``disabled`` and ``forced_open`` modes.
+        Frozen in every mode but ``normal``.
         """
-        if self._mode == "disabled" or self._mode == "forced_open":
+        if self._mode != "normal":
             return None
         events = None
         if self._state == STATE_HALF_OPEN and now >= self._half_open_until:
@@ -763,21 +795,16 @@ class CircuitBreaker:
         self._permits = 0
         self._trial_successes = 0
         self._window.clear()
-        storage = self._storage
         if new == STATE_OPEN:
             self._trips += 1
             self._open_until = now + self._open_duration()
             self._opened_at_wall = time.time()
-            storage.opened_at = datetime.fromtimestamp(self._opened_at_wall, UTC)
-            storage.increment_counter()
         elif new == STATE_HALF_OPEN:
             hot = self.config.half_open_timeout
             self._half_open_until = now + hot if hot is not None else _INF
         else:
             self._trips = 0
             self._opened_at_wall = None
-            storage.reset_counter()
-        storage.state = new
         self._fleet_calls = self._fleet_failures = 0
         self._sync_tokens()
         if not remote and self._link is not None:
@@ -804,18 +831,17 @@ class CircuitBreaker:
                 self._n_successes += done
                 self._window.add_successes(done)
 
-    def _totals(self) -> tuple[int, int]:
-        """Lifetime ``(successes, failures)``, pending successes included."""
-        with self._lock:
-            self._fold()
-            return self._n_successes, self._n_failures
-
     def _sync_tokens(self) -> None:
         """Recompute the hot-path tokens after a transition or mode switch (lock held)."""
-        recording = self._state == STATE_CLOSED and self._mode != "disabled"
-        self._closed_token = self._gen * 2 if recording else _NEVER
-        fast = recording and self._mode in ("normal", "metrics_only") and self._offline != "open"
-        self._fast_token = self._closed_token if fast else -1
+        mode = self._mode
+        if mode == "metrics_only":
+            # Every call passes and is recorded, whatever the state or the backend.
+            self._closed_token = self._fast_token = self._gen * 2
+        else:
+            recording = self._state == STATE_CLOSED and mode != "disabled"
+            self._closed_token = self._gen * 2 if recording else _NEVER
+            fast = recording and mode == "normal" and self._offline != "open"
+            self._fast_token = self._closed_token if fast else -1
         self._reject_open = (
             self._state == STATE_OPEN and self._mode == "normal" and self._offline is None
         )
@@ -823,36 +849,40 @@ class CircuitBreaker:
     # ------------------------------------------------------------ fleet state
 
     @property
-    def backend(self) -> BreakerBackend | None:
+    def backend(self) -> Backend | None:
         """The state backend this breaker was built with (``None``: local only)."""
         return self._backend
 
-    def _adopt(
-        self,
-        gen: int,
-        state: str,
-        open_for: float,
-        half_open_for: float | None,
-        trips: int,
-        *,
-        fresh: bool,
-    ) -> bool:
+    def fleet_snapshot(self) -> BreakerSnapshot:
+        """
+        What a state backend flushes: lifetime successes and failures (pending
+        successes included), the state, the rest of the open period and the trips.
+        """
+        with self._lock:
+            self._fold()
+            state = self._state
+            open_for = max(self._open_until - self._clock(), 0.0) if state == STATE_OPEN else 0.0
+            return BreakerSnapshot(
+                self._n_successes, self._n_failures, state, open_for, self._trips
+            )
+
+    def adopt(self, shared: SharedState, *, fresh: bool) -> bool:
         """
         Take on the fleet's state (called by the backend's threads, never on a call path).
 
         Args:
-            gen: The shared generation. A pub/sub message (*fresh* false) older
-                than the last one seen is ignored; a fresh read of Redis always wins.
-            state: The shared state.
-            open_for: Seconds left in the shared open period.
-            half_open_for: Seconds left before a half-open period times out (``None``: no limit).
-            trips: The shared count of consecutive trips.
+            shared: The shared state. A state name that is not one of the three
+                is ignored.
+            fresh: Read from the backend just now: it always wins. Otherwise (a
+                pub/sub message) it is ignored unless its generation is newer
+                than the last one adopted.
 
         Returns:
             Whether anything changed.
         """
         link = self._link
-        if link is None:
+        gen, state = shared.generation, shared.state
+        if link is None or state not in STATES:
             return False
         events = None
         with self._lock:
@@ -869,22 +899,27 @@ class CircuitBreaker:
                 self._consecutive = 0
                 self._window.clear()
                 self._fleet_calls = self._fleet_failures = 0
-            self._trips = trips
+            self._trips = shared.trips
             if state == STATE_OPEN:
-                self._open_until = now + open_for
+                self._open_until = now + shared.open_for
             elif state == STATE_HALF_OPEN:
-                self._half_open_until = now + half_open_for if half_open_for is not None else _INF
+                half = shared.half_open_for
+                self._half_open_until = now + half if half is not None else _INF
         if events is not None:
             self._notify(events)
         return True
 
-    def _set_offline(self, offline: str | None) -> None:
-        """Backend down: behave as ``on_backend_failure`` says; ``None`` when it is up."""
+    def set_offline(self, policy: OnBackendFailure | None) -> None:
+        """
+        The shared backend is unreachable: behave as ``on_backend_failure`` says
+        (``"open"``: reject, ``"closed"``: let every call through; ``"local"`` or
+        ``None``: decide alone, as without a backend).
+        """
         with self._lock:
-            self._offline = offline
+            self._offline = policy if policy != "local" else None
             self._sync_tokens()
 
-    def _fleet_check(self, others_calls: int, others_failures: int) -> None:
+    def merge_window(self, others_calls: int, others_failures: int) -> None:
         """Take in the other replicas' window counts and trip if the fleet's rate says so."""
         events = None
         with self._lock:
@@ -893,7 +928,7 @@ class CircuitBreaker:
             self._fleet_failures = others_failures
             if (
                 self._state == STATE_CLOSED
-                and self._mode in ("normal", "metrics_only")
+                and self._mode == "normal"  # metrics_only never changes state
                 and others_failures
             ):
                 w = self._window
@@ -903,6 +938,13 @@ class CircuitBreaker:
                     events = [self._transition(STATE_OPEN, now)]
         if events is not None:
             self._notify(events)
+
+    def after_fork(self) -> None:
+        """
+        In a forked child (the backend calls it): a new lock, since another thread
+        of the parent may have held this one at the fork.
+        """
+        self._lock = threading.Lock()
 
     # -------------------------------------------------------------- listeners
 
@@ -1024,6 +1066,19 @@ class CircuitBreaker:
         """Consecutive trips since the breaker was last closed."""
         return self._trips
 
+    def open_for(self) -> float:
+        """
+        Seconds until this breaker lets a call through again: 0.0 when it does now
+        (closed, half-open, disabled, metrics only), ``inf`` when forced open.
+        Retries use it to stop waiting for a breaker that will still be open.
+        """
+        mode = self._mode
+        if mode == "forced_open":
+            return math.inf
+        if mode != "normal" or self._state != STATE_OPEN:
+            return 0.0
+        return max(self._open_until - self._clock(), 0.0)
+
     def _force(self, new: str, *, reset_totals: bool = False) -> None:
         with self._lock:
             event = self._transition(new, self._clock())
@@ -1059,7 +1114,11 @@ class CircuitBreaker:
         self._set_mode("disabled")
 
     def metrics_only(self) -> None:
-        """Record, transition and notify as usual, but never reject a call."""
+        """
+        Let every call through and record it (window, counters, failure rate), but
+        never change state by itself: thresholds are only observed (see
+        ``thresholds_exceeded`` in :meth:`get_status`).
+        """
         self._set_mode("metrics_only")
 
     def normal(self) -> None:
@@ -1081,10 +1140,11 @@ class CircuitBreaker:
             ``calls``, ``failures``, ``slow``, ``failure_rate``,
             ``slow_call_rate``), ``opened_at`` (ISO 8601 UTC, or ``None``
             when closed), ``retry_after`` (seconds until a trial call is
-            allowed, or ``None``), ``trips``, ``totals`` (``calls``,
-            ``successes``, ``failures``, ``ignored``, ``rejections``; in
-            ``metrics_only`` mode rejections are the calls a normal breaker
-            would have rejected) and ``config`` (a summary).
+            allowed, or ``None``), ``trips``, ``thresholds_exceeded``
+            (whether the consecutive failures or the window are at a threshold
+            now: in ``metrics_only`` mode, a normal breaker would have opened),
+            ``totals`` (``calls``, ``successes``, ``failures``, ``ignored``,
+            ``rejections``) and ``config`` (a summary).
         """
         cfg = self.config
         with self._lock:
@@ -1123,6 +1183,8 @@ class CircuitBreaker:
                 ),
                 "retry_after": retry_after,
                 "trips": self._trips,
+                "thresholds_exceeded": self._consecutive >= self._failure_threshold
+                or self._window_trips(w),
                 "totals": {
                     "calls": self._n_successes + self._n_failures + self._n_ignored,
                     "successes": self._n_successes,

@@ -76,6 +76,13 @@ _LOG_FLOOR = math.log(1e-6)
 _priority: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "resilient_priority", default=None
 )
+# The tokens of the ``priority`` blocks open in this context, innermost first, as
+# a linked list of ``(token, outer)`` pairs: each context (task, thread) has its
+# own, so one ``priority`` object can be entered by many of them at once.
+_PriorityTokens = tuple[contextvars.Token[int | None], Any] | None
+_priority_tokens: contextvars.ContextVar[_PriorityTokens] = contextvars.ContextVar(
+    "resilient_priority_tokens", default=None
+)
 
 
 def priority_level(name: str) -> int:
@@ -105,23 +112,36 @@ class priority:  # lowercase: used like a function, `with resilient.priority("hi
     ``await`` and into tasks and threads started with a copied context. It wins
     over the decorator's ``priority=`` and the policy's ``default_priority``.
 
+    One object can be made once and entered anywhere, at the same time, by any
+    number of tasks and threads, and nested in itself: what a block must undo
+    when it ends is kept in the context that entered it, not in the object.
+
     Raises:
         PolicyError: At construction, for an unknown priority name.
     """
 
-    __slots__ = ("_tokens", "level", "name")
+    __slots__ = ("level", "name")
 
     def __init__(self, name: str) -> None:
         self.level = priority_level(name)
         self.name = name
-        self._tokens: list[contextvars.Token[int | None]] = []
 
     def __enter__(self) -> priority:
-        self._tokens.append(_priority.set(self.level))
+        token = _priority.set(self.level)
+        _priority_tokens.set((token, _priority_tokens.get()))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _priority.reset(self._tokens.pop())
+        entered = _priority_tokens.get()
+        if entered is None:
+            msg = "resilient.priority: __exit__ without __enter__ in this context"
+            raise RuntimeError(msg)
+        token, outer = entered
+        _priority_tokens.set(outer)
+        _priority.reset(token)
+
+    def __repr__(self) -> str:
+        return f"resilient.priority({self.name!r})"
 
 
 def current_priority() -> str | None:
@@ -138,12 +158,15 @@ _WAITING, _GRANTED, _ABANDONED = 0, 1, 2
 class _Waiter:
     """One caller waiting for a slot; ``wake`` is called (outside the lock) once granted."""
 
-    __slots__ = ("loop", "signal", "state")
+    __slots__ = ("level", "loop", "signal", "since", "state")
 
     def __init__(self, signal: Any, loop: asyncio.AbstractEventLoop | None) -> None:
         self.state = _WAITING
         self.signal = signal  # an asyncio.Future (async) or a held threading.Lock (sync)
         self.loop = loop
+        # priority level and time of queueing: to order it again after a reload
+        self.level = 0
+        self.since = 0.0
 
     def wake(self) -> bool:
         """Tell the waiter it holds a slot; false if it can no longer be told."""
@@ -406,6 +429,11 @@ class _DaemonPool:
         self._threads = 0
         self._idle = 0
 
+    def resize(self, size: int) -> None:
+        """Allow *size* threads from now on (extra idle threads stay, the bulkhead bounds use)."""
+        with self._lock:
+            self.size = size
+
     def submit(self, run: Callable[[], None]) -> None:
         self._queue.put(run)
         with self._lock:
@@ -429,6 +457,17 @@ class _DaemonPool:
 
 
 # --------------------------------------------------------------------------- bulkhead
+
+
+def _scaling(config: BulkheadConfig) -> tuple[Any, ...]:
+    """The settings of the auto-scaling controller (a reload keeps it when they are unchanged)."""
+    return (
+        config.min_concurrent_requests,
+        config.latency_tolerance,
+        config.scale_up_threshold,
+        config.scale_down_threshold,
+        config.probe_interval,
+    )
 
 
 class Bulkhead:
@@ -475,31 +514,78 @@ class Bulkhead:
         self, name: str, config: BulkheadConfig, *, clock: Callable[[], float] | None = None
     ) -> None:
         self.name = name
-        self.config = config
         self._clock = clock or _clock.monotonic
         self._lock = threading.Lock()
         self._acq = self._lock.acquire
         self._rel = self._lock.release
+        self.in_use = 0
+        self.queued = 0
+        self.rejected = 0
+        self._heap: list[tuple[float, int, _Waiter]] = []
+        self._dead = 0
+        self._seq = itertools.count()
+        self._pool: _DaemonPool | None = None
+        self.controller: _GradientLimit | None = None
+        self._apply(config)
+
+    def _apply(self, config: BulkheadConfig) -> None:
+        """Set what *config* decides (at construction, or under the lock at a reload)."""
+        old = getattr(self, "config", None)
+        self.config = config
         self.pooled = config.isolation == "thread_pool"
         ceiling = config.max_concurrent_requests
         if self.pooled:
             ceiling = min(ceiling, config.max_thread_pool_size)
-        self.controller: _GradientLimit | None = (
-            _GradientLimit(config, ceiling, self._clock) if config.enable_auto_scaling else None
-        )
-        self.limit = ceiling
-        self.in_use = 0
-        self.queued = 0
-        self.rejected = 0
+        if not config.enable_auto_scaling:
+            self.controller = None
+            self.limit = ceiling
+        elif (
+            self.controller is None
+            or old is None
+            or _scaling(old) != _scaling(config)
+            or self.controller.ceiling != ceiling
+        ):
+            self.controller = controller = _GradientLimit(config, ceiling, self._clock)
+            self.limit = controller.effective
+            if self.in_use:  # their latencies measure the old limit
+                controller.pending = self.in_use
+                controller.changed = self._clock()
+        # else: the same controller goes on with what it learnt
         self.max_queue = config.max_queue
         self.acquire_timeout = config.acquire_timeout
         self.default_level = _LEVELS[config.default_priority]
         self._prioritise = config.priority_queuing
         self._aging = config.priority_aging
-        self._heap: list[tuple[float, int, _Waiter]] = []
-        self._dead = 0
-        self._seq = itertools.count()
-        self._pool: _DaemonPool | None = None
+        if self._pool is not None:
+            self._pool.resize(config.max_thread_pool_size)
+
+    def reconfigure(self, config: BulkheadConfig) -> Bulkhead:
+        """
+        Take a new section (a reload changed it) and return this bulkhead.
+
+        The bulkhead stays the same object, so the calls in flight hold slots
+        of the new limit until they end, and the waiters keep their place: a
+        reload from 4 to 5 lets one more call in, never 4 + 5. A smaller limit
+        admits nobody until enough calls have left. Waiters are ordered again
+        when the priority settings changed; an auto-scaling controller keeps
+        what it learnt unless its own settings (or the ceiling) changed.
+        """
+        with self._lock:
+            if config == self.config:
+                return self
+            self._apply(config)
+            if self._heap:
+                # same arrival numbers: ties still go in arrival order
+                self._heap = [
+                    (self._key(w.level, w.since), seq, w)
+                    for _key, seq, w in self._heap
+                    if w.state == _WAITING
+                ]
+                heapq.heapify(self._heap)
+                self._dead = 0
+            woken = self._grant()
+        self._wake(woken)
+        return self
 
     def __repr__(self) -> str:
         return (
@@ -532,8 +618,8 @@ class Bulkhead:
 
     def release_timed(self, latency: float) -> None:
         """``release()`` plus a latency sample for auto-scaling (seconds the call took)."""
-        c = self.controller
         self._acq()
+        c = self.controller  # under the lock: a reload may replace it
         # The controller's per-call bookkeeping, inlined (this is the hot path).
         if c is None:
             pass
@@ -603,17 +689,21 @@ class Bulkhead:
             if self.queued >= self.max_queue or self.acquire_timeout <= 0:
                 self.rejected += 1
                 raise self._full("its waiting queue is full" if self.max_queue else "it is full")
-            if not self._prioritise:
-                key = 0.0
-            elif self._aging is None:
-                key = -float(level)
-            else:
-                key = self._clock() / self._aging - level
-            heapq.heappush(self._heap, (key, next(self._seq), waiter))
+            waiter.level = level
+            waiter.since = since = self._clock()
+            heapq.heappush(self._heap, (self._key(level, since), next(self._seq), waiter))
             self.queued += 1
             return True
         finally:
             self._rel()
+
+    def _key(self, level: int, since: float) -> float:
+        """The heap key of a waiter of *level* queued at *since* (smaller goes first)."""
+        if not self._prioritise:
+            return 0.0
+        if self._aging is None:
+            return -float(level)
+        return since / self._aging - level
 
     def _abandon(self, waiter: _Waiter, *, timed_out: bool) -> bool:
         """A waiter gives up; true if it was granted a slot meanwhile (it now holds it)."""
@@ -858,12 +948,20 @@ class ConnectionPool(Generic[C]):
         self._close = close
         self._discard_on_error = discard_on_error
         self._idle: deque[C] = deque()
+        self._closing: set[asyncio.Future[Any]] = set()  # async closes still running
         self.created = 0
         self.closed = 0
 
     @contextlib.asynccontextmanager
     async def connection(self, priority: str | None = None) -> AsyncIterator[C]:
-        """Check a resource out for the block; it goes back (or is closed) at the end."""
+        """
+        Check a resource out for the block; it goes back (or is closed) at the end.
+
+        A cancellation at any point (waiting for a slot, in ``factory``,
+        ``validate`` or ``close``, or inside the block) gives the slot back and
+        never loses a resource: one taken from the idle set goes back to it or
+        is closed.
+        """
         slots = self.slots
         if not slots.try_acquire():
             await slots.acquire_async(priority_level(priority) if priority else None)
@@ -881,14 +979,31 @@ class ConnectionPool(Generic[C]):
                 if ok or not self._discard_on_error:
                     self._idle.append(conn)
                 else:
-                    await self._dispose(conn)
+                    # The block's own exception is what the caller sees, not
+                    # a failure to close a resource that is likely broken.
+                    with contextlib.suppress(Exception):
+                        await self._dispose(conn)
             finally:
                 slots.release()
 
     async def _checkout(self) -> C:
-        while self._idle:
-            conn = self._idle.pop()
-            if self._validate is None or await _maybe_await(self._validate(conn)):
+        idle = self._idle
+        validate = self._validate
+        while idle:
+            conn = idle.pop()
+            if validate is None:
+                return conn
+            try:
+                valid = validate(conn)
+                if inspect.isawaitable(valid):
+                    valid = await valid
+            except BaseException:
+                # Cancelled (or failed) half-way through a check: the resource
+                # is in an unknown state, so it is closed rather than reused.
+                with contextlib.suppress(Exception):
+                    await self._dispose(conn)
+                raise
+            if valid:
                 return conn
             await self._dispose(conn)
         conn = await _maybe_await(self._factory())
@@ -896,14 +1011,38 @@ class ConnectionPool(Generic[C]):
         return conn
 
     async def _dispose(self, conn: C) -> None:
+        """
+        Close *conn*. An async ``close`` runs as a task of its own that a
+        cancellation of the caller does not interrupt (the caller stops waiting
+        for it; the resource is still closed).
+        """
         self.closed += 1
-        if self._close is not None:
-            await _maybe_await(self._close(conn))
+        if self._close is None:
+            return
+        closing = self._close(conn)
+        if not inspect.isawaitable(closing):
+            return
+        task = asyncio.ensure_future(closing)
+        if task.done():
+            task.result()
+            return
+        self._closing.add(task)
+        task.add_done_callback(self._closed)
+        await asyncio.shield(task)
+
+    def _closed(self, task: asyncio.Future[Any]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: whoever awaited it has seen it
 
     async def aclose(self) -> None:
-        """Close every idle resource."""
+        """Close every idle resource, and wait for closes still running on this loop."""
         while self._idle:
             await self._dispose(self._idle.pop())
+        loop = asyncio.get_running_loop()
+        running = [task for task in self._closing if task.get_loop() is loop]
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
 
     def get_status(self) -> dict[str, Any]:
         """The bulkhead status plus ``idle``, ``size`` (open resources) and ``max_size``."""
@@ -920,6 +1059,19 @@ class ConnectionPool(Generic[C]):
 # --------------------------------------------------------------------------- manager
 
 
+def _make_bulkhead(
+    name: str, config: BulkheadConfig, _backend: object, previous: Bulkhead | None
+) -> Bulkhead:
+    """
+    The maker of the shared bulkheads: a changed section reconfigures the
+    bulkhead it replaces (the same object), so that the calls in flight on it
+    and the callers waiting for it carry over to the new limit.
+    """
+    if previous is not None:
+        return previous.reconfigure(config)
+    return Bulkhead(name, config, clock=_clock.monotonic)
+
+
 class BulkheadManager:
     """
     Every bulkhead and connection pool of the process, by name (the seed's
@@ -931,14 +1083,28 @@ class BulkheadManager:
         self._lock = threading.Lock()
         self._bulkheads: SharedByName[Bulkhead] = SharedByName(
             "bulkhead",
-            lambda name, config, _backend: Bulkhead(name, config, clock=_clock.monotonic),
+            "bulkhead",
+            _make_bulkhead,
             uses_backend=False,
         )
         self._pools: dict[str, ConnectionPool[Any]] = {}
 
-    def bulkhead_for(self, key: str, config: BulkheadConfig) -> Bulkhead:
-        """The shared bulkhead for *key*, made (or remade, if *config* changed) on demand."""
-        return self._bulkheads.get_or_make(key, config)
+    @property
+    def table(self) -> SharedByName[Bulkhead]:
+        """The bulkheads by name (:mod:`resilient._shared`)."""
+        return self._bulkheads
+
+    def bulkhead_for(
+        self, key: str, config: BulkheadConfig, *, claimant: str | None = None
+    ) -> Bulkhead:
+        """
+        The shared bulkhead for *key*, made (or remade, if *config* changed) on demand.
+
+        Raises:
+            PolicyError: Another claimant uses *key* with another configuration.
+        """
+        owner = claimant if claimant is not None else f"policy {key!r}"
+        return self._bulkheads.get_or_make(key, config, claimant=owner)
 
     def get(self, name: str) -> Bulkhead:
         """
@@ -948,7 +1114,9 @@ class BulkheadManager:
             PolicyError: No such bulkhead, and no policy of that name with a
                 ``bulkhead`` section.
         """
-        return self._bulkheads.lookup(name)
+        from resilient.runtime import runtime
+
+        return runtime.lookup(self._bulkheads, name)
 
     def bulkheads(self) -> dict[str, Bulkhead]:
         """Every bulkhead made so far, by name."""
@@ -971,10 +1139,10 @@ class BulkheadManager:
             if known is not None:
                 return known
         if "config" not in options:
-            from resilient.policy import registry
+            from resilient.runtime import runtime
 
             with contextlib.suppress(PolicyError):
-                options["config"] = registry.get(name).bulkhead
+                options["config"] = runtime.registry.get(name).bulkhead
         pool: ConnectionPool[C] = ConnectionPool(name, factory, **options)
         with self._lock:
             return self._pools.setdefault(name, pool)

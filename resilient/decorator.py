@@ -41,7 +41,6 @@ T = TypeVar("T")
 
 _admit = _attempt.admit
 _admit_rest = _attempt.admit_rest
-_admit_sync = _attempt.admit_sync
 _arm = _attempt.arm
 _settle = _attempt.settle
 _WAIT = _attempt.WAIT
@@ -249,7 +248,7 @@ def resilient(
             else:
                 # one attempt (sync code cannot be interrupted, so a per-attempt
                 # deadline does not apply here; docs/timeouts.md)
-                ticket = _admit_sync(pipeline)
+                ticket = _admit(pipeline, True)
                 try:
                     result = fn(*args, **kwargs)
                 except BaseException as exc:
@@ -520,7 +519,7 @@ class AttemptIterator:
             self.number += 1
             error: BaseException | None = None
             try:
-                ticket = _admit_sync(p, in_pool=False)
+                ticket = _admit(p, True, False)
             except RejectedError as refusal:
                 error = self.refused(refusal)
             if error is not None:  # raised outside `except`: the user's error is left as it is

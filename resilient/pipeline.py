@@ -64,7 +64,6 @@ _current_task = asyncio.current_task
 _log = logging.getLogger("resilient")
 _admit = _attempt.admit
 _admit_rest = _attempt.admit_rest
-_admit_sync = _attempt.admit_sync
 _arm = _attempt.arm
 _call_sync = _attempt.call_sync
 _settle_attempt = _attempt.settle
@@ -352,6 +351,23 @@ class Pipeline:
                 RetriesExhausted(self.name, self.callable_name, attempt, type(exc).__name__, reason)
             )
 
+    def _decide(
+        self,
+        state: tenacity.RetryCallState | None,
+        started: float,
+        attempt: int,
+        exc: BaseException | None,
+        result: Any,
+    ) -> tuple[float, tenacity.RetryCallState | None]:
+        """After an attempt: ``(delay before the next one or -1 to stop, retry state)``.
+        The retry state is made at the first failure only (none on the success path)."""
+        plan = self.retry
+        if plan is None:
+            return -1.0, state
+        if state is None:
+            state = plan.new_state(started if started >= 0 else _clock.monotonic())
+        return self._next_delay(state, attempt, exc, result), state
+
     def _next_delay(
         self, state: tenacity.RetryCallState, attempt: int, exc: BaseException | None, result: Any
     ) -> float:
@@ -496,9 +512,7 @@ class Pipeline:
                             rate.record(False)
                         if retry is None or not retry.checks_result:
                             break
-                        if state is None:
-                            state = retry.new_state(started if started >= 0 else _clock.monotonic())
-                        delay = self._next_delay(state, attempt, None, result)
+                        delay, state = self._decide(state, started, attempt, None, result)
                         if delay < 0:
                             break
                         if delay > 0:
@@ -506,12 +520,7 @@ class Pipeline:
                         attempt += 1
                         continue
                 # the attempt failed with `failed`
-                if retry is not None:
-                    if state is None:
-                        state = retry.new_state(started if started >= 0 else _clock.monotonic())
-                    delay = self._next_delay(state, attempt, failed, None)
-                else:
-                    delay = -1.0
+                delay, state = self._decide(state, started, attempt, failed, None)
                 if delay < 0:
                     if last is not None and failed is not last:
                         failed = self._refused_after(failed, last, attempt)
@@ -573,7 +582,7 @@ class Pipeline:
             while True:
                 if failed is None:
                     try:
-                        ticket = _admit_sync(self)
+                        ticket = _admit(self, True)
                     except RejectedError as refusal:  # nothing is held
                         failed = refusal
                 if failed is None:
@@ -593,21 +602,14 @@ class Pipeline:
                             rate.record(False)
                         if retry is None or not retry.checks_result:
                             break
-                        if state is None:
-                            state = retry.new_state(started if started >= 0 else _clock.monotonic())
-                        delay = self._next_delay(state, attempt, None, result)
+                        delay, state = self._decide(state, started, attempt, None, result)
                         if delay < 0:
                             break
                         if delay > 0:
                             _clock.sleep(delay)
                         attempt += 1
                         continue
-                if retry is not None:
-                    if state is None:
-                        state = retry.new_state(started if started >= 0 else _clock.monotonic())
-                    delay = self._next_delay(state, attempt, failed, None)
-                else:
-                    delay = -1.0
+                delay, state = self._decide(state, started, attempt, failed, None)
                 if delay < 0:
                     if last is not None and failed is not last:
                         failed = self._refused_after(failed, last, attempt)

@@ -39,8 +39,9 @@ local``, with ``fallback_rate_share`` of the limit). See docs/distributed.md.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from aiolimiter import AsyncLimiter as _AsyncLimiter
 
@@ -50,12 +51,58 @@ from resilient._shared import SharedByName
 from resilient.errors import RateLimitedError
 
 if TYPE_CHECKING:
-    from resilient.backends import BreakerBackend, LeaseSource
+    from resilient.backends.protocol import Backend, LeaseSource
 
 __all__ = ["RateLimiter", "get_rate_limiter", "rate_limiters"]
 
 
 _FAST_PATH = hasattr(_AsyncLimiter(1), "_level")
+
+#: How early (seconds) a waiter may be let in to absorb floating-point residue; the
+#: event loop itself fires timers up to its clock resolution (1 ns) early.
+_EARLY_S = 1e-9
+
+
+def _bucket_shape(config: RateLimitConfig) -> tuple[float, float]:
+    """
+    ``(burst, period)`` of the leaky bucket for *config*.
+
+    Every call takes one unit, so a bucket must hold at least one: a rate under
+    one call per period (0.5 per second) is the same rate as one call per a
+    longer period (one per 2 s), with a burst of one.
+    """
+    if config.max_rate >= 1.0:
+        return config.max_rate, config.time_period
+    return 1.0, config.time_period / config.max_rate
+
+
+class _Bucket(_AsyncLimiter):
+    """
+    aiolimiter's ``AsyncLimiter`` with its waiters' wake-up made robust to rounding.
+
+    After sleeping exactly the time aiolimiter computed, the level can still be
+    a few ulps above "room for one" (``needed`` = 7.1e-15), and aiolimiter then
+    re-arms its timer for the same instant. Real time moves on between two turns
+    of the loop, so the next try succeeds; virtual time
+    (``resilient.testing``) does not, and the loop spun forever. A residue worth
+    less than ``_EARLY_S`` of draining is therefore drained at once.
+    """
+
+    __slots__ = ("_residue",)
+
+    def __init__(self, max_rate: float, time_period: float) -> None:
+        super().__init__(max_rate, time_period)
+        # In units of the level; never below a few ulps of the burst.
+        self._residue = max(max_rate / time_period * _EARLY_S, math.ulp(max_rate) * 64)
+
+    def _wake_next(self, *args: object) -> None:
+        if self._waiters:
+            self._leak()
+            over = self._level + 1.0 - self.max_rate
+            if 0.0 < over <= self._residue:
+                # Below "room for one" by a margin that survives rounding either way.
+                self._level = max(self._level - 2.0 * self._residue, 0.0)
+        super()._wake_next(*args)
 
 
 class _LoopLimiter:
@@ -64,7 +111,8 @@ class _LoopLimiter:
     __slots__ = ("bucket", "waiting")
 
     def __init__(self, config: RateLimitConfig) -> None:
-        self.bucket = _AsyncLimiter(config.max_rate, config.time_period)
+        burst, period = _bucket_shape(config)
+        self.bucket = (_Bucket if _FAST_PATH else _AsyncLimiter)(burst, period)
         self.waiting = 0
 
     def try_take(self) -> bool:
@@ -193,6 +241,14 @@ class _Lease(_LoopLimiter):
             self.dry_until = 0.0
         return n
 
+    def after_fork(self) -> None:
+        """In a forked child: new locks; the parent's leased calls are the parent's."""
+        self._lock = threading.Lock()
+        self._leasing = threading.Lock()
+        self.tokens = 0
+        self.dry_until = 0.0
+        self.refill = False
+
 
 class _ThreadBucket:
     """The leaky bucket for threads (see the module docstring for why it is ours)."""
@@ -200,11 +256,15 @@ class _ThreadBucket:
     __slots__ = ("_last", "_lock", "burst", "clock", "level", "per_second")
 
     def __init__(self, config: RateLimitConfig) -> None:
-        self.burst = config.max_rate
+        self.burst = _bucket_shape(config)[0]
         self.per_second = config.max_rate / config.time_period
         self.level = 0.0
         self.clock = _clock.monotonic
         self._last = self.clock()
+        self._lock = threading.Lock()
+
+    def after_fork(self) -> None:
+        """In a forked child: a new lock (the parent's may be held)."""
         self._lock = threading.Lock()
 
     def reserve(self, max_wait: float) -> float:
@@ -243,7 +303,12 @@ class RateLimiter:
         name: The policy it belongs to.
         config: Its ``rate_limit`` section.
         rejected: Calls refused so far.
+        backend: The state backend it was attached to (``None``: local only).
+        lease: The fleet's lease it serves calls from (``None``: local buckets only).
+        fleet_kind: ``"limiter"``: what a state backend attaches it as.
     """
+
+    fleet_kind: Final = "limiter"
 
     __slots__ = (
         "_by_loop",
@@ -260,7 +325,18 @@ class RateLimiter:
         "threads",
     )
 
-    def __init__(self, name: str, config: RateLimitConfig) -> None:
+    def __init__(
+        self, name: str, config: RateLimitConfig, *, backend: Backend | None = None
+    ) -> None:
+        """
+        Create a limiter with a full bucket.
+
+        Args:
+            name: The policy (or ``name=``) it belongs to.
+            config: The ``rate_limit`` section.
+            backend: A state backend to share the limit through (a Redis backend
+                makes it the fleet's limit); ``None``: this process only.
+        """
         self.name = name
         self.config = config
         self.local_config = config
@@ -271,15 +347,20 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._by_loop: dict[asyncio.AbstractEventLoop, _LoopLimiter] = {}
         self._last: tuple[asyncio.AbstractEventLoop | None, _LoopLimiter | None] = (None, None)
-        self.backend: BreakerBackend | None = None
+        self.backend = backend
         self.lease: _Lease | None = None
+        if backend is not None:
+            source = backend.attach(self)  # last: the backend reads the limiter
+            if source is not None:
+                self._use_fleet(source)
 
-    def use_fleet(self, source: LeaseSource, local_share: float = 1.0) -> _Lease:
+    def _use_fleet(self, source: LeaseSource) -> None:
         """
         Serve calls from leases of the fleet's bucket (*source*); while it is
-        unusable, the local buckets allow *local_share* of ``max_rate``.
+        unusable, the local buckets allow ``source.local_share`` of ``max_rate``.
         """
         cfg = self.config
+        local_share = source.local_share
         if local_share != 1.0:
             rate = max(cfg.max_rate * local_share, min(cfg.max_rate, 1.0))
             local = cfg.model_copy(update={"max_rate": rate})
@@ -289,8 +370,17 @@ class RateLimiter:
             with self._lock:
                 self._by_loop.clear()
                 self._last = (None, None)
-        lease = self.lease = _Lease(cfg, source)
-        return lease
+        self.lease = _Lease(cfg, source)
+
+    def after_fork(self) -> None:
+        """
+        In a forked child (its backend calls it): new locks, since another thread
+        of the parent may have held one at the fork, and the parent's lease dropped.
+        """
+        self._lock = threading.Lock()
+        self.threads.after_fork()
+        if self.lease is not None:
+            self.lease.after_fork()
 
     def __repr__(self) -> str:
         cfg = self.config
@@ -339,14 +429,22 @@ class RateLimiter:
             await limiter.bucket.acquire()
             return
         max_wait = self.max_wait
-        ahead = (limiter.waiting + 1) * self.interval
-        # The callers ahead need at least `waiting * interval` to drain: if that
-        # is already too long, say so now instead of after max_wait.
-        if max_wait <= 0.0 or ahead - self.interval >= max_wait:
+        bucket = limiter.bucket
+        if _FAST_PATH:
+            # try_take() just drained the bucket to now: this caller gets in once
+            # the level has room for it and for every caller already waiting.
+            room = bucket._level + limiter.waiting + 1.0 - bucket.max_rate
+            ahead = max(room * bucket.time_period / bucket.max_rate, 0.0)
+        else:
+            ahead = (limiter.waiting + 1) * self.interval
+        # When the wait is known to be too long, say so now instead of after max_wait.
+        if max_wait <= 0.0 or ahead > max_wait:
             raise self._refuse(ahead)
         limiter.waiting += 1
         try:
-            async with asyncio.timeout(max_wait):
+            # A wait of exactly max_wait is allowed: the grace lets the bucket's
+            # wake-up, due at that same instant, win against the timeout.
+            async with asyncio.timeout(max_wait + _EARLY_S):
                 await limiter.bucket.acquire()
         except TimeoutError:
             raise self._refuse(self.interval) from None
@@ -473,15 +571,15 @@ class RateLimiter:
         return status
 
 
-def _make_limiter(name: str, config: RateLimitConfig, backend: Any) -> RateLimiter:
-    limiter = RateLimiter(name, config)
-    limiter.backend = backend
-    backend.attach_limiter(limiter)  # a Redis backend makes it the fleet's limit
-    return limiter
+def _make_limiter(
+    name: str, config: RateLimitConfig, backend: Any, previous: RateLimiter | None
+) -> RateLimiter:
+    return RateLimiter(name, config, backend=backend)
 
 
-_LIMITERS: SharedByName[RateLimiter] = SharedByName("rate_limit", _make_limiter, uses_backend=True)
-_limiter_for = _LIMITERS.get_or_make
+_LIMITERS: SharedByName[RateLimiter] = SharedByName(
+    "rate limiter", "rate_limit", _make_limiter, uses_backend=True
+)
 _reset_limiters = _LIMITERS.clear
 
 
@@ -493,7 +591,9 @@ def get_rate_limiter(name: str) -> RateLimiter:
         PolicyError: No limiter of that name, and no policy of that name with a
             ``rate_limit`` section.
     """
-    return _LIMITERS.lookup(name)
+    from resilient.runtime import runtime
+
+    return runtime.lookup(_LIMITERS, name)
 
 
 def rate_limiters() -> dict[str, RateLimiter]:

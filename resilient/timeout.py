@@ -21,6 +21,7 @@ the budgets are enforced *between* attempts only (see docs/timeouts.md).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -92,17 +93,22 @@ class DeadlineQueue:
 
 class _QueueCache:
     """
-    The deadline queues of one budget, one per event loop, with the last loop
-    used kept in one tuple (read atomically, so threads with loops of their own
-    never see half an update).
+    The deadline queues of one budget, one per event loop.
+
+    Threads with loops of their own share it, so nothing here is mutated in
+    place where another thread may be reading: the last loop used is kept in
+    one tuple, and the map of loops is copied, changed and swapped in whole
+    (copy on write) under a lock taken only when a loop is seen for the first
+    time. Readers never lock; they see the old map or the new one.
     """
 
-    __slots__ = ("by_loop", "duration", "last")
+    __slots__ = ("_lock", "by_loop", "duration", "last")
 
     def __init__(self, duration: float) -> None:
         self.duration = duration
         self.by_loop: dict[asyncio.AbstractEventLoop, DeadlineQueue] = {}
         self.last: tuple[asyncio.AbstractEventLoop | None, DeadlineQueue | None] = (None, None)
+        self._lock = threading.Lock()
 
     def get(self, loop: asyncio.AbstractEventLoop) -> DeadlineQueue:
         """The queue of *loop*, made on first use."""
@@ -111,11 +117,14 @@ class _QueueCache:
             return queue
         queue = self.by_loop.get(loop)
         if queue is None:
-            # Forget queues of closed loops (tests create many loops).
-            for old in [lp for lp in self.by_loop if lp.is_closed()]:
-                del self.by_loop[old]
-            queue = DeadlineQueue(loop, self.duration)
-            self.by_loop[loop] = queue
+            with self._lock:
+                queue = self.by_loop.get(loop)  # another thread of this loop won
+                if queue is None:
+                    queue = DeadlineQueue(loop, self.duration)
+                    # Forget the queues of closed loops (tests create many).
+                    fresh = {lp: q for lp, q in self.by_loop.items() if not lp.is_closed()}
+                    fresh[loop] = queue
+                    self.by_loop = fresh
         self.last = (loop, queue)
         return queue
 

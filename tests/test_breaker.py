@@ -625,32 +625,84 @@ class TestModes:
         cb.on_failure(token, ConnectionError(), 0.0)
         assert cb.state == "closed"
 
-    def test_metrics_only_records_and_transitions_but_never_rejects(self) -> None:
+    def test_metrics_only_records_every_outcome_and_never_transitions(self) -> None:
+        """resilience4j's METRICS_ONLY: all calls pass, outcomes count, the state stays put."""
         rec = Recorder()
-        cb, clock = make(failure_threshold=2, success_threshold=1, listeners=[rec])
-        cb.metrics_only()
+        cb, clock = make(
+            failure_threshold=2, failure_rate_threshold=0.5, mode="metrics_only", listeners=[rec]
+        )
+        for _ in range(6):
+            bad(cb)
+        ok(cb)
         bad(cb)
-        bad(cb)
-        assert cb.state == "open"
-        for _ in range(3):
-            bad(cb)  # would have been rejected: does not count
-        assert cb.trips == 1
-        assert cb.get_status()["totals"]["rejections"] == 3
-        clock.advance(10.0)
-        ok(cb)  # the trial
+        clock.advance(1000.0)  # no open period runs out either
         assert cb.state == "closed"
-        assert rec.changes() == [("closed", "open"), ("open", "half-open"), ("half-open", "closed")]
+        assert cb.trips == 0
+        assert cb.failure_rate == pytest.approx(7 / 8)
+        status = cb.get_status()
+        assert status["state"] == "closed"
+        assert status["mode"] == "metrics_only"
+        assert status["trips"] == 0
+        assert status["opened_at"] is None
+        assert status["failure_count"] == 1  # consecutive, reset by the success
+        assert status["thresholds_exceeded"] is True  # a normal breaker would be open
+        assert status["window"]["calls"] == 8
+        assert status["window"]["failures"] == 7
+        assert status["window"]["failure_rate"] == pytest.approx(7 / 8)
+        assert status["totals"] == {
+            "calls": 8,
+            "successes": 1,
+            "failures": 7,
+            "ignored": 0,
+            "rejections": 0,
+        }
+        assert rec.changes() == []
+        assert sum(1 for e in rec.events if e[0] == "failure") == 7  # listeners still hear
 
-    def test_metrics_only_half_open_permits_exhausted_lets_call_through(self) -> None:
-        cb, clock = make(success_threshold=1, mode="metrics_only")
+    def test_metrics_only_time_window_counts_lock_free_successes(self) -> None:
+        cb, clock = make(window_type="time", failure_rate_window=10, mode="metrics_only")
+        for _ in range(5):
+            ok(cb)
+        for _ in range(5):
+            bad(cb)
+        window = cb.get_status()["window"]
+        assert (window["calls"], window["failures"]) == (10, 5)
+        assert cb.state == "closed"
+        clock.advance(11.0)
+        assert cb.get_status()["window"]["calls"] == 0  # the window still slides
+
+    def test_metrics_only_lets_calls_through_an_open_breaker_and_freezes_it(self) -> None:
+        cb, clock = make(failure_threshold=2)
         trip(cb)
-        clock.advance(10.0)
-        trial = cb.acquire()
-        extra = cb.acquire()  # would be rejected
-        assert extra < 0
-        cb.on_success(extra, 0.0)
-        assert cb.state == "half-open"
-        cb.on_success(trial, 0.0)
+        cb.metrics_only()
+        for _ in range(3):
+            bad(cb)
+        ok(cb)
+        clock.advance(100.0)
+        status = cb.get_status()
+        assert status["state"] == "open"  # frozen: no half-open, no re-trip
+        assert status["trips"] == 1
+        assert status["window"]["calls"] == 4
+        assert status["totals"]["rejections"] == 0
+        cb.normal()
+        assert cb.state == "half-open"  # the open period was over long ago
+
+    def test_metrics_only_then_normal_keeps_the_observed_window(self) -> None:
+        cb, _ = make(failure_threshold=3, mode="metrics_only")
+        bad(cb)
+        bad(cb)
+        cb.normal()
+        assert cb.state == "closed"
+        bad(cb)  # the third in a row: a normal breaker acts on what it has seen
+        assert cb.state == "open"
+        assert cb.trips == 1
+
+    def test_metrics_only_manual_control_still_works(self) -> None:
+        cb, _ = make(mode="metrics_only")
+        cb.open()
+        assert cb.state == "open"
+        assert allowed(cb)  # but never rejects
+        cb.close()
         assert cb.state == "closed"
 
     def test_forced_open_rejects_even_when_closed_and_normal_restores(self) -> None:
@@ -701,19 +753,18 @@ class TestControl:
         clock.advance(0.1)
         assert allowed(cb)
 
-    def test_storage_written_on_transitions(self) -> None:
+    def test_transitions_show_in_the_public_state(self) -> None:
+        """State, trip count and opening time follow every transition (no storage object)."""
         cb, _ = make()
-        storage = cb._storage
-        assert isinstance(storage, pybreaker.CircuitBreakerStorage)
-        assert storage.state == "closed"
+        assert (cb.state, cb.trips, cb.get_status()["opened_at"]) == ("closed", 0, None)
         cb.open()
-        assert storage.state == "open"
-        assert storage.counter == 1
-        assert storage.opened_at is not None
+        assert (cb.state, cb.trips) == ("open", 1)
+        assert cb.get_status()["opened_at"] is not None
         cb.open()
-        assert storage.counter == 2
+        assert cb.trips == 2
         cb.close()
-        assert (storage.state, storage.counter) == ("closed", 0)
+        assert (cb.state, cb.trips, cb.get_status()["opened_at"]) == ("closed", 0, None)
+        assert not hasattr(cb, "_storage")
 
     def test_get_status_is_json(self) -> None:
         cb, clock = make(ignore_exceptions=(KeyError,), slow_call_duration=2.0, window_type="time")

@@ -57,6 +57,7 @@ class Model:
     failures: int = 0
     ignored: int = 0
     rejections: int = 0
+    mode: str = "normal"  # or "metrics_only": all calls pass and count, the state is frozen
 
     # -- window
     def window(self, now: float) -> list[Outcome]:
@@ -101,6 +102,8 @@ class Model:
             self.trips = 0
 
     def advance(self, now: float) -> None:
+        if self.mode != "normal":
+            return
         if self.state == "half-open" and now >= self.half_open_until:
             self.go("open", self.half_open_until)
         if self.state == "open" and now >= self.open_until:
@@ -109,7 +112,7 @@ class Model:
     # -- calls
     def acquire(self, now: float) -> tuple[str, int] | None:
         self.advance(now)
-        if self.state == "closed":
+        if self.state == "closed" or self.mode == "metrics_only":
             return ("closed", self.gen)
         if self.state == "half-open" and self.permits < self.cfg.trial_calls:
             self.permits += 1
@@ -122,7 +125,10 @@ class Model:
         if kind == "trial":
             self.advance(now)
             return gen == self.gen and self.state == "half-open"
-        return gen == self.gen and self.state == "closed"
+        return gen == self.gen and (self.state == "closed" or self.mode == "metrics_only")
+
+    def trips_now(self, now: float) -> bool:
+        return self.consecutive >= self.cfg.failure_threshold or self.window_trips(now)
 
     def success(self, token: tuple[str, int], slow: bool, now: float) -> None:
         self.successes += 1
@@ -132,8 +138,10 @@ class Model:
         if token[0] == "closed":
             self.consecutive = 0
             self.outcomes.append(Outcome(now, failed=False, slow=slow))
-            if self.window_trips(now):
+            if self.mode == "normal" and self.window_trips(now):
                 self.go("open", now)
+        elif self.mode != "normal":
+            self.permits -= 1  # frozen: a trial's verdict is not taken, its permit comes back
         elif slow:
             self.go("open", now)
         else:
@@ -149,8 +157,10 @@ class Model:
         if token[0] == "closed":
             self.consecutive += 1
             self.outcomes.append(Outcome(now, failed=True, slow=slow))
-            if self.consecutive >= self.cfg.failure_threshold or self.window_trips(now):
+            if self.mode == "normal" and self.trips_now(now):
                 self.go("open", now)
+        elif self.mode != "normal":
+            self.permits -= 1
         else:
             self.go("open", now)
 
@@ -169,7 +179,8 @@ configs = st.builds(
             half_open_max_calls=st_ + extra if extra else None,
             timeout_seconds=timeout,
             half_open_timeout=hot,
-            failure_rate_window=window,
+            # a count window must be able to hold min_requests_threshold calls
+            failure_rate_window=max(window, minreq) if wtype == "count" else window,
             window_type=wtype,
             min_requests_threshold=minreq,
             failure_rate_threshold=rate,
@@ -293,6 +304,14 @@ class BreakerMachine(RuleBasedStateMachine):
         self.cb.close()
         self.model.go("closed", self.clock.now)
 
+    @rule(mode=st.sampled_from(["normal", "metrics_only"]))
+    def set_mode(self, mode: str) -> None:
+        if mode == "normal":
+            self.cb.normal()
+        else:
+            self.cb.metrics_only()
+        self.model.mode = mode
+
     @rule()
     def reset(self) -> None:
         self.cb.reset()
@@ -310,6 +329,8 @@ class BreakerMachine(RuleBasedStateMachine):
         assert status["state"] == model.state
         assert self.cb.state == model.state
         assert status["trips"] == model.trips
+        assert status["mode"] == model.mode
+        assert status["thresholds_exceeded"] == model.trips_now(now)
         assert status["failure_count"] == model.consecutive
         assert status["success_count"] == model.trial_successes
         assert status["trial_permits_issued"] == model.permits
@@ -332,10 +353,11 @@ class BreakerMachine(RuleBasedStateMachine):
     def acquire_allowed_matches(self) -> None:
         model = self.model
         model.advance(self.clock.now)
-        would_allow = model.state == "closed" or (
+        passes_all = model.state == "closed" or model.mode == "metrics_only"
+        would_allow = passes_all or (
             model.state == "half-open" and model.permits < model.cfg.trial_calls
         )
-        assert (self.cb._fast_token >= 0) == (model.state == "closed")
+        assert (self.cb._fast_token >= 0) == passes_all
         if not would_allow:
             return
         # Probe without changing anything: take a permit and give it back.

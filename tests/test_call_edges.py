@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from email.utils import format_datetime
@@ -230,3 +231,60 @@ def test_a_new_equal_policy_per_call_shares_one_breaker() -> None:
     from resilient import decorator
 
     assert len(decorator._call_handles) <= decorator._MAX_CALL_HANDLES
+
+
+class TestBlockFormUnderAsyncFor:
+    async def test_a_slow_attempt_times_out_and_is_retried(self) -> None:
+        load(p={"retry": {**RETRY, "base_delay": 0}, "timeout": {"per_attempt": 0.02}})
+        numbers = []
+        async for attempt in resilient.attempts("p"):
+            with attempt:
+                numbers.append(attempt.number)
+                if attempt.number < 3:
+                    await asyncio.sleep(5)
+        assert numbers == [1, 2, 3]
+
+    async def test_the_total_budget_covers_the_loop_and_is_not_retried(self) -> None:
+        load(
+            p={
+                "retry": {**RETRY, "max_attempts": 10, "base_delay": 0.01},
+                "timeout": {"per_attempt": 1.0, "total": 0.05},
+            }
+        )
+        numbers = []
+        with pytest.raises(resilient.AttemptTimeoutError) as caught:
+            async for attempt in resilient.attempts("p"):
+                with attempt:
+                    numbers.append(attempt.number)
+                    await asyncio.sleep(5)
+        assert caught.value.kind == "total"
+        assert numbers == [1]
+
+    async def test_a_full_bulkhead_refuses_the_block(self) -> None:
+        load(
+            p={
+                "bulkhead": {
+                    "max_concurrent_requests": 1,
+                    "max_queue": 0,
+                    "enable_auto_scaling": False,
+                }
+            }
+        )
+        started = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async for attempt in resilient.attempts("p"):
+                with attempt:
+                    started.set()
+                    await release.wait()
+
+        holder = asyncio.ensure_future(hold())
+        await started.wait()
+        with pytest.raises(resilient.BulkheadFullError):
+            async for attempt in resilient.attempts("p"):
+                with attempt:
+                    raise AssertionError("ran without a slot")
+        release.set()
+        await holder
+        assert resilient.bulkhead_manager.bulkheads()["p"].get_status()["in_use"] == 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +17,7 @@ import resilient
 from resilient import PolicyError, RateLimitedError
 from resilient.events import CallRejected
 from resilient.ratelimit import _reset_limiters, get_rate_limiter
+from resilient.testing import VirtualClock
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +43,8 @@ class TestAsync:
             with pytest.raises(RateLimitedError) as info:
                 await call()
             assert info.value.policy == "p"
-            assert info.value.retry_after == pytest.approx(0.2)
+            # the time until one unit has drained: 0.2 s, less what the calls took
+            assert 0.15 < info.value.retry_after <= 0.2
 
         asyncio.run(main())
         assert [e.reason for e in events if isinstance(e, CallRejected)] == ["rate_limited"]
@@ -143,6 +148,170 @@ class TestSync:
             thread.join()
         elapsed = time.perf_counter() - began
         assert 0.18 <= elapsed < 1.5
+
+
+# Rates under one call per time_period: every call takes one unit of the bucket.
+SUB_ONE_RATES = [
+    {"max_rate": 0.5},
+    {"max_rate": 0.25, "time_period": 0.5},
+    {"max_rate": 1, "time_period": 2},
+]
+
+
+class TestSubOneRate:
+    @pytest.mark.parametrize("section", SUB_ONE_RATES)
+    def test_async_callers_wait_their_turn(self, section: dict[str, Any]) -> None:
+        """0.5 calls/s: one call, then one every 2 s (aiolimiter refused such rates)."""
+        with VirtualClock() as clock:
+            load(p={"rate_limit": {**section, "max_wait": 5}})
+
+            @resilient.resilient("p")
+            async def call() -> float:
+                return clock.now
+
+            async def main() -> list[float]:
+                return [await call() for _ in range(3)]
+
+            assert clock.run(main()) == [0.0, pytest.approx(2.0), pytest.approx(4.0)]
+
+    @pytest.mark.parametrize("section", SUB_ONE_RATES)
+    def test_async_refusal_says_when_to_come_back(self, section: dict[str, Any]) -> None:
+        """max_wait 0: one call passes, the next is refused with the true retry_after."""
+        with VirtualClock() as clock:
+            load(p={"rate_limit": section})
+
+            @resilient.resilient("p")
+            async def call() -> str:
+                return "ok"
+
+            async def main() -> None:
+                assert await call() == "ok"
+                await asyncio.sleep(0.5)
+                with pytest.raises(RateLimitedError) as info:
+                    await call()
+                assert info.value.retry_after == pytest.approx(1.5)
+                await asyncio.sleep(1.5)
+                assert await call() == "ok"
+
+            clock.run(main())
+
+    @pytest.mark.parametrize("section", SUB_ONE_RATES)
+    def test_threads_wait_their_turn(self, section: dict[str, Any]) -> None:
+        with VirtualClock() as clock:
+            load(p={"rate_limit": {**section, "max_wait": 5}})
+
+            @resilient.resilient("p")
+            def call() -> float:
+                return clock.now
+
+            assert [call() for _ in range(3)] == [0.0, pytest.approx(2.0), pytest.approx(4.0)]
+            assert clock.sleeps == [pytest.approx(2.0), pytest.approx(2.0)]
+
+    @pytest.mark.parametrize("section", SUB_ONE_RATES)
+    def test_threads_refusal_says_when_to_come_back(self, section: dict[str, Any]) -> None:
+        with VirtualClock() as clock:
+            load(p={"rate_limit": section})
+
+            @resilient.resilient("p")
+            def call() -> str:
+                return "ok"
+
+            assert call() == "ok"
+            clock.advance(0.5)
+            with pytest.raises(RateLimitedError) as info:
+                call()
+            assert info.value.retry_after == pytest.approx(1.5)
+            clock.advance(1.5)
+            assert call() == "ok"
+            assert clock.sleeps == []
+
+
+class TestRetryAfter:
+    def test_async_refusal_counts_the_callers_already_waiting(self) -> None:
+        """4/s, max_wait 1: 4 pass, 4 wait their 0.25 s turns, the 9th is told 1.25 s."""
+        with VirtualClock() as clock:
+            load(p={"rate_limit": {"max_rate": 4, "max_wait": 1}})
+
+            @resilient.resilient("p")
+            async def call() -> float:
+                return clock.now
+
+            async def main() -> list[Any]:
+                return await asyncio.gather(*(call() for _ in range(9)), return_exceptions=True)
+
+            results = clock.run(main())
+        assert results[:8] == [0.0] * 4 + [pytest.approx(0.25 * k) for k in range(1, 5)]
+        assert isinstance(results[8], RateLimitedError)
+        assert results[8].retry_after == pytest.approx(1.25)
+
+
+def _run_bounded(code: str) -> str:
+    """Run *code* in a fresh interpreter; a livelock fails the test instead of hanging it."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("virtual time livelocked: still running after 60 s (killed)")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+class TestVirtualTime:
+    """Callers faster than max_rate with max_wait > 0 used to spin the virtual loop forever."""
+
+    def test_simulate_with_waiting_callers_terminates(self) -> None:
+        out = _run_bounded(
+            """
+            from resilient import Policy
+            from resilient.testing import healthy, simulate
+
+            policy = Policy.model_validate({"rate_limit": {"max_rate": 5, "max_wait": 1}})
+            for seed in range(3):
+                r = simulate(policy, healthy(), duration=10, rate=200, seed=seed)
+                print(r.attempted, r.succeeded, r.rejected_rate_limit, r.ended_at)
+            """
+        )
+        for line in out.splitlines():
+            attempted, succeeded, refused, ended_at = line.split()
+            # a burst of 5, then 5/s until the last waiter (at most 1 s after the end)
+            assert int(succeeded) == pytest.approx(5 + 5 * float(ended_at), abs=1)
+            assert int(succeeded) + int(refused) == int(attempted)
+
+    def test_virtual_clock_run_with_waiting_callers_terminates(self) -> None:
+        out = _run_bounded(
+            """
+            import asyncio
+
+            import resilient
+            from resilient.testing import VirtualClock
+
+            resilient.load_policies(
+                {"version": 1, "policies": {"p": {"rate_limit": {"max_rate": 5, "max_wait": 1}}}}
+            )
+            with VirtualClock() as clock:
+
+                @resilient.resilient("p")
+                async def call() -> float:
+                    return clock.now
+
+                async def main() -> list[object]:
+                    tasks = []
+                    for _ in range(2000):  # 200 calls/s for 10 s
+                        tasks.append(asyncio.ensure_future(call()))
+                        await asyncio.sleep(0.005)
+                    return await asyncio.gather(*tasks, return_exceptions=True)
+
+                results = clock.run(main())
+            print(sum(isinstance(r, float) for r in results), clock.now)
+            """
+        )
+        served, now = out.split()
+        assert int(served) == pytest.approx(5 + 5 * float(now), abs=1)
 
 
 class TestBadInput:

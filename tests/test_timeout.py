@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 import time
 from typing import Any
 
@@ -218,3 +220,61 @@ class TestDeadlineQueue:
         for _ in range(10_000):
             settle(cache.arm(task), None)
         assert len(cache.get(loop).queue) <= 1
+
+
+class TestThreadsWithLoopsOfTheirOwn:
+    def test_many_threads_each_with_its_own_loops(self) -> None:
+        """
+        Threads each running event loop after event loop through one policy's
+        budgets, under a tiny switch interval: no KeyError or "dictionary
+        changed size" from the per-loop queue cache, every call answers.
+        """
+        load(p={"timeout": {"per_attempt": 5.0, "total": 10.0}})
+
+        @resilient.resilient("p")
+        async def call(i: int) -> int:
+            await asyncio.sleep(0)
+            return i
+
+        async def batch() -> int:
+            results = await asyncio.gather(*(call(i) for i in range(3)))
+            return sum(results)
+
+        errors: list[BaseException] = []
+        answered = [0]
+        start = threading.Barrier(8)
+
+        def body() -> None:
+            # Ten loops open at once per thread, used in turn; one is replaced by
+            # a new loop every other round, so the cache keeps meeting new loops
+            # while it holds many (live and closed) of the other threads.
+            runners = [asyncio.Runner() for _ in range(10)]
+            start.wait()
+            try:
+                for round_ in range(800):
+                    slot = round_ % len(runners)
+                    try:
+                        assert runners[slot].run(batch()) == 3
+                    except BaseException as exc:  # collected and reported below
+                        errors.append(exc)
+                    else:
+                        answered[0] += 1
+                    if round_ % 2:
+                        runners[slot].close()
+                        runners[slot] = asyncio.Runner()
+            finally:
+                for runner in runners:
+                    runner.close()
+
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=body) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            sys.setswitchinterval(previous)
+        assert errors == []
+        assert answered[0] == 8 * 800
