@@ -9,8 +9,10 @@ pydantic.
 from __future__ import annotations
 
 import builtins
+import functools
 import importlib
-from collections.abc import Callable
+import importlib.util
+from collections.abc import Callable, Mapping
 from enum import Enum, StrEnum
 from typing import Annotated, Any, Literal
 
@@ -25,7 +27,12 @@ from pydantic import (
 )
 from pydantic.json_schema import GenerateJsonSchema, SkipJsonSchema
 
+from resilient.errors import did_you_mean
+
 __all__ = [
+    "MAX_COUNT",
+    "MAX_COUNT_WINDOW",
+    "MAX_SECONDS",
     "PRIORITIES",
     "TRANSIENT_ERRORS",
     "BulkheadConfig",
@@ -39,19 +46,78 @@ __all__ = [
     "TimeoutConfig",
     "policy_file_schema",
     "resolve_exception",
+    "transient_errors",
 ]
 
 #: What ``retry_on`` defaults to: errors that usually go away by themselves.
+#: The default also holds the transport errors of the HTTP clients that are
+#: installed (see :func:`transient_errors`).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
+
+#: Transient errors of optional libraries, by dotted name: they do not inherit
+#: from ``ConnectionError``/``OSError``, so the builtin set misses them. Resolved
+#: when a policy is built, never at ``import resilient``.
+OPTIONAL_TRANSIENT_ERRORS: tuple[str, ...] = (
+    "httpx.TransportError",
+    "httpx.TimeoutException",
+    "aiohttp.ClientConnectionError",
+)
+
+#: Longest duration any setting accepts, in seconds (30 days). It keeps every
+#: duration below what the platform's thread waits accept (``threading.TIMEOUT_MAX``
+#: is about 49 days on Windows), so no value that validates overflows at a call.
+MAX_SECONDS = 30 * 24 * 3600
+#: Largest count any setting accepts (attempts, thresholds, pool sizes...).
+MAX_COUNT = 1_000_000_000
+#: Largest ``failure_rate_window`` with ``window_type: count``: the window keeps
+#: one slot per call.
+MAX_COUNT_WINDOW = 100_000
+
+
+@functools.cache
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """
+    The default of ``retry_on``: :data:`TRANSIENT_ERRORS`, plus httpx's
+    ``TransportError`` and ``TimeoutException`` and aiohttp's
+    ``ClientConnectionError`` for those of the libraries that are installed.
+
+    Imports those libraries on the first call (when the first policy with a
+    retry section is built), never at ``import resilient``.
+    """
+    found: list[type[BaseException]] = []
+    for dotted in OPTIONAL_TRANSIENT_ERRORS:
+        module_name, _, attr = dotted.rpartition(".")
+        try:
+            if importlib.util.find_spec(module_name) is None:
+                continue
+            cls = getattr(importlib.import_module(module_name), attr, None)
+        except Exception:
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in found:
+            found.append(cls)
+    return TRANSIENT_ERRORS + tuple(found)
+
+
+_NAME_HELP = "give a builtin or resilient exception name, or a dotted path such as 'pkg.mod.Error'"
+
+
+def _library_exception_names() -> list[str]:
+    from resilient import errors
+
+    names = [n for n in dir(builtins) if isinstance(getattr(builtins, n), type)]
+    names = [n for n in names if issubclass(getattr(builtins, n), BaseException)]
+    return [*names, *errors.__all__, *OPTIONAL_TRANSIENT_ERRORS]
 
 
 def resolve_exception(spec: object) -> type[BaseException]:
     """
-    Turn ``"ConnectionError"``, ``"builtins.ConnectionError"`` or
-    ``"pkg.mod.Error"`` (or a class) into an exception class.
+    Turn ``"ConnectionError"``, ``"builtins.ConnectionError"``, ``"CircuitOpenError"``
+    or ``"pkg.mod.Error"`` (or a class) into an exception class.
 
     Raises:
-        ValueError: The name does not import, or is not an exception class.
+        ValueError: The name is malformed, its module is not installed or does
+            not have it, or it is not an exception class; the message says which,
+            with a did-you-mean where one is close.
     """
     if isinstance(spec, type) and issubclass(spec, BaseException):
         return spec
@@ -59,47 +125,78 @@ def resolve_exception(spec: object) -> type[BaseException]:
         msg = f"expected an exception class or its dotted name, got {spec!r}"
         raise ValueError(msg)
     name = spec.strip()
-    module_name, _, attr = name.rpartition(".")
+    parts = name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        msg = f"{name!r} is not a valid exception name; {_NAME_HELP}"
+        raise ValueError(msg)
     obj: object = None
-    if not module_name:
+    if len(parts) == 1:
         obj = getattr(builtins, name, None)
         if obj is None:
-            from resilient import errors  # our own errors may be named bare too
+            from resilient import errors
 
-            obj = getattr(errors, name, None)
+            obj = getattr(errors, name, None) if name in errors.__all__ else None
+        if obj is None:
+            hint = did_you_mean(name, _library_exception_names())
+            msg = f"unknown exception {name!r}{hint}; {_NAME_HELP}"
+            raise ValueError(msg)
     else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            module = None
-        if module is not None:
-            obj = getattr(module, attr, None)
-    if obj is None:
-        hint = ""
-        if not module_name:
-            import difflib
-
-            candidates = [n for n in dir(builtins) if n.endswith(("Error", "Exception"))]
-            close = difflib.get_close_matches(name, candidates, n=1)
-            if close:
-                hint = f" (did you mean '{close[0]}'?)"
-        msg = f"unknown exception {name!r}{hint}; give a builtin name or a dotted path"
-        raise ValueError(msg)
+        obj = _import_dotted(name, parts)
     if not (isinstance(obj, type) and issubclass(obj, BaseException)):
         msg = f"{name!r} is not an exception class"
         raise ValueError(msg)
     return obj
 
 
-def _exception_list(value: object) -> tuple[type[BaseException], ...]:
+def _import_dotted(name: str, parts: list[str]) -> object:
+    """Import the longest module prefix of *parts*, then follow the attributes."""
+    missing: str | None = None
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            gone = exc.name or module_name
+            if module_name == gone or module_name.startswith(gone + "."):
+                missing = missing or gone  # the module itself (or a parent) is not there
+                continue
+            msg = f"{name!r}: importing module {module_name!r} failed: {exc}"
+            raise ValueError(msg) from None
+        except Exception as exc:
+            msg = f"{name!r}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}"
+            raise ValueError(msg) from None
+        obj: object = module
+        for depth, attr in enumerate(parts[split:], start=split):
+            found = getattr(obj, attr, None)
+            if found is None:
+                if missing is not None:
+                    break  # e.g. pkg.missing_sub.Error: say the module is missing
+                owner = ".".join(parts[:depth])
+                options = [n for n in dir(obj) if not n.startswith("_")]
+                hint = did_you_mean(attr, options)
+                msg = f"unknown exception {name!r}: {owner!r} has no attribute {attr!r}{hint}"
+                raise ValueError(msg)
+            obj = found
+        else:
+            return obj
+        break
+    assert missing is not None
+    if "." in missing:
+        msg = f"unknown exception {name!r}: there is no module {missing!r}"
+    else:
+        msg = f"unknown exception {name!r}: module {missing!r} is not installed"
+    raise ValueError(msg)
+
+
+def _exception_list(value: object) -> object:
     if value is None:
         return ()
     if isinstance(value, str | type):
-        value = [value]
+        return (value,)
     if not isinstance(value, list | tuple | set | frozenset):
         msg = "expected a list of exception names"
         raise ValueError(msg)
-    return tuple(resolve_exception(v) for v in value)
+    return tuple(value)
 
 
 def _exception_name(exc: type[BaseException]) -> str:
@@ -108,23 +205,50 @@ def _exception_name(exc: type[BaseException]) -> str:
     return f"{exc.__module__}.{exc.__qualname__}"
 
 
+# Each name is validated on its own, so a list with several bad names reports
+# every one of them, each at its own line.
+ExceptionType = Annotated[type[BaseException], BeforeValidator(resolve_exception)]
+
 ExceptionTypes = Annotated[
-    tuple[type[BaseException], ...],
+    tuple[ExceptionType, ...],
     BeforeValidator(_exception_list),
     PlainSerializer(lambda v: [_exception_name(e) for e in v], return_type=list[str]),
     WithJsonSchema(
         {
-            "type": "array",
-            "items": {"type": "string"},
-            "description": "Exception classes by name: 'ConnectionError' or 'pkg.module.Error'.",
+            "anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}],
+            "description": "Exception classes by name: 'ConnectionError', a resilient "
+            "error such as 'CircuitOpenError', or a dotted path 'pkg.module.Error'; "
+            "one name or a list.",
         }
     ),
 ]
 
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-PositiveInt = Annotated[int, Field(gt=0)]
-Fraction = Annotated[float, Field(gt=0, le=1)]
+
+def _number(value: object) -> object:
+    # pydantic's lax mode reads true as 1 and false as 0; in YAML an unquoted
+    # yes/no/on/off is a boolean, so `max_attempts: yes` would silently become 1.
+    if isinstance(value, bool):
+        msg = (
+            f"expected a number, got the boolean {str(value).lower()} "
+            "(in YAML, unquoted yes/no/on/off/true/false are booleans)"
+        )
+        raise ValueError(msg)
+    return value
+
+
+_Num = BeforeValidator(_number)
+PositiveFloat = Annotated[float, _Num, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, _Num, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
+PositiveInt = Annotated[int, _Num, Field(gt=0, le=MAX_COUNT)]
+NonNegativeInt = Annotated[int, _Num, Field(ge=0, le=MAX_COUNT)]
+Fraction = Annotated[float, _Num, Field(gt=0, le=1, allow_inf_nan=False)]
+Share = Annotated[float, _Num, Field(ge=0, lt=1, allow_inf_nan=False)]
+Factor = Annotated[float, _Num, Field(gt=0, le=1000, allow_inf_nan=False)]
+Growth = Annotated[float, _Num, Field(ge=1, le=1000, allow_inf_nan=False)]
+PositiveAmount = Annotated[float, _Num, Field(gt=0, le=MAX_COUNT, allow_inf_nan=False)]
+NonNegativeAmount = Annotated[float, _Num, Field(ge=0, le=MAX_COUNT, allow_inf_nan=False)]
+# PositiveFloat & co. are durations in seconds (hence the MAX_SECONDS bound); the
+# amounts (rates, tokens) and factors have bounds of their own.
 
 
 class _Model(BaseModel):
@@ -166,11 +290,11 @@ JitterKind = Literal["none", "full", "equal", "decorrelated"]
 
 
 def _jitter(value: object) -> object:
-    if value is True:
-        return "full"
-    if value is False or value is None:
-        return "none"
-    return value
+    return False if value is None else value
+
+
+#: ``max_open_duration`` when neither it nor a longer ``timeout_seconds`` is given.
+_DEFAULT_MAX_OPEN = 600.0
 
 
 class CircuitBreakerConfig(_Model):
@@ -193,8 +317,9 @@ class CircuitBreakerConfig(_Model):
     half_open_timeout: PositiveFloat | None = 30.0
     """Longest time in half-open state without a verdict; then it opens again.
     ``null``: no limit."""
-    failure_rate_window: PositiveInt = 60
-    """Size of the sliding window: seconds (``window_type: time``) or calls (``count``)."""
+    failure_rate_window: Annotated[int, _Num, Field(gt=0, le=MAX_SECONDS)] = 60
+    """Size of the sliding window: seconds (``window_type: time``, at most 30 days) or
+    calls (``count``, at most 100,000 and at least ``min_requests_threshold``)."""
     min_requests_threshold: PositiveInt = 10
     """Calls the window must hold before its failure or slow-call rate can trip the breaker."""
     enable_ml_prediction: bool = True
@@ -213,10 +338,11 @@ class CircuitBreakerConfig(_Model):
     """Share of slow calls in the window that opens the breaker."""
     half_open_max_calls: PositiveInt | None = None
     """Trial calls allowed per half-open period (default: ``success_threshold``)."""
-    open_duration_multiplier: Annotated[float, Field(ge=1, allow_inf_nan=False)] = 1.0
+    open_duration_multiplier: Growth = 1.0
     """Each consecutive trip multiplies the open duration by this (1 = no growth)."""
-    max_open_duration: PositiveFloat = 600.0
-    """Cap on the grown open duration, in seconds."""
+    max_open_duration: PositiveFloat = _DEFAULT_MAX_OPEN
+    """Cap on the grown open duration, in seconds. Default: 600, or ``timeout_seconds``
+    when that is longer."""
     record_exceptions: ExceptionTypes = (Exception,)
     """Exceptions that count as failures."""
     ignore_exceptions: ExceptionTypes = ()
@@ -225,8 +351,44 @@ class CircuitBreakerConfig(_Model):
     """``disabled``: lets everything through, records nothing; ``metrics_only``: records and
     reports state changes but never rejects; ``forced_open``: rejects everything."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _open_duration_follows_timeout(cls, data: Any) -> Any:
+        # Only the default follows: a max_open_duration that is given is checked below.
+        if isinstance(data, Mapping) and "max_open_duration" not in data:
+            timeout = data.get("timeout_seconds")
+            if (
+                isinstance(timeout, int | float)
+                and not isinstance(timeout, bool)
+                and _DEFAULT_MAX_OPEN < timeout <= MAX_SECONDS
+            ):
+                return {**data, "max_open_duration": float(timeout)}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> CircuitBreakerConfig:
+        if self.window_type == "count" and self.failure_rate_window > MAX_COUNT_WINDOW:
+            msg = (
+                f"failure_rate_window ({self.failure_rate_window} calls) is larger than "
+                f"{MAX_COUNT_WINDOW:,} calls, the most a count window holds (it keeps one "
+                "slot per call); use window_type: time for long windows"
+            )
+            raise ValueError(msg)
+        rate_tripping = self.failure_rate_threshold is not None or (
+            self.slow_call_duration is not None
+        )
+        if (
+            self.window_type == "count"
+            and rate_tripping
+            and self.failure_rate_window < self.min_requests_threshold
+        ):
+            msg = (
+                f"failure_rate_window ({self.failure_rate_window} calls) is smaller than "
+                f"min_requests_threshold ({self.min_requests_threshold}): the window never "
+                "holds enough calls, so the failure and slow-call rates could never trip "
+                "the breaker; make the window at least min_requests_threshold calls"
+            )
+            raise ValueError(msg)
         if self.half_open_max_calls is not None and self.half_open_max_calls < (
             self.success_threshold
         ):
@@ -261,11 +423,11 @@ class RetryBudgetConfig(_Model):
     still runs) and a ``RetryBudgetExhausted`` event says so.
     """
 
-    ratio: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.2
+    ratio: NonNegativeAmount = 0.2
     """Retries allowed per call, on average (Finagle's ``percentCanRetry``)."""
-    min_retries_per_second: NonNegativeFloat = 10.0
+    min_retries_per_second: NonNegativeAmount = 10.0
     """Retries always allowed per second, whatever the traffic (Finagle's floor)."""
-    max_tokens: PositiveFloat = 100.0
+    max_tokens: PositiveAmount = 100.0
     """Most tokens saved up in quiet times: the largest burst of retries at the start
     of an outage. The bucket starts full."""
 
@@ -284,11 +446,12 @@ class RetryConfig(_Model):
     """Delay before the first retry, in seconds (the unit every strategy scales)."""
     max_delay: NonNegativeFloat = 60.0
     """No single delay is longer than this."""
-    multiplier: PositiveFloat = 2.0
+    multiplier: Factor = 2.0
     """Growth factor of ``exponential_backoff`` and ``adaptive``."""
-    jitter: Annotated[JitterKind, BeforeValidator(_jitter)] = "full"
+    jitter: Annotated[bool | JitterKind, BeforeValidator(_jitter)] = True
     """``true``/``full``: uniform in [0, d]; ``equal``: d/2 + uniform in [0, d/2];
-    ``decorrelated``: uniform in [base_delay, 3 * previous]; ``false``/``none``: exact."""
+    ``decorrelated``: uniform in [base_delay, 3 * previous]; ``false``/``none``: exact.
+    Kept as given; ``jitter_kind`` names the formula."""
     strategy: RetryStrategy = RetryStrategy.EXPONENTIAL_BACKOFF
     """How the delay grows, see ``RetryStrategy``."""
     timeout: PositiveFloat | None = 60.0
@@ -296,9 +459,11 @@ class RetryConfig(_Model):
     per_attempt_timeout: PositiveFloat | None = 30.0
     """Budget for one attempt, in seconds. ``null``: none."""
 
-    retry_on: ExceptionTypes = TRANSIENT_ERRORS
-    """Exceptions that are retried. Rejections by the library (``CircuitOpenError`` ...) are
-    only retried when listed here by name."""
+    retry_on: ExceptionTypes = Field(default_factory=transient_errors)
+    """Exceptions that are retried. Default: ``ConnectionError``, ``TimeoutError``,
+    ``OSError``, and the transport errors of httpx and aiohttp when they are installed.
+    Rejections by the library (``CircuitOpenError`` ...) are only retried when listed
+    here by name."""
     give_up_on: ExceptionTypes = ()
     """Exceptions that are never retried, even when ``retry_on`` matches."""
     retry_if_exception: SkipJsonSchema[Callable[[BaseException], bool] | None] = Field(
@@ -327,6 +492,15 @@ class RetryConfig(_Model):
             msg = f"max_delay ({self.max_delay}) is smaller than base_delay ({self.base_delay})"
             raise ValueError(msg)
         return self
+
+    @property
+    def jitter_kind(self) -> JitterKind:
+        """The jitter formula: ``full``, ``equal``, ``decorrelated`` or ``none``."""
+        if self.jitter is True:
+            return "full"
+        if self.jitter is False:
+            return "none"
+        return self.jitter
 
 
 class TimeoutConfig(_Model):
@@ -367,14 +541,14 @@ class BulkheadConfig(_Model):
     by utilisation and latency (see docs/bulkheads.md)."""
     scale_up_threshold: Fraction = 0.8
     """The limit only grows when calls in flight fill at least this share of it."""
-    scale_down_threshold: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.3
+    scale_down_threshold: Share = 0.3
     """The limit shrinks (10% per window) when calls in flight fill less than this share."""
     acquire_timeout: NonNegativeFloat = 30.0
     """Longest wait for a slot, in seconds; 0 rejects at once when the bulkhead is full."""
     priority_queuing: bool = True
     """Serve waiting callers by priority (else in arrival order)."""
 
-    max_queue: Annotated[int, Field(ge=0)] = 1024
+    max_queue: NonNegativeInt = 1024
     """Callers waiting at most; the next one is rejected at once (0: never wait)."""
     isolation: Literal["semaphore", "thread_pool"] = "semaphore"
     """``semaphore``: the call runs in the caller's thread or task. ``thread_pool``: a sync
@@ -388,7 +562,7 @@ class BulkheadConfig(_Model):
     min_concurrent_requests: PositiveInt = 1
     """Floor of auto-scaling; also the concurrency at which the no-load latency is
     measured."""
-    latency_tolerance: NonNegativeFloat = 0.1
+    latency_tolerance: Annotated[float, _Num, Field(ge=0, le=1000, allow_inf_nan=False)] = 0.1
     """Auto-scaling lowers the limit when the mean latency exceeds the no-load latency by
     more than this share (Envoy's ``min_rtt_buffer``)."""
     probe_interval: PositiveFloat = 60.0
@@ -419,7 +593,7 @@ class RateLimitConfig(_Model):
     would have to wait longer than ``max_wait`` gets ``RateLimitedError``.
     """
 
-    max_rate: PositiveFloat
+    max_rate: PositiveAmount
     """Calls allowed per ``time_period``; also the largest burst."""
     time_period: PositiveFloat = 1.0
     """Length of the period, in seconds."""
@@ -495,29 +669,76 @@ class _SchemaGenerator(GenerateJsonSchema):
 
 
 def policy_file_schema() -> dict[str, Any]:
-    """JSON Schema of a whole policy file (``version`` + ``policies``), for editors."""
+    """
+    The JSON Schema of a whole policy file, for editors (``resilient schema``).
+
+    Generated from the models, and it accepts exactly what the loader accepts:
+    ``version``, ``policies`` (a policy may be left empty), ``redis_url`` and
+    ``backend`` at the top level, ``extends`` in a policy, and the shorthands
+    ``jitter: true``, ``retry_on: ConnectionError`` (one name) and
+    ``fallback: <value>``.
+    """
+    from resilient._version import __version__
+    from resilient.backends._config import BackendConfig
+
     policy = Policy.model_json_schema(
         schema_generator=_SchemaGenerator, ref_template="#/$defs/{model}"
     )
-    defs = policy.pop("$defs", {})
-    policy["properties"]["extends"] = {
+    defs: dict[str, Any] = policy.pop("$defs", {})
+    props = policy["properties"]
+    props["extends"] = {
         "type": "string",
         "description": "Name of a policy whose sections this one starts from (deep merge).",
     }
+    fallback = props.get("fallback", {})
+    if "anyOf" in fallback:
+        fallback["anyOf"].append(
+            {"not": {"type": "object"}, "description": "Shorthand: the fallback value itself."}
+        )
+    fallback.setdefault(
+        "description",
+        "A static value returned instead of raising: the value itself, or "
+        "{value: ..., on: [exception names]}.",
+    )
     defs["Policy"] = policy
+
+    backend = BackendConfig.model_json_schema(
+        schema_generator=_SchemaGenerator, ref_template="#/$defs/{model}"
+    )
+    redis_url = backend["properties"].pop("redis_url")
+    redis_url.setdefault("description", "Redis URL of the shared state; null: in memory.")
+    defs.update(backend.pop("$defs", {}))
+    defs["Backend"] = backend
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "resilient policy file",
-        "description": "Resilience policies for the resilient library (version 1).",
+        "description": (
+            "Resilience policies for the resilient library, format version 1 "
+            "(resilience.yaml, or [tool.resilient] in pyproject.toml). Generated by "
+            f"`resilient schema` (resilient {__version__}). For validation in editors that "
+            "use yaml-language-server, make the first line of the policy file "
+            "`# yaml-language-server: $schema=<path or URL of this schema>`."
+        ),
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "version": {"const": 1, "description": "Format version of this file."},
+            "version": {
+                "const": 1,
+                "default": 1,
+                "title": "Version",
+                "description": "Format version of this file.",
+            },
             "policies": {
-                "type": "object",
-                "description": "Policies by name.",
-                "additionalProperties": {"$ref": "#/$defs/Policy"},
+                "type": ["object", "null"],
+                "description": "Policies by name; decorate functions with "
+                "@resilient(policy='<name>').",
+                "additionalProperties": {"anyOf": [{"$ref": "#/$defs/Policy"}, {"type": "null"}]},
+            },
+            "redis_url": redis_url,
+            "backend": {
+                "anyOf": [{"$ref": "#/$defs/Backend"}, {"type": "null"}],
+                "description": "Settings of the state backend (redis_url goes at the top level).",
             },
         },
-        "$defs": defs,
+        "$defs": dict(sorted(defs.items())),
     }

@@ -72,6 +72,7 @@ class Stages(Protocol):
     total_queues: _QueueCache | None
     attempt_timeout: Callable[[], AttemptTimeoutError]
 
+
 __all__ = [
     "Stages",
     "admit",
@@ -79,7 +80,9 @@ __all__ = [
     "arm",
     "call_sync",
     "settle",
+    "since",
     "timeout_error",
+    "token",
 ]
 
 _current_task = asyncio.current_task
@@ -102,6 +105,22 @@ def refused(p: Stages, exc: RejectedError, reason: str) -> None:
     """Put a refusal on the event bus (``circuit_open``, ``rate_limited``, ``bulkhead_full``)."""
     if bus.active:
         bus.emit(CallRejected(p.name, p.callable_name, reason, exc.retry_after))
+
+
+def token(p: Stages) -> int:
+    """The breaker's token for one attempt, a refusal put on the event bus."""
+    breaker = p.breaker
+    assert breaker is not None
+    try:
+        return breaker.acquire()
+    except CircuitOpenError as rejected:
+        refused(p, rejected, "circuit_open")
+        raise
+
+
+def since(measured: float) -> float:
+    """Seconds since *measured* (a ``_clock.monotonic()`` reading), 0.0 when not measured."""
+    return (_clock.monotonic() - measured) if measured >= 0 else 0.0
 
 
 def admit(p: Stages, blocking: bool = False, in_pool: bool = True) -> list[Any]:
@@ -277,8 +296,7 @@ def settle(
     if token is not None:
         breaker = p.breaker
         assert breaker is not None
-        measured = ticket[1]
-        duration = (_clock.monotonic() - measured) if measured >= 0 else 0.0
+        duration = since(ticket[1])
         if error is None:
             breaker.on_success(token, duration)
         elif isinstance(error, Exception):

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import difflib
 import heapq
 import inspect
 import itertools
@@ -55,7 +54,7 @@ from typing import Any, Generic, TypeVar
 from resilient import _clock
 from resilient._models import PRIORITIES, BulkheadConfig
 from resilient._shared import SharedByName
-from resilient.errors import BulkheadFullError, PolicyError
+from resilient.errors import BulkheadFullError, PolicyError, did_you_mean
 
 __all__ = [
     "Bulkhead",
@@ -94,8 +93,7 @@ def priority_level(name: str) -> int:
     """
     level = _LEVELS.get(name) if isinstance(name, str) else None
     if level is None:
-        close = difflib.get_close_matches(str(name), PRIORITIES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(name, PRIORITIES)
         msg = f"unknown priority {name!r}{hint}; known priorities: {', '.join(PRIORITIES)}"
         raise PolicyError(msg)
     return level

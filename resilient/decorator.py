@@ -27,9 +27,18 @@ import tenacity
 from resilient import _clock
 from resilient import attempt as _attempt
 from resilient._models import Policy
+from resilient.breaker import CircuitBreaker
 from resilient.bulkhead import priority_level
 from resilient.errors import RejectedError
-from resilient.pipeline import LANE_DIRECT, LANE_SINGLE, Pipeline, _is_async_callable, observe
+from resilient.events import bus
+from resilient.pipeline import (
+    LANE_BREAKER,
+    LANE_DIRECT,
+    LANE_SINGLE,
+    Pipeline,
+    _is_async_callable,
+    observe,
+)
 from resilient.pipeline import outcome_of as _outcome_of
 from resilient.runtime import runtime
 from resilient.timeout import settle as _settle_deadline
@@ -44,6 +53,8 @@ _admit_rest = _attempt.admit_rest
 _arm = _attempt.arm
 _settle = _attempt.settle
 _WAIT = _attempt.WAIT
+_token = _attempt.token
+_since = _attempt.since
 
 
 class _Handle:
@@ -194,9 +205,12 @@ def resilient(
         handle = _Handle(
             policy, key=name, callable_name=_qualname(fn), fallback=fallback, priority=priority
         )
-        # The wrappers inline only the choice of lane (see Pipeline.lane): a
+        # The wrappers inline the choice of lane (see Pipeline.lane): a
         # coroutine or call layer per call would cost more than the strategies
-        # themselves. The single-attempt lane is one attempt of the engine.
+        # themselves. The single-attempt lane is one attempt of the engine; the
+        # breaker lane is the same attempt with its one stage inlined (it halves
+        # the overhead of a breaker-only policy; tests/test_conformance.py checks
+        # it against the engine's forms).
 
         if is_async:
             afn: Callable[..., Awaitable[Any]] = fn  # type: ignore[assignment]
@@ -212,6 +226,20 @@ def resilient(
                         return await afn(*args, **kwargs)
                     except Exception as exc:
                         return await pipeline.run_async(afn, args, kwargs, exc)
+                if lane == LANE_BREAKER:
+                    breaker: CircuitBreaker = pipeline.breaker  # type: ignore[assignment]
+                    token = _token(pipeline) if bus.active else breaker.acquire()
+                    measured = _clock.monotonic() if breaker.needs_duration else -1.0
+                    try:
+                        result = await afn(*args, **kwargs)
+                    except Exception as exc:
+                        breaker.on_failure(token, exc, _since(measured))
+                        raise
+                    except BaseException:
+                        breaker.on_cancel(token)
+                        raise
+                    breaker.on_success(token, _since(measured) if measured >= 0 else 0.0)
+                    return result
                 if lane != LANE_SINGLE:
                     return await pipeline.run_async(afn, args, kwargs)
                 ticket = _admit(pipeline)
@@ -243,6 +271,19 @@ def resilient(
                     result = fn(*args, **kwargs)
                 except Exception as exc:
                     return pipeline.run_sync(fn, args, kwargs, exc)  # type: ignore[no-any-return]
+            elif lane == LANE_BREAKER:
+                breaker: CircuitBreaker = pipeline.breaker  # type: ignore[assignment]
+                token = _token(pipeline) if bus.active else breaker.acquire()
+                measured = _clock.monotonic() if breaker.needs_duration else -1.0
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as exc:
+                    breaker.on_failure(token, exc, _since(measured))
+                    raise
+                except BaseException:
+                    breaker.on_cancel(token)
+                    raise
+                breaker.on_success(token, _since(measured) if measured >= 0 else 0.0)
             elif lane != LANE_SINGLE:
                 result = pipeline.run_sync(fn, args, kwargs)
             else:
@@ -505,7 +546,8 @@ class AttemptIterator:
             _settle_deadline(entry, error)
         observer = self.pipeline.observer
         if observer is not None:
-            observe(observer, "success" if error is None else _outcome_of(error), self._began)
+            outcome = "success" if error is None else _outcome_of(error)
+            observe(observer, outcome, self._began, error)
 
     # ------------------------------------------------------------ iteration
 

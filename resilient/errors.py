@@ -21,6 +21,7 @@ traceback) with a note saying how many attempts were made.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
@@ -32,6 +33,21 @@ __all__ = [
     "RejectedError",
     "ResilienceError",
 ]
+
+
+def did_you_mean(word: object, options: Iterable[object], *, cutoff: float = 0.6) -> str:
+    """
+    Suggest the option closest to *word*: ``" (did you mean 'x'?)"``, or ``""``.
+
+    The one helper behind every "did you mean" of the library (unknown keys,
+    policies, exception names, scenarios...), so the wording never drifts.
+    Compares case-insensitively and shows the option as it is spelt.
+    """
+    import difflib  # lazy: only an error message needs it
+
+    spelt = {str(option).lower(): str(option) for option in options}
+    close = difflib.get_close_matches(str(word).lower(), list(spelt), n=1, cutoff=cutoff)
+    return f" (did you mean '{spelt[close[0]]}'?)" if close else ""
 
 
 class ResilienceError(Exception):

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from resilient import _logging as _log_events
 from resilient import attempt as _attempt
@@ -42,6 +42,7 @@ from resilient._models import (
     PositiveInt,
     RetryConfig,
 )
+from resilient.backends._config import RedisUrl
 from resilient.breaker import CircuitBreaker
 from resilient.bulkhead import BulkheadManager, bulkhead_manager
 from resilient.decorator import AttemptIterator, _Handle
@@ -134,7 +135,7 @@ class ResilienceConfig(BaseModel):
     """Name of the application (reported in the status)."""
     environment: str = "development"
     """Deployment environment (reported in the status)."""
-    redis_url: str | None = None
+    redis_url: RedisUrl = None
     """Shared state across processes: a Redis URL puts breakers, retry budgets and rate
     limits on the Redis backend (see docs/distributed.md); ``None`` keeps them in memory."""
     circuit_breaker_enabled: bool = True
@@ -172,11 +173,13 @@ class ResilienceConfig(BaseModel):
     bulkhead_config: BulkheadConfig = Field(default_factory=BulkheadConfig)
     """Bulkhead settings every flat ``service_config`` starts from."""
 
-    @model_validator(mode="before")
+    def __init__(self, **data: Any) -> None:
+        # Read here rather than in a validator, so that a bad variable is the
+        # PolicyError naming it (pydantic would wrap it in a ValidationError).
+        super().__init__(**self._from_environment(data))
+
     @classmethod
-    def _from_environment(cls, data: Any) -> Any:
-        if not isinstance(data, Mapping):
-            return data
+    def _from_environment(cls, data: dict[str, Any]) -> dict[str, Any]:
         merged = dict(data)
         for var, field in ENV_VARS.items():
             if field in merged:
@@ -626,11 +629,7 @@ class _GuardedBlock:
         observer = self._pipeline.observer
         if observer is not None:
             outcome = "success" if error is None else _pipeline.outcome_of(error)
-            _pipeline.observe(observer, outcome, self._began)
-            if error is not None:
-                failed = getattr(observer, "failed", None)
-                if failed is not None:
-                    failed(error)
+            _pipeline.observe(observer, outcome, self._began, error)
 
 
 # --------------------------------------------------------------------------- the manager

@@ -1,5 +1,5 @@
 """
-Prometheus metrics for every pipeline, on prometheus-client.
+The per-policy counters of resilient, and their Prometheus export.
 
     import resilient
 
@@ -7,20 +7,27 @@ Prometheus metrics for every pipeline, on prometheus-client.
     resilient.metrics.enable(registry=my_reg)  # or a CollectorRegistry of your own
     resilient.metrics.disable()
 
-``prometheus_client`` is imported by :func:`enable` (or by building a
-:class:`PrometheusMetrics`), never by ``import resilient``. Three sources feed
-the instruments, each chosen for what it costs the call path:
+One set of counters, :data:`statistics`, is kept per policy name while someone
+holds it (:meth:`Statistics.retain` / :meth:`Statistics.release`): the
+Prometheus exporter and ``ResilienceManager`` (its ``calls`` and
+``retry_managers``) both read it, so they always agree. It needs no
+``prometheus_client``. What feeds it, each chosen for what it costs the call
+path:
 
-* **Per call** (``resilient_calls_total``, ``resilient_call_duration_seconds``):
-  the pipeline's observer hook (:func:`resilient.pipeline.set_observer_factory`).
-  The factory runs once per pipeline and binds the label children there; a call
-  then costs one dict look-up, one counter increment and one histogram
-  observation.
-* **Per event** (transitions, retries, rejections, health, chaos, backend): a
+* **Per call** (outcome counts, duration histogram and sum, last failure): the
+  pipeline's observer hook (:func:`resilient.pipeline.set_observer_factory`).
+  The factory runs once per pipeline and hands it the :class:`_CallStats` of
+  its policy; a call then costs one dict look-up and two lock-free counter
+  increments.
+* **Per event** (retries, retries exhausted, retry budget, refusals): a
   subscriber on the event bus. Events only happen off the success path.
-* **Per scrape** (breaker state, bulkhead in use / queued / limit): a collector
-  that reads the live objects when Prometheus scrapes, so keeping them current
-  costs the calls nothing.
+
+``prometheus_client`` is imported by :func:`enable` (or by building a
+:class:`PrometheusMetrics`), never by ``import resilient``. The exporter turns
+:data:`statistics` into metric families when Prometheus scrapes, reads breaker
+states and bulkhead occupancy from the live objects at scrape time, and keeps
+prometheus-client instruments only for what the counters do not hold
+(transitions, health, chaos, backend).
 
 Every label is bounded by configuration (policy and service names, outcome,
 state, reason, fault); no label ever holds a call's arguments. docs/metrics.md
@@ -31,8 +38,10 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from bisect import bisect_left as _bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from resilient import events as _events
@@ -46,10 +55,13 @@ __all__ = [
     "DEFAULT_BUCKETS",
     "HEALTH_STATUSES",
     "OUTCOMES",
+    "PolicyCounts",
     "PrometheusMetrics",
+    "Statistics",
     "active",
     "disable",
     "enable",
+    "statistics",
 ]
 
 #: Every value of the ``outcome`` label of ``resilient_calls_total``.
@@ -78,44 +90,73 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 
 _BREAKER_STATES = ("closed", "open", "half-open")
 _REJECTION_REASONS = ("circuit_open", "bulkhead_full", "rate_limited")
+_time = time.time
 
 
 class _CallStats:
     """
-    The call counts and duration histogram of one policy: the "label children"
-    bound once per pipeline by the observer factory.
+    Everything counted for one policy name: the call observer that the
+    factory binds once per pipeline, plus the counters the event bus feeds.
 
-    prometheus-client's own children take a lock per ``inc()`` (four per call
-    for a counter and a histogram: about 2 µs on a small machine, as much as the
-    whole pipeline). Here every count is an ``itertools.count``, whose
-    ``next()`` is one C call that CPython runs without releasing the GIL, so no
-    lock is needed; the bucket is found in C (``bisect``). The duration *sum*
-    is a float updated in place, which CPython's GIL also makes atomic (no
-    thread switch can happen inside ``+=`` on a float); on a free-threaded
-    build it may miss an update under contention, the counts never do.
-    :class:`_CallCollector` turns the totals into ``resilient_calls_total``
-    and ``resilient_call_duration_seconds`` when Prometheus scrapes.
+    Per call, prometheus-client's own children would take a lock per ``inc()``
+    (four per call for a counter and a histogram: about 2 µs on a small
+    machine, as much as the whole pipeline). Here every per-call count is an
+    ``itertools.count``, whose ``next()`` is one C call that CPython runs
+    without releasing the GIL, so no lock is needed; the bucket is found in C
+    (``bisect``). The duration *sum* and the last failure time are plain
+    attributes updated in place, which CPython's GIL also makes atomic; on a
+    free-threaded build the sum may miss an update under contention, the counts
+    never do. The event counters are updated under :class:`Statistics`' lock
+    (events are off the success path).
     """
 
-    __slots__ = ("bounds", "buckets", "counts", "sum")
+    __slots__ = (
+        "bound",
+        "budget_exhausted",
+        "counts",
+        "exhausted",
+        "histogram",
+        "last_error_type",
+        "last_failure_at",
+        "refused",
+        "retries",
+        "retry_delay",
+        "retry_error_type",
+        "sum",
+    )
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
         self.counts = {outcome: itertools.count() for outcome in OUTCOMES}
-        self.buckets = [itertools.count() for _ in range(len(bounds) + 1)]  # last: +Inf
+        # (bounds, counts per bucket, the last one +Inf): one attribute, so that a
+        # change of buckets is seen whole by a concurrent record()
+        self.histogram = (bounds, [itertools.count() for _ in range(len(bounds) + 1)])
         self.sum = 0.0
+        self.bound = False  # some pipeline observes through it (else: events only)
+        self.last_failure_at: float | None = None
+        self.last_error_type: str | None = None
+        self.retries = 0
+        self.retry_delay = 0.0
+        self.retry_error_type: str | None = None
+        self.exhausted: dict[str, int] = {}
+        self.budget_exhausted = 0
+        self.refused: dict[str, int] = {}
 
     def record(self, outcome: str, duration: float) -> None:
+        """The observer hook: one call of the policy ended with *outcome*."""
         next(self.counts[outcome])
-        next(self.buckets[_bisect_left(self.bounds, duration)])  # first bound >= d: "le"
+        bounds, buckets = self.histogram
+        next(buckets[_bisect_left(bounds, duration)])  # first bound >= d: "le"
         self.sum += duration
+        if outcome != "success" and outcome != "fallback" and outcome != "cancelled":
+            self.last_failure_at = _time()
 
-    def snapshot(self) -> tuple[dict[str, int], list[int], float]:
-        return (
-            {outcome: _value(c) for outcome, c in self.counts.items()},
-            [_value(c) for c in self.buckets],
-            self.sum,
-        )
+    def failed(self, error: BaseException) -> None:
+        """
+        Optional observer hook, after :meth:`record`, for a call that did not
+        succeed: remembers the error's type (cancellation is no failure).
+        """
+        if isinstance(error, Exception):
+            self.last_error_type = type(error).__name__
 
 
 def _value(counter: itertools.count[int]) -> int:
@@ -123,32 +164,280 @@ def _value(counter: itertools.count[int]) -> int:
     return int(counter.__reduce__()[1][0])
 
 
-class _CallCollector:
-    """Exposes every policy's :class:`_CallStats` at scrape time."""
+@dataclass(frozen=True, slots=True)
+class PolicyCounts:
+    """
+    What :data:`statistics` counted for one policy name since it was retained
+    (:meth:`Statistics.counts`). All zero for a name nothing was counted for.
 
-    def __init__(self, stats: dict[str, _CallStats], bounds: tuple[float, ...]) -> None:
-        self._stats = stats
-        self._les = [_le(b) for b in bounds] + ["+Inf"]
+    Attributes:
+        calls: Calls by outcome (every value of :data:`OUTCOMES`); one per call,
+            whatever the number of attempts.
+        duration_sum: Seconds spent in those calls, all outcomes together.
+        retries: Retries scheduled (attempts after the first).
+        retry_delay: Seconds of delay those retries were scheduled with.
+        retry_error_type: Type name of the last error a retry was scheduled for,
+            or that ended the retries.
+        exhausted: Calls whose retries stopped on a failure, by reason
+            (``attempts``, ``total_timeout``, ``not_retryable``, ``budget``, ...).
+        budget_exhausted: Failed attempts not retried because the retry budget
+            was spent.
+        refused: Attempts refused, by reason (``circuit_open``,
+            ``bulkhead_full``, ``rate_limited``).
+        last_failure_at: ``time.time()`` of the last call that ended in failure,
+            rejection or timeout, or ``None``.
+        last_error_type: Type name of that call's error, or ``None`` (set by
+            observers that report errors, see :meth:`_CallStats.failed`).
+    """
+
+    calls: Mapping[str, int]
+    duration_sum: float
+    retries: int
+    retry_delay: float
+    retry_error_type: str | None
+    exhausted: Mapping[str, int]
+    budget_exhausted: int
+    refused: Mapping[str, int]
+    last_failure_at: float | None
+    last_error_type: str | None
+
+    @property
+    def total(self) -> int:
+        """Calls in all."""
+        return sum(self.calls.values())
+
+
+class Statistics:
+    """
+    The process's per-policy counters (one instance: :data:`statistics`).
+
+    Reference-counted: while at least one holder has called :meth:`retain`
+    (the Prometheus exporter, each ``ResilienceManager`` with
+    ``metrics_enabled``), it is the runtime's call observer factory and a
+    subscriber of the event bus; pipelines built before pick it up at their
+    next call. The last :meth:`release` unhooks it and forgets every count (the
+    next holder starts from zero).
+    """
+
+    def __init__(self, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
+        self._lock = threading.Lock()  # the table and the event counters
+        self._life = threading.RLock()  # retain / release
+        self._holders = 0
+        self._unsubscribe: Callable[[], None] | None = None
+        self._bounds = _bounds_of(buckets)
+        self._policies: dict[str, _CallStats] = {}
+        self._handlers: dict[type, Callable[[_CallStats, Any], None]] = {
+            _events.RetryScheduled: _on_retry,
+            _events.RetriesExhausted: _on_exhausted,
+            _events.RetryBudgetExhausted: _on_budget,
+            _events.CallRejected: _on_rejected,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Statistics holders={self._holders} policies={sorted(self._policies)}>"
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def retained(self) -> bool:
+        """Whether anyone holds the counters (they are fed only then)."""
+        return self._holders > 0
+
+    @property
+    def holders(self) -> int:
+        """How many :meth:`retain` calls are not yet matched by :meth:`release`."""
+        return self._holders
+
+    def retain(self) -> None:
+        """Start counting (if not already) and count one more holder."""
+        with self._life:
+            self._holders += 1
+            if self._holders > 1:
+                return
+            self._unsubscribe = _events.subscribe(self.on_event)
+            runtime.set_observer_factory(self.observer_for)
+
+    def release(self) -> None:
+        """Count one holder less; the last one stops the counting and forgets the counts."""
+        with self._life:
+            if self._holders == 0:
+                return
+            self._holders -= 1
+            if self._holders:
+                return
+            if runtime.observer_factory == self.observer_for:
+                runtime.set_observer_factory(None)
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+            with self._lock:
+                self._policies = {}
+                self._bounds = _bounds_of(DEFAULT_BUCKETS)
+
+    def use_buckets(self, buckets: Sequence[float]) -> None:
+        """
+        Upper bounds of the duration histogram, in seconds. Changing them
+        restarts every histogram from zero (the counts and the sum stay).
+        """
+        bounds = _bounds_of(buckets)
+        with self._lock:
+            if bounds == self._bounds:
+                return
+            self._bounds = bounds
+            for stats in self._policies.values():
+                stats.histogram = (bounds, [itertools.count() for _ in range(len(bounds) + 1)])
+
+    # ------------------------------------------------------------ feeding
+
+    def observer_for(self, pipeline: _pipeline.Pipeline) -> _CallStats:
+        """
+        The observer factory: the counters of *pipeline*'s policy name, made once
+        per name and shared by its pipelines; nothing is looked up per call.
+        """
+        stats = self._entry(pipeline.name)
+        stats.bound = True
+        return stats
+
+    def on_event(self, event: object) -> None:
+        """The event-bus subscriber: counts retries, exhaustions and refusals."""
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            return
+        name: str = event.policy  # type: ignore[attr-defined]
+        stats = self._entry(name)
+        with self._lock:
+            handler(stats, event)
+
+    def _entry(self, name: str) -> _CallStats:
+        stats = self._policies.get(name)
+        if stats is None:
+            with self._lock:
+                stats = self._policies.get(name)
+                if stats is None:
+                    stats = self._policies[name] = _CallStats(self._bounds)
+        return stats
+
+    # ------------------------------------------------------------ reading
+
+    def names(self) -> list[str]:
+        """The policy names something was counted for, sorted."""
+        return sorted(self._policies)
+
+    def counts(self, name: str) -> PolicyCounts:
+        """What was counted for policy (or service) *name*; zeros if nothing was."""
+        stats = self._policies.get(name)
+        if stats is None:
+            return PolicyCounts(
+                calls=dict.fromkeys(OUTCOMES, 0),
+                duration_sum=0.0,
+                retries=0,
+                retry_delay=0.0,
+                retry_error_type=None,
+                exhausted={},
+                budget_exhausted=0,
+                refused={},
+                last_failure_at=None,
+                last_error_type=None,
+            )
+        calls = {outcome: _value(c) for outcome, c in stats.counts.items()}
+        with self._lock:
+            return PolicyCounts(
+                calls=calls,
+                duration_sum=stats.sum,
+                retries=stats.retries,
+                retry_delay=stats.retry_delay,
+                retry_error_type=stats.retry_error_type,
+                exhausted=dict(stats.exhausted),
+                budget_exhausted=stats.budget_exhausted,
+                refused=dict(stats.refused),
+                last_failure_at=stats.last_failure_at,
+                last_error_type=stats.last_error_type,
+            )
+
+    def _entries(self) -> list[tuple[str, _CallStats]]:
+        return sorted(self._policies.items())
+
+
+def _bounds_of(buckets: Sequence[float]) -> tuple[float, ...]:
+    return tuple(sorted(float(b) for b in buckets if b != float("inf")))
+
+
+def _on_retry(stats: _CallStats, event: _events.RetryScheduled) -> None:
+    stats.retries += 1
+    stats.retry_delay += event.delay
+    stats.retry_error_type = event.error_type
+
+
+def _on_exhausted(stats: _CallStats, event: _events.RetriesExhausted) -> None:
+    stats.exhausted[event.reason] = stats.exhausted.get(event.reason, 0) + 1
+    stats.retry_error_type = event.error_type
+
+
+def _on_budget(stats: _CallStats, event: _events.RetryBudgetExhausted) -> None:
+    stats.budget_exhausted += 1
+
+
+def _on_rejected(stats: _CallStats, event: _events.CallRejected) -> None:
+    stats.refused[event.reason] = stats.refused.get(event.reason, 0) + 1
+
+
+#: The process's per-policy counters.
+statistics = Statistics()
+
+
+class _CountsCollector:
+    """
+    Exposes :data:`statistics` at scrape time: calls, durations, retries and
+    refusals. An event counter of a policy appears once it is above zero, as
+    a prometheus-client child appears at its first increment.
+    """
+
+    def __init__(self, source: Statistics) -> None:
+        self._source = source
+        self._les: dict[tuple[float, ...], list[str]] = {}
 
     def describe(self) -> Iterator[Any]:
         yield from self._families()
 
     def collect(self) -> Iterator[Any]:
-        calls, duration = self._families()
-        for name, stats in sorted(self._stats.items()):
-            counts, buckets, total = stats.snapshot()
-            for outcome, count in counts.items():
-                calls.add_metric([name, outcome], float(count))
-            cumulative, running = [], 0
-            for le, count in zip(self._les, buckets, strict=True):
-                running += count
-                cumulative.append((le, float(running)))
-            duration.add_metric([name], cumulative, sum_value=total)
+        calls, duration, retries, exhausted, budget, breaker, bulkhead, limited = self._families()
+        refusals = tuple(zip(_REJECTION_REASONS, (breaker, bulkhead, limited), strict=True))
+        source = self._source
+        for name, stats in source._entries():
+            counts = source.counts(name)
+            if stats.bound:
+                for outcome, count in counts.calls.items():
+                    calls.add_metric([name, outcome], float(count))
+                bounds, buckets = stats.histogram
+                les = self._les.get(bounds)
+                if les is None:
+                    les = self._les[bounds] = [_le(b) for b in bounds] + ["+Inf"]
+                cumulative, running = [], 0
+                for le, bucket in zip(les, buckets, strict=True):
+                    running += _value(bucket)
+                    cumulative.append((le, float(running)))
+                duration.add_metric([name], cumulative, sum_value=counts.duration_sum)
+            if counts.retries:
+                retries.add_metric([name], float(counts.retries))
+            for reason, count in sorted(counts.exhausted.items()):
+                exhausted.add_metric([name, reason], float(count))
+            if counts.budget_exhausted:
+                budget.add_metric([name], float(counts.budget_exhausted))
+            for reason, family in refusals:
+                count = counts.refused.get(reason, 0)
+                if count:
+                    family.add_metric([name], float(count))
         yield calls
         yield duration
+        yield breaker
+        yield retries
+        yield exhausted
+        yield budget
+        yield bulkhead
+        yield limited
 
     @staticmethod
-    def _families() -> tuple[Any, Any]:
+    def _families() -> tuple[Any, ...]:
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
         return (
@@ -160,6 +449,36 @@ class _CallCollector:
             HistogramMetricFamily(
                 "resilient_call_duration_seconds",
                 "Time of a whole call through the pipeline (every attempt, wait and fallback).",
+                labels=["policy"],
+            ),
+            CounterMetricFamily(
+                "resilient_retry_attempts",
+                "Retries scheduled (attempts after the first).",
+                labels=["policy"],
+            ),
+            CounterMetricFamily(
+                "resilient_retries_exhausted",
+                "Calls whose retries stopped on a failure, by reason.",
+                labels=["policy", "reason"],
+            ),
+            CounterMetricFamily(
+                "resilient_retry_budget_exhausted",
+                "Failed attempts not retried because the retry budget was spent.",
+                labels=["policy"],
+            ),
+            CounterMetricFamily(
+                "resilient_circuit_breaker_rejections",
+                "Attempts refused because the circuit breaker was open (or its trial calls taken).",
+                labels=["policy"],
+            ),
+            CounterMetricFamily(
+                "resilient_bulkhead_rejected",
+                "Attempts refused because the bulkhead had no free slot in time.",
+                labels=["policy"],
+            ),
+            CounterMetricFamily(
+                "resilient_rate_limited",
+                "Attempts refused by the rate limiter.",
                 labels=["policy"],
             ),
         )
@@ -175,8 +494,9 @@ class PrometheusMetrics:
     The instruments of resilient in one registry.
 
     Building one imports ``prometheus_client`` and creates the instruments
-    without registering them; :meth:`install` registers them and connects them
-    to the pipelines and the event bus, :meth:`uninstall` undoes both (so a
+    without registering them; :meth:`install` registers them, retains
+    :data:`statistics` (which then feeds the call, retry and refusal counters)
+    and subscribes to the event bus; :meth:`uninstall` undoes all three (so a
     registry can be given to a new instance afterwards). Most code calls
     :func:`enable` / :func:`disable` instead, which keep one installed
     instance for the process.
@@ -211,50 +531,12 @@ class PrometheusMetrics:
         self._installed = False
         self._unsubscribe: Callable[[], None] | None = None
         c, g = pc.Counter, pc.Gauge
-        bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
-        self._stats: dict[str, _CallStats] = {}
-        self._bounds = bounds
-        self._calls = _CallCollector(self._stats, bounds)
+        self._buckets = _bounds_of(buckets)
+        self._counts = _CountsCollector(statistics)
         self.breaker_transitions = c(
             "resilient_circuit_breaker_transitions_total",
             "Circuit breaker state changes.",
             ["policy", "from", "to"],
-            registry=None,
-        )
-        self.breaker_rejections = c(
-            "resilient_circuit_breaker_rejections_total",
-            "Attempts refused because the circuit breaker was open (or its trial calls taken).",
-            ["policy"],
-            registry=None,
-        )
-        self.retry_attempts = c(
-            "resilient_retry_attempts_total",
-            "Retries scheduled (attempts after the first).",
-            ["policy"],
-            registry=None,
-        )
-        self.retries_exhausted = c(
-            "resilient_retries_exhausted_total",
-            "Calls whose retries stopped on a failure, by reason.",
-            ["policy", "reason"],
-            registry=None,
-        )
-        self.retry_budget_exhausted = c(
-            "resilient_retry_budget_exhausted_total",
-            "Failed attempts not retried because the retry budget was spent.",
-            ["policy"],
-            registry=None,
-        )
-        self.bulkhead_rejected = c(
-            "resilient_bulkhead_rejected_total",
-            "Attempts refused because the bulkhead had no free slot in time.",
-            ["policy"],
-            registry=None,
-        )
-        self.rate_limited = c(
-            "resilient_rate_limited_total",
-            "Attempts refused by the rate limiter.",
-            ["policy"],
             registry=None,
         )
         self.health_status = g(
@@ -283,14 +565,8 @@ class PrometheusMetrics:
         )
         self._state = _StateCollector()
         self._collectors: tuple[Any, ...] = (
-            self._calls,
+            self._counts,
             self.breaker_transitions,
-            self.breaker_rejections,
-            self.retry_attempts,
-            self.retries_exhausted,
-            self.retry_budget_exhausted,
-            self.bulkhead_rejected,
-            self.rate_limited,
             self.health_status,
             self.health_score,
             self.chaos_injections,
@@ -299,10 +575,6 @@ class PrometheusMetrics:
         )
         self._handlers: dict[type, Callable[[Any], None]] = {
             _events.BreakerStateChanged: self._on_transition,
-            _events.CallRejected: self._on_rejected,
-            _events.RetryScheduled: self._on_retry,
-            _events.RetriesExhausted: self._on_exhausted,
-            _events.RetryBudgetExhausted: self._on_budget,
             _events.HealthChanged: self._on_health,
             _events.ChaosInjected: self._on_chaos,
             _events.BackendDown: self._on_backend_down,
@@ -338,7 +610,8 @@ class PrometheusMetrics:
                     self.registry.unregister(collector)
                 raise
             self._unsubscribe = _events.subscribe(self.on_event)
-            _pipeline.set_observer_factory(self.observer_for)
+            statistics.use_buckets(self._buckets)
+            statistics.retain()
             self._installed = True
 
     def uninstall(self) -> None:
@@ -346,8 +619,7 @@ class PrometheusMetrics:
         with self._lock:
             if not self._installed:
                 return
-            if runtime.observer_factory == self.observer_for:
-                _pipeline.set_observer_factory(None)
+            statistics.release()
             if self._unsubscribe is not None:
                 self._unsubscribe()
                 self._unsubscribe = None
@@ -358,45 +630,19 @@ class PrometheusMetrics:
     # ------------------------------------------------------------ per pipeline
 
     def observer_for(self, pipeline: _pipeline.Pipeline) -> _CallStats:
-        """
-        The observer factory: the call statistics of *pipeline*'s policy, made
-        once per policy name and shared by its pipelines; nothing is looked up
-        per call.
-        """
-        name = pipeline.name
-        stats = self._stats.get(name)
-        if stats is None:
-            with self._lock:
-                stats = self._stats.setdefault(name, _CallStats(self._bounds))
-        return stats
+        """The call observer of *pipeline*: its policy's counters in :data:`statistics`."""
+        return statistics.observer_for(pipeline)
 
     # ------------------------------------------------------------ per event
 
     def on_event(self, event: object) -> None:
-        """The event-bus subscriber: updates the counters an event stands for."""
+        """The event-bus subscriber: updates the instruments an event stands for."""
         handler = self._handlers.get(type(event))
         if handler is not None:
             handler(event)
 
     def _on_transition(self, event: _events.BreakerStateChanged) -> None:
         self.breaker_transitions.labels(event.policy, event.old_state, event.new_state).inc()
-
-    def _on_rejected(self, event: _events.CallRejected) -> None:
-        if event.reason == "circuit_open":
-            self.breaker_rejections.labels(event.policy).inc()
-        elif event.reason == "bulkhead_full":
-            self.bulkhead_rejected.labels(event.policy).inc()
-        elif event.reason == "rate_limited":
-            self.rate_limited.labels(event.policy).inc()
-
-    def _on_retry(self, event: _events.RetryScheduled) -> None:
-        self.retry_attempts.labels(event.policy).inc()
-
-    def _on_exhausted(self, event: _events.RetriesExhausted) -> None:
-        self.retries_exhausted.labels(event.policy, event.reason).inc()
-
-    def _on_budget(self, event: _events.RetryBudgetExhausted) -> None:
-        self.retry_budget_exhausted.labels(event.policy).inc()
 
     def _on_health(self, event: _events.HealthChanged) -> None:
         for status in HEALTH_STATUSES:

@@ -68,6 +68,7 @@ _arm = _attempt.arm
 _call_sync = _attempt.call_sync
 _settle_attempt = _attempt.settle
 _WAIT = _attempt.WAIT
+_NO_TICKET: list[Any] = []  # an attempt with no stage to admit (never read)
 
 
 class CallObserver(Protocol):
@@ -75,7 +76,9 @@ class CallObserver(Protocol):
     Sees the end of every call of one pipeline (metrics use this).
 
     *outcome* is ``"success"``, ``"failure"``, ``"fallback"``, ``"rejected"``,
-    ``"timeout"`` or ``"cancelled"``; *duration* is in seconds.
+    ``"timeout"`` or ``"cancelled"``; *duration* is in seconds. An observer may
+    also have a ``failed(error)`` method: it is then given the exception that
+    ended each call that did not succeed.
     """
 
     def record(self, outcome: str, duration: float) -> None: ...
@@ -103,10 +106,20 @@ def outcome_of(exc: BaseException) -> str:
     return "cancelled"
 
 
-def observe(observer: CallObserver, outcome: str, began: float) -> None:
-    """Hand a call's end to *observer*; an observer that raises is logged, never propagated."""
+def observe(
+    observer: CallObserver, outcome: str, began: float, error: BaseException | None = None
+) -> None:
+    """
+    Hand a call's end to *observer*, and the error that ended it to an observer
+    with a ``failed(error)`` method; an observer that raises is logged, never
+    propagated.
+    """
     try:
         observer.record(outcome, _perf_counter() - began)
+        if error is not None:
+            failed = getattr(observer, "failed", None)
+            if failed is not None:
+                failed(error)
     except Exception:
         _log.exception("call observer %r raised; ignoring it", observer)
 
@@ -172,6 +185,7 @@ def breakers() -> dict[str, CircuitBreaker]:
 LANE_DIRECT = 0
 LANE_SINGLE = 1
 LANE_FULL = 2
+LANE_BREAKER = 3  # LANE_SINGLE with a circuit breaker and no other stage
 
 
 def _sections_other_than(policy: Policy, known: set[str]) -> list[str]:
@@ -228,6 +242,7 @@ class Pipeline:
         "retry",
         "retry_after",
         "slot_timed",
+        "staged",
         "total",
         "total_queues",
     )
@@ -332,9 +347,19 @@ class Pipeline:
         ):
             self.lane = LANE_DIRECT
         elif plain and self.retry is None and self.fallback is None and not self.pooled:
-            self.lane = LANE_SINGLE
+            only_breaker = self.limiter is None and self.bulkhead is None
+            only_breaker = only_breaker and self.per_attempt is None
+            self.lane = LANE_BREAKER if only_breaker else LANE_SINGLE
         else:
             self.lane = LANE_FULL
+        # Whether an attempt has any stage at all: a retry-and-timeouts policy
+        # runs its attempts without admitting or settling anything.
+        self.staged = (
+            self.breaker is not None
+            or self.limiter is not None
+            or self.bulkhead is not None
+            or self.per_attempt is not None
+        )
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r} of {self.callable_name}>"
@@ -470,6 +495,8 @@ class Pipeline:
         began = _perf_counter() if observer is not None else 0.0
         rate = self.failure_rate
         retry = self.retry
+        staged = self.staged
+        ticket: list[Any] = _NO_TICKET
         if self.budget is not None:
             self.budget.deposit()
         total_entry = None
@@ -484,7 +511,7 @@ class Pipeline:
         last = failed  # the function's own last exception
         try:
             while True:
-                if failed is None:
+                if failed is None and staged:
                     try:
                         ticket = _admit(self)
                         if ticket[_WAIT]:
@@ -497,7 +524,7 @@ class Pipeline:
                     try:
                         result = await fn(*args, **kwargs)
                     except BaseException as exc:
-                        error = _settle_attempt(self, ticket, exc, total_entry)
+                        error = _settle_attempt(self, ticket, exc, total_entry) if staged else exc
                         if not isinstance(error, Exception):
                             raise  # the caller is cancelled: nothing to retry
                         if rate is not None:
@@ -507,7 +534,8 @@ class Pipeline:
                             error.__suppress_context__ = True
                         failed = last = error
                     else:
-                        _settle_attempt(self, ticket, None)
+                        if staged:
+                            _settle_attempt(self, ticket, None)
                         if rate is not None:
                             rate.record(False)
                         if retry is None or not retry.checks_result:
@@ -546,7 +574,7 @@ class Pipeline:
                     return await value
                 return value
             if observer is not None:
-                observe(observer, outcome_of(error), began)
+                observe(observer, outcome_of(error), began, error)
             if error is exc:
                 raise
             raise error from None
@@ -570,6 +598,9 @@ class Pipeline:
         began = _perf_counter() if observer is not None else 0.0
         rate = self.failure_rate
         retry = self.retry
+        staged = self.staged
+        pooled = self.pooled
+        ticket: list[Any] = _NO_TICKET
         if self.budget is not None:
             self.budget.deposit()
         # Sync code cannot be interrupted: the total budget is checked between
@@ -580,24 +611,30 @@ class Pipeline:
         last = failed  # the function's own last exception
         try:
             while True:
-                if failed is None:
+                if failed is None and staged:
                     try:
                         ticket = _admit(self, True)
                     except RejectedError as refusal:  # nothing is held
                         failed = refusal
                 if failed is None:
                     try:
-                        result = _call_sync(self, fn, args, kwargs)
+                        if pooled:
+                            result = _call_sync(self, fn, args, kwargs)
+                        else:
+                            result = fn(*args, **kwargs)
                     except Exception as exc:
-                        _settle_attempt(self, ticket, exc)
+                        if staged:
+                            _settle_attempt(self, ticket, exc)
                         if rate is not None:
                             rate.record(True)
                         failed = last = exc
                     except BaseException as exc:
-                        _settle_attempt(self, ticket, exc)
+                        if staged:
+                            _settle_attempt(self, ticket, exc)
                         raise
                     else:
-                        _settle_attempt(self, ticket, None)
+                        if staged:
+                            _settle_attempt(self, ticket, None)
                         if rate is not None:
                             rate.record(False)
                         if retry is None or not retry.checks_result:
@@ -636,7 +673,7 @@ class Pipeline:
                     raise TypeError(msg) from exc
                 return value
             if observer is not None:
-                observe(observer, outcome_of(exc), began)
+                observe(observer, outcome_of(exc), began, exc)
             raise
         if observer is not None:
             observe(observer, "success", began)

@@ -13,19 +13,24 @@ A policy file looks like this::
 
 Loading is all-or-nothing: every problem in a file is collected and reported in
 one :class:`~resilient.PolicyError` that names the file, the line and the key, and
-the registry is only replaced when the whole file is valid.
+the registry is only replaced when the whole file is valid. Whatever the file
+holds (broken UTF-8, recursive or exploding aliases, absurd nesting or numbers),
+loading raises nothing but :class:`~resilient.PolicyError`, and its work is
+bounded by the size of the file.
 """
 
 from __future__ import annotations
 
-import difflib
+import functools
 import os
 import threading
-from collections.abc import Mapping
+import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
 
 from resilient._models import (
     TRANSIENT_ERRORS,
@@ -37,7 +42,7 @@ from resilient._models import (
     TimeoutConfig,
 )
 from resilient.backends._config import BackendConfig
-from resilient.errors import PolicyError
+from resilient.errors import PolicyError, did_you_mean
 
 __all__ = [
     "TRANSIENT_ERRORS",
@@ -50,6 +55,7 @@ __all__ = [
     "TimeoutConfig",
     "get_policy",
     "load_policies",
+    "parse_env_value",
     "parse_policies",
     "policy_names",
     "registry",
@@ -62,6 +68,15 @@ _POLICY_KEYS = (*Policy.model_fields, "extends")
 # (double underscores throughout, so it never collides with RESILIENCE_POLICY_FILE)
 _ENV_POLICY_PREFIX = "RESILIENCE_POLICY__"
 
+#: Deepest nesting of a policy document, aliases followed (a policy file needs
+#: about six levels; the bound keeps every recursive consumer far from Python's
+#: recursion limit).
+MAX_DEPTH = 100
+#: Values that aliases (or objects shared within a Python mapping) may add to a
+#: document beyond the values it spells out: a "billion laughs" file of a few
+#: hundred bytes would otherwise expand to a billion values.
+MAX_ALIAS_EXPANSION = 100_000
+
 Path_ = tuple[str | int, ...]
 Origin = tuple[str, int | None]  # (source, line)
 
@@ -69,32 +84,88 @@ Origin = tuple[str, int | None]  # (source, line)
 # --------------------------------------------------------------------------- reading
 
 
-def _read_yaml(text: str, source: str) -> tuple[Any, dict[Path_, int]]:
-    """Parse YAML safely, returning the data and the line of every key path."""
+@functools.cache
+def _loader_class() -> type[Any]:
+    """PyYAML's safe loader, bounded: nesting depth, and integers that fail to convert."""
     import yaml  # lazy: only loading a file needs it
 
+    class _PolicyLoader(yaml.SafeLoader):
+        _depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            # The composer recurses once per level: stop long before RecursionError.
+            self._depth += 1
+            try:
+                if self._depth > MAX_DEPTH:
+                    parser: Any = self  # types-PyYAML leaves peek_event untyped
+                    mark = parser.peek_event().start_mark
+                    problem = f"nesting deeper than {MAX_DEPTH} levels"
+                    raise yaml.composer.ComposerError(None, None, problem, mark)
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+        def fetch_flow_collection_start(self, token_class: Any) -> None:
+            # The scanner looks ahead through every open '[' or '{' (quadratic in
+            # their number): refuse deep flow nesting before the composer sees it.
+            if self.flow_level >= MAX_DEPTH:
+                problem = f"nesting deeper than {MAX_DEPTH} levels"
+                raise yaml.scanner.ScannerError(None, None, problem, self.get_mark())
+            super().fetch_flow_collection_start(token_class)
+
+        def construct_yaml_int(self, node: Any) -> int:
+            try:
+                return super().construct_yaml_int(node)
+            except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+                problem = f"integer too large ({len(str(node.value))} characters)"
+                raise yaml.constructor.ConstructorError(
+                    None, None, problem, node.start_mark
+                ) from None
+
+    _PolicyLoader.add_constructor("tag:yaml.org,2002:int", _PolicyLoader.construct_yaml_int)
+    return _PolicyLoader
+
+
+def _read_yaml(text: str, source: str) -> tuple[Any, dict[Path_, int]]:
+    """Parse YAML safely, returning the data and the line of every key path."""
+    import yaml
+
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = _loader_class()(text)  # the reader refuses control characters here
     except yaml.YAMLError as exc:
-        raise _yaml_error(exc, source) from None
-    if node is None:
-        return None, {}
-    lines: dict[Path_, int] = {}
-    _collect_lines(node, (), lines, source)
-    loader = yaml.SafeLoader("")
+        raise _yaml_error(exc, source, text) from None
     try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        _check_shape(node, _node_children, source)
+        lines: dict[Path_, int] = {}
+        _collect_lines(node, (), lines, source, set())
         data = loader.construct_document(node)
     except yaml.YAMLError as exc:
-        raise _yaml_error(exc, source) from None
+        raise _yaml_error(exc, source, text) from None
+    except PolicyError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # Defence in depth: a constructor failure that PyYAML does not wrap.
+        msg = f"{source}: invalid YAML: {type(exc).__name__}: {exc}"
+        raise PolicyError(msg, source=source) from None
     finally:
         loader.dispose()
     return data, lines
 
 
-def _yaml_error(exc: Exception, source: str) -> PolicyError:
+def _yaml_error(exc: Exception, source: str, text: str = "") -> PolicyError:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     line = mark.line + 1 if mark is not None else None
     problem = getattr(exc, "problem", None) or str(exc)
+    position = getattr(exc, "position", None)  # ReaderError: a character YAML refuses
+    reason = getattr(exc, "reason", None)
+    if isinstance(position, int) and reason:
+        line = text.count("\n", 0, position) + 1
+        character = getattr(exc, "character", None)
+        shown = f" (character #x{character:04x})" if isinstance(character, int) else ""
+        problem = f"{reason}{shown}"
     if "python/" in str(exc) or "could not determine a constructor" in str(exc):
         problem = (
             f"{problem}: policy files are loaded safely, so YAML tags that build "
@@ -104,28 +175,125 @@ def _yaml_error(exc: Exception, source: str) -> PolicyError:
     return PolicyError(f"{where}: invalid YAML: {problem}", source=source, line=line)
 
 
-def _collect_lines(node: Any, path: Path_, lines: dict[Path_, int], source: str) -> None:
+def _node_children(node: Any) -> list[Any] | None:
     import yaml
 
     if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return None
+
+
+def _data_children(value: Any) -> list[Any] | None:
+    if isinstance(value, Mapping):
+        return [part for pair in value.items() for part in pair]
+    if isinstance(value, list | tuple | set | frozenset):
+        return list(value)
+    return None
+
+
+_DONE = object()
+
+
+def _check_shape(root: Any, children: Callable[[Any], list[Any] | None], source: str) -> None:
+    """
+    Refuse a document that is recursive, nested deeper than :data:`MAX_DEPTH`, or
+    that aliases expand by more than :data:`MAX_ALIAS_EXPANSION` values.
+
+    Works on the graph as it is (a node that aliases share is measured once, and
+    its expanded size remembered), without recursion, so the check itself costs
+    time linear in the size of the file.
+    """
+    kids = children(root)
+    if kids is None:
+        return
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (expanded size, height)
+    on_path = {id(root)}
+    # frame: [node, iterator over its children, expanded size so far, height so far]
+    stack: list[list[Any]] = [[root, iter(kids), 1, 1]]
+    distinct = expanded = 1
+    problem: tuple[str, Any] | None = None
+    while stack and problem is None:
+        frame = stack[-1]
+        child = next(frame[1], _DONE)
+        if child is _DONE:
+            stack.pop()
+            on_path.discard(id(frame[0]))
+            sizes[id(frame[0])] = (frame[2], frame[3])
+            if stack:
+                stack[-1][2] += frame[2]
+                stack[-1][3] = max(stack[-1][3], frame[3] + 1)
+            continue
+        grandchildren = children(child)
+        if grandchildren is None:  # a scalar
+            frame[2] += 1
+            frame[3] = max(frame[3], 2)
+            distinct += 1
+            expanded += 1
+            continue
+        key = id(child)
+        if key in on_path:
+            problem = ("an alias refers to a node that contains it (a recursive structure)", child)
+        elif key in sizes:  # shared: an alias, or the same object twice in a mapping
+            size, height = sizes[key]
+            frame[2] += size
+            frame[3] = max(frame[3], height + 1)
+            expanded += size
+            if len(stack) + height > MAX_DEPTH:
+                problem = (f"nesting deeper than {MAX_DEPTH} levels (aliases followed)", child)
+            elif expanded - distinct > MAX_ALIAS_EXPANSION:
+                problem = (
+                    f"aliases expand the document by more than {MAX_ALIAS_EXPANSION:,} "
+                    "values; write the repeated parts out, or share fewer of them",
+                    child,
+                )
+        elif len(stack) >= MAX_DEPTH:
+            problem = (f"nesting deeper than {MAX_DEPTH} levels", child)
+        else:
+            on_path.add(key)
+            stack.append([child, iter(grandchildren), 1, 1])
+            distinct += 1
+            expanded += 1
+    if problem is not None:
+        text, where = problem
+        mark = getattr(where, "start_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        prefix = f"{source}:{line}" if line else source
+        raise PolicyError(f"{prefix}: {text}", source=source, line=line)
+
+
+def _collect_lines(
+    node: Any, path: Path_, lines: dict[Path_, int], source: str, visited: set[int]
+) -> None:
+    """Record the line of every key path; a node shared by aliases is walked once."""
+    import yaml
+
+    if id(node) in visited:
+        return  # its keys are reported at the line of the alias (the parent key)
+    if isinstance(node, yaml.MappingNode):
+        visited.add(id(node))
         seen: set[str] = set()
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
-            if key == "<<":  # merge key: its keys are reported at the merge line
-                _collect_lines(value_node, path, lines, source)
+            if key == "<<":  # merge key: the merged keys keep their own lines
+                merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else []
+                for item in merged or [value_node]:
+                    _collect_lines(item, path, lines, source, visited)
                 continue
             line = key_node.start_mark.line + 1
             if key in seen:
-                dotted = ".".join(str(p) for p in (*path, key))
+                dotted = _dotted((*path, key))
                 msg = f"{source}:{line}: duplicate key '{dotted}'"
                 raise PolicyError(msg, source=source, line=line, key=dotted)
             seen.add(key)
             lines.setdefault((*path, key), line)
-            _collect_lines(value_node, (*path, key), lines, source)
+            _collect_lines(value_node, (*path, key), lines, source, visited)
     elif isinstance(node, yaml.SequenceNode):
+        visited.add(id(node))
         for index, item in enumerate(node.value):
             lines.setdefault((*path, index), item.start_mark.line + 1)
-            _collect_lines(item, (*path, index), lines, source)
+            _collect_lines(item, (*path, index), lines, source, visited)
 
 
 # --------------------------------------------------------------------------- errors
@@ -137,18 +305,19 @@ class _Problems:
     def __init__(self, source: str) -> None:
         self.source = source
         self.items: list[tuple[str, int | None, str, str]] = []  # source, line, key, text
+        self._reported: set[tuple[str, int, str, str]] = set()
 
     def add(self, text: str, *, key: Path_ = (), origin: Origin | None = None) -> None:
         source, line = origin if origin is not None else (self.source, None)
-        item = (source, line, _dotted(key), text)
-        # A mistake in a parent policy shows up again in every policy extending it:
-        # report the line once.
-        if line is not None and any(
-            (s, n, t) == (source, line, text) and k.rsplit(".", 1)[-1] == item[2].rsplit(".", 1)[-1]
-            for s, n, k, t in self.items
-        ):
-            return
-        self.items.append(item)
+        dotted = _dotted(key)
+        if line is not None:
+            # A mistake in a parent policy shows up again in every policy extending
+            # it: report the line once (a set, so 10,000 problems stay cheap).
+            mark = (source, line, text, dotted.rsplit(".", 1)[-1])
+            if mark in self._reported:
+                return
+            self._reported.add(mark)
+        self.items.append((source, line, dotted, text))
 
     def raise_if_any(self, policy: str | None = None) -> None:
         if not self.items:
@@ -183,31 +352,25 @@ def _dotted(path: Path_) -> str:
     return out
 
 
-def did_you_mean(word: str, options: Any) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest option, or ``""``."""
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds (``RetryConfig | None`` -> ``RetryConfig``), if any."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """Follow a pydantic error location down the nested models."""
-    import typing
-
-    current: Any = model
+    current: type[BaseModel] | None = model
     for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        if current is None:
             return None
         field = current.model_fields.get(str(part))
         if field is None:
             return None
-        annotation = field.annotation
-        nested = None
-        for candidate in (annotation, *typing.get_args(annotation)):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                nested = candidate
-                break
-        current = nested
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+        current = _nested_model(field.annotation)
+    return current
 
 
 _SHOW_INPUT = frozenset(
@@ -246,8 +409,13 @@ def _explain(err: Mapping[str, Any], model: type[BaseModel]) -> tuple[tuple[Any,
     message = str(err["msg"])
     message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if kind in _SHOW_INPUT:
-        message = f"{message} (got {value!r})"
+        message = f"{message} (got {_short(value)})"
     return loc, message
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 # --------------------------------------------------------------------------- parsing
@@ -283,6 +451,9 @@ class _Document:
             probe = probe[:-1]
         return self.source, None
 
+    def line_of(self, policy: str, loc: Path_) -> int | None:
+        return self.lines.get((*self.prefix, "policies", policy, *loc))
+
 
 def parse_policies(
     data: Any,
@@ -306,14 +477,15 @@ def parse_policies(
     if not isinstance(data, Mapping):
         problems.add("a policy file must be a mapping with 'version' and 'policies'")
         problems.raise_if_any()
+    _check_shape(data, _data_children, source)
     for key in data:
         if key not in _TOP_LEVEL_KEYS:
             hint = did_you_mean(key, _TOP_LEVEL_KEYS)
             problems.add(f"unknown top-level key{hint}", key=(key,), origin=doc.origin((key,)))
     version = data.get("version", 1)
-    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
         problems.add(
-            f"unsupported version {version!r}; this release reads version 1",
+            f"unsupported version {_short(version)}; this release reads version 1",
             key=("version",),
             origin=doc.origin(("version",)),
         )
@@ -333,17 +505,13 @@ def parse_policies(
     problems.raise_if_any()
     raw = {str(name): dict(body or {}) for name, body in raw.items()}
 
-    resolved: dict[str, dict[str, Any]] = {}
-    chains: dict[str, list[str]] = {}
-    for name in raw:
-        merged = _resolve_extends(name, raw, doc, problems, resolved, chains)
-        if merged is not None:
-            resolved[name] = merged
+    resolved, parents = _resolve_extends(raw, doc, problems)
 
     env_origins: dict[tuple[str, Path_], str] = {}
     if env is not None:
         _apply_env(resolved, env, env_origins, problems)
 
+    origins = _ChainOrigins(doc, parents)
     policies: dict[str, Policy] = {}
     for name, body in resolved.items():
         try:
@@ -356,7 +524,7 @@ def parse_policies(
                 if env_var is not None:
                     origin: Origin = (f"environment variable {env_var}", None)
                 else:
-                    origin = _origin_through_chain(doc, chains.get(name, [name]), loc)
+                    origin = origins.origin(name, loc)
                 problems.add(text, key=key, origin=origin)
     fleet = _parse_backend(data, doc, problems)
     problems.raise_if_any()
@@ -404,70 +572,190 @@ def _env_origin(origins: Mapping[tuple[str, Path_], str], name: str, loc: Path_)
     return None
 
 
-def _origin_through_chain(doc: _Document, chain: list[str], loc: Path_) -> Origin:
-    """The line of a key of a merged policy: the first policy in the chain that sets it."""
-    for policy_name in chain:
-        line = doc.lines.get((*doc.prefix, "policies", policy_name, *loc))
-        if line is not None:
-            return doc.source, line
-    for depth in range(len(loc) - 1, -1, -1):
-        for policy_name in chain:
-            line = doc.lines.get((*doc.prefix, "policies", policy_name, *loc[:depth]))
+class _ChainOrigins:
+    """
+    The line of a key of a merged policy: the first policy up its ``extends``
+    chain that sets the key. Answers are remembered per (policy, key), so the
+    errors of a long chain cost time linear in its length, not quadratic.
+    """
+
+    def __init__(self, doc: _Document, parents: Mapping[str, str]) -> None:
+        self.doc = doc
+        self.parents = parents
+        self._owner: dict[tuple[str, Path_], int | None] = {}
+
+    def _line(self, name: str, loc: Path_) -> int | None:
+        walked: list[str] = []
+        current: str | None = name
+        line: int | None = None
+        while current is not None:
+            if (current, loc) in self._owner:
+                line = self._owner[(current, loc)]
+                break
+            walked.append(current)
+            line = self.doc.line_of(current, loc)
             if line is not None:
-                return doc.source, line
-    return doc.origin(("policies", chain[0]))
+                break
+            current = self.parents.get(current)
+        for walked_name in walked:
+            self._owner[(walked_name, loc)] = line
+        return line
+
+    def origin(self, name: str, loc: Path_) -> Origin:
+        for depth in range(len(loc), 0, -1):
+            line = self._line(name, tuple(loc[:depth]))
+            if line is not None:
+                return self.doc.source, line
+        return self.doc.origin(("policies", name))
 
 
 def _resolve_extends(
-    name: str,
-    raw: Mapping[str, dict[str, Any]],
-    doc: _Document,
-    problems: _Problems,
-    resolved: dict[str, dict[str, Any]],
-    chains: dict[str, list[str]],
-) -> dict[str, Any] | None:
-    chain = [name]
-    bodies = [raw[name]]
-    current = raw[name]
-    while "extends" in current:
-        parent = current["extends"]
-        key = ("policies", chain[-1], "extends")
-        if not isinstance(parent, str):
-            problems.add("'extends' must name one policy", key=key, origin=doc.origin(key))
-            return None
-        if parent in chain:
-            cycle = " -> ".join([*chain, parent])
-            problems.add(f"'extends' forms a cycle: {cycle}", key=key, origin=doc.origin(key))
-            return None
-        if parent not in raw:
-            hint = did_you_mean(parent, raw)
-            known = ", ".join(sorted(raw)) or "(none)"
-            problems.add(
-                f"extends unknown policy {parent!r}{hint}; known policies: {known}",
-                key=key,
-                origin=doc.origin(key),
-            )
-            return None
-        chain.append(parent)
-        current = raw[parent]
-        bodies.append(current)
-    merged: dict[str, Any] = {}
-    for body in reversed(bodies):
-        merged = _deep_merge(merged, {k: v for k, v in body.items() if k != "extends"})
-    chains[name] = chain
-    return merged
+    raw: Mapping[str, dict[str, Any]], doc: _Document, problems: _Problems
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """
+    Merge every policy with its ``extends`` chain; returns the merged bodies (in
+    the file's order) and each policy's parent.
+
+    Each policy is merged once, onto its already merged parent, so a chain of
+    *n* policies costs *n* merges. A policy whose chain is broken (a cycle, an
+    unknown or malformed parent) is reported once, at the key that breaks it.
+    """
+    resolved: dict[str, dict[str, Any]] = {}
+    parents: dict[str, str] = {}
+    failed: set[str] = set()
+    for start in raw:
+        if start in resolved or start in failed:
+            continue
+        walk: list[str] = []
+        on_walk: set[str] = set()
+        name = start
+        base: dict[str, Any] | None
+        while True:
+            walk.append(name)
+            on_walk.add(name)
+            body = raw[name]
+            if "extends" not in body:
+                base = {}
+                break
+            parent = body["extends"]
+            key = ("policies", name, "extends")
+            if not isinstance(parent, str):
+                problems.add("'extends' must name one policy", key=key, origin=doc.origin(key))
+                base = None
+                break
+            if parent in on_walk:
+                cycle = " -> ".join([*walk[walk.index(parent) :], parent])
+                problems.add(f"'extends' forms a cycle: {cycle}", key=key, origin=doc.origin(key))
+                base = None
+                break
+            if parent not in raw:
+                hint = did_you_mean(parent, raw)
+                known = ", ".join(sorted(raw)) or "(none)"
+                problems.add(
+                    f"extends unknown policy {parent!r}{hint}; known policies: {known}",
+                    key=key,
+                    origin=doc.origin(key),
+                )
+                base = None
+                break
+            parents[name] = parent
+            if parent in resolved:
+                base = resolved[parent]
+                break
+            if parent in failed:
+                base = None
+                break
+            name = parent
+        if base is None:
+            failed.update(walk)
+            continue
+        for name in reversed(walk):
+            base = _deep_merge(base, {k: v for k, v in raw[name].items() if k != "extends"})
+            resolved[name] = base
+    return {name: resolved[name] for name in raw if name in resolved}, parents
 
 
 # --------------------------------------------------------------------------- environment
 
 
-def _parse_env_value(value: str) -> Any:
-    import yaml
+def _annotation_of(spec: Any) -> Any:
+    """A type, ``Annotated[...]``, or a pydantic field (its type and constraints)."""
+    if isinstance(spec, FieldInfo):
+        if spec.metadata:
+            return typing.Annotated[(spec.annotation, *spec.metadata)]
+        return spec.annotation
+    return spec
 
+
+_ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
+
+
+def _adapter(annotation: Any) -> TypeAdapter[Any]:
     try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value
+        adapter = _ADAPTERS.get(annotation)
+    except TypeError:  # unhashable annotation: no cache
+        return TypeAdapter(annotation)
+    if adapter is None:
+        adapter = _ADAPTERS[annotation] = TypeAdapter(annotation)
+    return adapter
+
+
+def _parse_env(raw: str, annotation: Any) -> Any:
+    """
+    The value of an environment variable as the type *annotation* expects it.
+
+    The text is tried as it is first (``"5"`` for a number, ``"yes"`` for a
+    boolean, ``"redis://..."`` for a string), then as YAML (``"[A, B]"``,
+    ``"{...}"``, ``"null"``). A YAML boolean is never taken for a number.
+
+    Raises:
+        ValueError: The text is not a valid value; the message says why.
+    """
+    adapter = _adapter(_annotation_of(annotation))
+    text = raw.strip()
+    try:
+        return adapter.validate_python(text)
+    except ValidationError as exc:
+        first = exc
+    try:
+        parsed: Any = _read_yaml(text, "<environment>")[0]
+    except PolicyError:
+        parsed = text  # not YAML either: the first error says best what is wrong
+    if isinstance(parsed, str | bool):
+        raise ValueError(_validation_text(first)) from None
+    try:
+        return adapter.validate_python(parsed)
+    except ValidationError as exc:
+        raise ValueError(_validation_text(exc)) from None
+
+
+def _validation_text(exc: ValidationError) -> str:
+    texts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        message = str(err["msg"]).removeprefix("Value error, ")
+        texts.append(f"{loc}: {message}" if loc else message)
+    return "; ".join(texts)
+
+
+def parse_env_value(var: str, raw: str, annotation: Any, *, secret: bool = False) -> Any:
+    """
+    Parse the environment variable *var* (its text *raw*) as *annotation* expects.
+
+    *annotation* is a type (``int``, ``float | None``), an ``Annotated`` type with
+    constraints, or a pydantic field (``Model.model_fields["name"]``, whose
+    constraints apply too). Numbers never accept booleans. With *secret*, the
+    value is left out of the message.
+
+    Raises:
+        PolicyError: The value is invalid; the message names *var*.
+    """
+    try:
+        return _parse_env(raw, annotation)
+    except ValueError as exc:
+        shown = "" if secret else f" (got {_short(raw)})"
+        source = f"environment variable {var}"
+        raise PolicyError(f"{source}: {exc}{shown}", source=source, key=var) from None
 
 
 def _env_bool(value: str) -> bool | None:
@@ -501,55 +789,108 @@ def _apply_env(
         value = env.get(var)
         if value is None or value.strip() == "":
             continue
+        origin: Origin = (f"environment variable {var}", None)
         if field is None:
             enabled = _env_bool(value)
             if enabled is None:
-                problems.add(
-                    f"expected true or false, got {value!r}",
-                    origin=(f"environment variable {var}", None),
-                )
+                problems.add(f"expected true or false, got {_short(value)}", origin=origin)
                 continue
             if not enabled:
                 for body in policies.values():
                     body.pop(section, None)
             continue
+        section_model = _nested_model(Policy.model_fields[section].annotation)
+        assert section_model is not None
+        try:
+            parsed = _parse_env(value, section_model.model_fields[field])
+        except ValueError as exc:
+            problems.add(f"{exc} (got {_short(value)})", origin=origin)
+            continue
         for name, body in policies.items():
             if isinstance(body.get(section), Mapping):
-                body[section] = {**body[section], field: _parse_env_value(value)}
+                body[section] = {**body[section], field: parsed}
                 origins[(name, (section, field))] = var
 
-    by_env_name = {_env_name(name): name for name in policies}
+    by_env_name: dict[str, list[str]] = {}
+    for name in policies:
+        by_env_name.setdefault(_env_name(name), []).append(name)
     for var in sorted(env):
-        if not var.startswith(_ENV_POLICY_PREFIX):
-            continue
-        parts = var[len(_ENV_POLICY_PREFIX) :].split("__")
-        origin: Origin = (f"environment variable {var}", None)
-        if len(parts) < 2 or not all(parts):
-            problems.add(
-                f"expected {_ENV_POLICY_PREFIX}<POLICY>__<SECTION>[__<FIELD>], got {var}",
-                origin=origin,
-            )
-            continue
-        policy_key, *path = parts
-        policy_name = by_env_name.get(policy_key.upper())
-        if policy_name is None:
-            close = difflib.get_close_matches(policy_key.upper(), list(by_env_name), n=1)
-            hint = f" (did you mean '{by_env_name[close[0]]}'?)" if close else ""
-            known = ", ".join(sorted(policies)) or "(none)"
-            problems.add(
-                f"names unknown policy {policy_key.lower()!r}{hint}; known policies: {known}",
-                origin=origin,
-            )
-            continue
-        keys = [p.lower() for p in path]
-        target: dict[str, Any] = policies[policy_name]
-        for key in keys[:-1]:
-            child = target.get(key)
-            child = dict(child) if isinstance(child, Mapping) else {}
-            target[key] = child
-            target = child
-        target[keys[-1]] = _parse_env_value(env[var])
-        origins[(policy_name, tuple(keys))] = var
+        if var.startswith(_ENV_POLICY_PREFIX):
+            _apply_policy_var(var, env[var], policies, by_env_name, origins, problems)
+
+
+def _apply_policy_var(
+    var: str,
+    value: str,
+    policies: dict[str, dict[str, Any]],
+    by_env_name: Mapping[str, list[str]],
+    origins: dict[tuple[str, Path_], str],
+    problems: _Problems,
+) -> None:
+    """Apply one ``RESILIENCE_POLICY__<NAME>__<SECTION>[__<FIELD>...]`` variable."""
+    parts = var[len(_ENV_POLICY_PREFIX) :].split("__")
+    origin: Origin = (f"environment variable {var}", None)
+    if len(parts) < 2 or not all(parts):
+        problems.add(
+            f"expected {_ENV_POLICY_PREFIX}<POLICY>__<SECTION>[__<FIELD>], got {var}",
+            origin=origin,
+        )
+        return
+    policy_key, *path = parts
+    names = by_env_name.get(policy_key.upper(), [])
+    if len(names) > 1:
+        both = " and ".join(repr(n) for n in sorted(names))
+        problems.add(
+            f"policies {both} both map to {policy_key.upper()!r} in environment variable "
+            "names, so the override is ambiguous; rename one of them",
+            origin=origin,
+        )
+        return
+    if not names:
+        hint = did_you_mean(policy_key, policies)
+        known = ", ".join(sorted(policies)) or "(none)"
+        problems.add(
+            f"names unknown policy {policy_key.lower()!r}{hint}; known policies: {known}",
+            origin=origin,
+        )
+        return
+    policy_name = names[0]
+    keys = [p.lower() for p in path]
+    model: type[BaseModel] = Policy
+    field: FieldInfo | None = None
+    for depth, key in enumerate(keys):
+        field = model.model_fields.get(key)
+        where = ".".join(keys[: depth + 1])
+        if field is None:
+            hint = did_you_mean(key, model.model_fields)
+            problems.add(f"unknown key {where!r}{hint}", origin=origin)
+            return
+        nested = _nested_model(field.annotation)
+        if depth < len(keys) - 1:
+            if nested is None:
+                problems.add(
+                    f"{where!r} is a value, not a section: it has no key {keys[depth + 1]!r}",
+                    origin=origin,
+                )
+                return
+            model = nested
+    assert field is not None
+    try:
+        parsed = _parse_env(value, field)
+    except ValueError as exc:
+        problems.add(f"{exc} (got {_short(value)})", origin=origin)
+        return
+    if isinstance(parsed, BaseModel):
+        # A whole section: keep what was given, so later variables can add fields to it.
+        parsed = parsed.model_dump(exclude_unset=True)
+    target: dict[str, Any] = policies[policy_name]
+    for key in keys[:-1]:
+        child = target.get(key)
+        child = dict(child) if isinstance(child, Mapping) else {}
+        target[key] = child
+        target = child
+    target[keys[-1]] = parsed
+    origins[(policy_name, tuple(keys))] = var
 
 
 def _env_name(policy_name: str) -> str:
@@ -563,21 +904,20 @@ class PolicyRegistry:
     """
     Name -> :class:`Policy`, replaced atomically as a whole.
 
-    ``generation`` goes up on every replacement; compiled pipelines remember the
-    generation they were built for and rebuild when it changes, so the warm call
-    path costs one integer comparison.
+    Every replacement calls :attr:`on_change`; the runtime
+    (:mod:`resilient.runtime`) sets it to its ``touch``, so compiled pipelines
+    rebuild at their next call.
     """
 
-    __slots__ = ("_explicit", "_lock", "_policies", "_source", "fleet", "generation")
+    __slots__ = ("_lock", "_policies", "_source", "fleet", "on_change")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._policies: Mapping[str, Policy] | None = None
         self._source = "<not loaded>"
-        self._explicit = False
-        self.generation = 0
         #: ``redis_url``/``backend`` of the policy file (resilient.backends), or None
         self.fleet: BackendConfig | None = None
+        self.on_change: Callable[[], None] = _nothing
 
     @property
     def source(self) -> str:
@@ -589,43 +929,48 @@ class PolicyRegistry:
         """Whether policies were loaded (explicitly or by discovery)."""
         return self._policies is not None
 
-    def replace(
-        self, policies: Mapping[str, Policy], source: str, *, explicit: bool = True
-    ) -> None:
+    def replace(self, policies: Mapping[str, Policy], source: str) -> None:
         """Swap in a new set of policies; pipelines rebuild on their next call."""
-        with self._lock:
-            self._policies = dict(policies)
-            self.fleet = getattr(policies, "fleet", None)
-            self._source = source
-            self._explicit = explicit
-            self.generation += 1
+        self.set_contents(dict(policies), source, getattr(policies, "fleet", None))
 
     def touch(self) -> None:
         """Make every pipeline rebuild at its next call (policies unchanged)."""
-        with self._lock:
-            self.generation += 1
+        self.on_change()
 
     def clear(self) -> None:
         """Forget every policy; the next look-up discovers files again."""
+        self.set_contents(None, "<not loaded>", None)
+
+    def contents(self) -> tuple[Mapping[str, Policy] | None, str, BackendConfig | None]:
+        """``(policies or None, source, fleet settings)``, for :meth:`set_contents`."""
         with self._lock:
-            self._policies = None
-            self.fleet = None
-            self._source = "<not loaded>"
-            self._explicit = False
-            self.generation += 1
+            return self._policies, self._source, self.fleet
+
+    def set_contents(
+        self, policies: Mapping[str, Policy] | None, source: str, fleet: BackendConfig | None
+    ) -> None:
+        """Put back what :meth:`contents` returned (``None``: not loaded)."""
+        with self._lock:
+            self._policies = policies
+            self._source = source
+            self.fleet = fleet
+        self.on_change()
 
     def policies(self) -> Mapping[str, Policy]:
         """All policies, discovering the policy file first if none was loaded."""
         current = self._policies
         if current is None:
             with self._lock:
-                if self._policies is None:
+                found = self._policies is None
+                if found:
                     policies, source = discover()
                     self._policies = policies
                     self.fleet = getattr(policies, "fleet", None)
                     self._source = source
-                    self.generation += 1
                 current = self._policies
+                assert current is not None
+            if found:
+                self.on_change()
         return current
 
     def get(self, name: str) -> Policy:
@@ -645,6 +990,10 @@ class PolicyRegistry:
         return policy
 
 
+def _nothing() -> None:
+    pass
+
+
 registry = PolicyRegistry()
 
 
@@ -657,10 +1006,11 @@ def load_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None) ->
     file = Path(path)
     source = str(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        content = file.read_bytes()
     except OSError as exc:
         msg = f"{source}: cannot read policy file: {exc.strerror or exc}"
         raise PolicyError(msg, source=source) from None
+    text = _decode(content, source)
     if file.name == "pyproject.toml" or file.suffix == ".toml":
         import tomllib
 
@@ -669,7 +1019,11 @@ def load_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None) ->
         except tomllib.TOMLDecodeError as exc:
             msg = f"{source}: invalid TOML: {exc}"
             raise PolicyError(msg, source=source) from None
-        section = data.get("tool", {}).get("resilient")
+        except (ValueError, RecursionError) as exc:  # huge integers, absurd nesting
+            msg = f"{source}: invalid TOML: {type(exc).__name__}: {exc}"
+            raise PolicyError(msg, source=source) from None
+        tool = data.get("tool")
+        section = tool.get("resilient") if isinstance(tool, Mapping) else None
         if section is None:
             msg = f"{source}: no [tool.resilient] table"
             raise PolicyError(msg, source=source)
@@ -680,11 +1034,26 @@ def load_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None) ->
     return parse_policies(data, source=source, lines=lines, env=env)
 
 
+def _decode(content: bytes, source: str) -> str:
+    """The file's text; a file that is not UTF-8 is a PolicyError naming line and column."""
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = content.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (content.rfind(b"\n", 0, exc.start) + 1) + 1
+        byte = content[exc.start : exc.start + 1].hex()
+        msg = (
+            f"{source}:{line}: the file is not UTF-8 text: byte 0x{byte} at column {column} "
+            "(save the file as UTF-8)"
+        )
+        raise PolicyError(msg, source=source, line=line) from None
+
+
 def discover(
     env: Mapping[str, str] | None = None, *, apply_env: bool = True
 ) -> tuple[dict[str, Policy], str]:
     """
-    Find and load the policy file the way DESIGN §4 orders the sources:
+    Find and load the policy file in the order docs/policies.md gives:
     ``RESILIENCE_POLICY_FILE``, ``./resilience.yaml`` (or ``.yml``),
     ``[tool.resilient]`` in ``./pyproject.toml``, else the built-in ``default``.
     With *apply_env* false, ``RESILIENCE_*`` overrides are not applied (the

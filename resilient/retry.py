@@ -135,12 +135,13 @@ class _DecorrelatedJitter(_wait.wait_base):
 def build_wait(cfg: RetryConfig, rate: Callable[[], float] | None = None) -> _wait.wait_base:
     """The tenacity wait object for a retry section (delays in seconds)."""
     base, cap = cfg.base_delay, cfg.max_delay
-    if cfg.jitter == "decorrelated":
+    jitter = cfg.jitter_kind
+    if jitter == "decorrelated":
         return _DecorrelatedJitter(base, cap)
     strategy = cfg.strategy
     inner: _wait.wait_base
     if strategy in (RetryStrategy.EXPONENTIAL_BACKOFF, RetryStrategy.ADAPTIVE):
-        if cfg.jitter == "full" and strategy is RetryStrategy.EXPONENTIAL_BACKOFF:
+        if jitter == "full" and strategy is RetryStrategy.EXPONENTIAL_BACKOFF:
             return _wait.wait_random_exponential(multiplier=base, max=cap, exp_base=cfg.multiplier)
         inner = _wait.wait_exponential(multiplier=base, max=cap, exp_base=cfg.multiplier)
         if strategy is RetryStrategy.ADAPTIVE:
@@ -151,9 +152,9 @@ def build_wait(cfg: RetryConfig, rate: Callable[[], float] | None = None) -> _wa
         inner = _WaitFibonacci(base, cap)
     else:
         inner = _wait.wait_fixed(min(base, cap))
-    if cfg.jitter == "full":
+    if jitter == "full":
         return _FullJitter(inner)
-    if cfg.jitter == "equal":
+    if jitter == "equal":
         return _EqualJitter(inner)
     return inner
 
@@ -164,7 +165,7 @@ def _build_retry(cfg: RetryConfig) -> tenacity.retry_base:
         cfg.retry_on
     ) & tenacity.retry_if_not_exception_type(RejectedError)
     if rejections:
-        # Rejections are only retried when named explicitly (DESIGN §3).
+        # Rejections are only retried when named explicitly (docs/retries.md).
         predicate = predicate | tenacity.retry_if_exception_type(rejections)
     if cfg.retry_if_exception is not None:
         predicate = predicate | tenacity.retry_if_exception(cfg.retry_if_exception)
@@ -181,14 +182,14 @@ class RetryPlan:
     pipeline calls after each failed (or rejected-by-predicate) attempt.
     """
 
-    __slots__ = ("checks_result", "max_attempts", "rate", "retry", "stop", "total", "wait")
+    __slots__ = ("checks_result", "max_attempts", "retry", "stop", "wait")
 
     def __init__(
         self, cfg: RetryConfig, *, total: float | None, rate: Callable[[], float] | None = None
     ) -> None:
+        # *total* and *rate* are consumed here (the stop rule, the ADAPTIVE wait),
+        # not kept: nothing reads them afterwards.
         self.max_attempts = cfg.max_attempts
-        self.total = total
-        self.rate = rate
         self.wait = build_wait(cfg, rate)
         stop: _stop.stop_base = _stop.stop_after_attempt(cfg.max_attempts)
         if total is not None:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from email.utils import format_datetime
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 
 import pytest
+from conftest import Sleeps, load
 
 import resilient
 from resilient.events import CallRejected, RetriesExhausted, RetryScheduled, subscribe
-
-from conftest import Sleeps, load
-
 
 RETRY = {"max_attempts": 3, "base_delay": 0.5, "jitter": False, "strategy": "constant"}
 
@@ -195,7 +193,7 @@ class TestCoroutinesWhereValuesBelong:
         def f() -> str:
             raise ConnectionError
 
-        with pytest.raises(TypeError, match="fallback .* returned a coroutine"):
+        with pytest.raises(TypeError, match=r"fallback .* returned a coroutine"):
             f()
 
 
@@ -215,9 +213,7 @@ def test_one_note_per_exception_however_often_it_is_raised(sleeps: Sleeps) -> No
 
 def test_a_new_equal_policy_per_call_shares_one_breaker() -> None:
     def fresh() -> resilient.Policy:
-        return resilient.Policy(
-            circuit_breaker=resilient.CircuitBreakerConfig(failure_threshold=3)
-        )
+        return resilient.Policy(circuit_breaker=resilient.CircuitBreakerConfig(failure_threshold=3))
 
     for _ in range(2000):
         resilient.call(fresh(), lambda: 1)

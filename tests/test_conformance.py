@@ -24,6 +24,7 @@ import resilient
 from resilient.bulkhead import get_bulkhead
 from resilient.events import CallRejected, Event, subscribe
 from resilient.manager import ResilienceManager
+from resilient.pipeline import LANE_BREAKER, LANE_FULL, LANE_SINGLE
 from resilient.runtime import runtime
 
 # --------------------------------------------------------------------------- forms
@@ -154,8 +155,10 @@ def _state() -> dict[str, Any]:
     return state
 
 
+# No retries and no default time budgets: the decorator then takes its fast lanes
+# (breaker lane, single-attempt lane), which are checked here against the engine.
 POLICY: dict[str, Any] = {
-    "retry": {"max_attempts": 1},
+    "retry": {"max_attempts": 1, "timeout": None, "per_attempt_timeout": None},
     "circuit_breaker": {"failure_threshold": 5, "timeout_seconds": 30},
 }
 
@@ -167,8 +170,11 @@ def _load(**sections: Any) -> None:
 
 
 async def _start_manager() -> None:
+    # metrics off: a call observer would send every form down the full lane
     manager = ResilienceManager(
-        resilient.ResilienceConfig(prometheus_enabled=False, logging_enabled=False)
+        resilient.ResilienceConfig(
+            metrics_enabled=False, prometheus_enabled=False, logging_enabled=False
+        )
     )
     await manager.initialize()
     await manager.register_service("p", policy="p")
@@ -390,6 +396,15 @@ EXPECTED = {
 @pytest.mark.parametrize("situation", ASYNC_SITUATIONS, ids=lambda s: s.name)
 async def test_the_reference_is_right(situation: Situation) -> None:
     """The decorator's answer is the documented one (so agreeing with it means something)."""
+    expected_lane = {
+        "closed": LANE_BREAKER,
+        "failing": LANE_BREAKER,
+        "open breaker": LANE_BREAKER,
+        "half-open, trial permits taken": LANE_BREAKER,
+        "total timeout": LANE_FULL,
+    }.get(situation.name, LANE_SINGLE)
+    _load(**situation.sections)
+    assert resilient.resilient("p")(lambda: 1).__resilient_handle__.get().lane == expected_lane
     seen = await _run_async_form(_decorator_async, situation, body_sync=False)
     outcome, calls, events = EXPECTED[situation.name]
     assert (seen.outcome, seen.calls, seen.events) == (outcome, calls, events)

@@ -58,3 +58,21 @@ def test_pickle_round_trip(error: ResilienceError) -> None:
     if isinstance(error, RejectedError):
         assert isinstance(copy, RejectedError)
         assert copy.retry_after == error.retry_after
+
+
+@pytest.mark.parametrize(
+    ("word", "options", "expected"),
+    [
+        pytest.param("failure_treshold", ["failure_threshold", "timeout"], "failure_threshold"),
+        pytest.param("BROKR", ["broker", "default"], "broker", id="case-insensitive"),
+        pytest.param("CircuitOpenErorr", ["CircuitOpenError", "KeyError"], "CircuitOpenError"),
+        pytest.param("zzz", ["broker", "default"], None, id="nothing-close"),
+        pytest.param("x", [], None, id="no-options"),
+    ],
+)
+def test_did_you_mean(word: str, options: list[str], expected: str | None) -> None:
+    """One did-you-mean helper: the closest option as spelt, or nothing."""
+    from resilient.errors import did_you_mean
+
+    hint = did_you_mean(word, options)
+    assert hint == (f" (did you mean '{expected}'?)" if expected else "")

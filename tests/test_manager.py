@@ -450,6 +450,7 @@ class TestStatus:
             "environment",
             "version",
             "backend",
+            "backend_status",
             "state",
             "started_at",
             "uptime_seconds",
@@ -528,3 +529,83 @@ class TestEvents:
         resilient.events.bus.emit(BreakerStateChanged("other", "closed", "open"))
         resilient.events.bus.emit(RetryScheduled("other", "f", 1, 0.1, "E"))
         assert manager.retry_managers["db"].get_metrics()["retries_scheduled"] == 0
+
+
+class TestSharedCounts:
+    async def test_decorated_calls_of_the_service_name_are_counted(
+        self, manager: ResilienceManager, sleeps: Sleeps
+    ) -> None:
+        """@resilient(..., name="svc") calls show in service "svc"'s calls and retries."""
+        resilient.load_policies(
+            {"version": 1, "policies": {"p": {"retry": {"max_attempts": 2, "base_delay": 0.01}}}}
+        )
+        await manager.register_service("svc", policy="p")
+
+        @resilient.resilient("p", name="svc")
+        async def fetch(fail: bool) -> int:
+            if fail:
+                raise ConnectionError
+            return 1
+
+        @resilient.resilient("p", name="svc")
+        def fetch_sync() -> int:
+            return 2
+
+        assert await fetch(False) == 1
+        with pytest.raises(ConnectionError):
+            await fetch(True)
+        assert fetch_sync() == 2
+        async with manager.resilient_call("svc", "block"):
+            pass
+        calls = manager.get_service_status("svc")["calls"]
+        assert (calls["total"], calls["success"], calls["failure"]) == (4, 3, 1)
+        retry = manager.retry_managers["svc"].get_metrics()
+        assert (retry["retries_scheduled"], retry["exhausted_by_reason"]) == (1, {"attempts": 1})
+        assert retry["total_delay"] > 0
+
+    async def test_two_managers_read_the_same_counts(self, manager: ResilienceManager) -> None:
+        """Counts belong to the name, not to a manager: nothing is counted twice or apart."""
+        await manager.register_service("db", DB())
+        async with ResilienceManager(ResilienceConfig(logging_enabled=False)) as other:
+            await other.register_service("db", DB())
+            async with manager.resilient_call("db"):
+                pass
+            with pytest.raises(ValueError):
+                async with other.resilient_call("db"):
+                    raise ValueError("bad")
+            for m in (manager, other):
+                calls = m.get_service_status("db")["calls"]
+                assert (calls["total"], calls["success"], calls["failure"]) == (2, 1, 1)
+                assert calls["last_error_type"] == "ValueError"
+
+
+class TestLastErrorType:
+    async def test_last_error_type_of_call_and_of_the_decorator(
+        self, manager: ResilienceManager, sleeps: Sleeps
+    ) -> None:
+        db = DB()
+        await manager.register_service("db", db, {"max_retry_attempts": 1})
+        db.failing = LookupError()
+        with pytest.raises(LookupError):
+            await manager.call("db", "query", "x")
+        assert manager.get_service_status("db")["calls"]["last_error_type"] == "LookupError"
+
+        @resilient.resilient(resilient.Policy(), name="db")
+        def direct() -> None:
+            raise KeyError("k")
+
+        with pytest.raises(KeyError):
+            direct()
+        assert manager.get_service_status("db")["calls"]["last_error_type"] == "KeyError"
+
+
+def test_a_bad_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESILIENCE_HEALTH_CHECK_INTERVAL", "-5")
+    with pytest.raises(resilient.PolicyError, match="RESILIENCE_HEALTH_CHECK_INTERVAL"):
+        resilient.ResilienceConfig()
+    monkeypatch.setenv("RESILIENCE_HEALTH_CHECK_INTERVAL", "5")
+    monkeypatch.setenv("RESILIENCE_REDIS_URL", "redis://:hunter2@localhost:99999")
+    with pytest.raises(resilient.PolicyError) as caught:
+        resilient.ResilienceConfig()
+    assert "RESILIENCE_REDIS_URL" in str(caught.value)
+    assert "hunter2" not in str(caught.value)

@@ -16,16 +16,25 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 import resilient
 from resilient import metrics
-from resilient.events import BackendDown, BackendUp, ChaosInjected, HealthChanged, bus
+from resilient.events import (
+    BackendDown,
+    BackendUp,
+    ChaosInjected,
+    HealthChanged,
+    RetryScheduled,
+    bus,
+)
 from resilient.runtime import runtime
 
 
 @pytest.fixture(autouse=True)
 def _metrics_off() -> Iterator[None]:
     metrics.disable()
+    holders = metrics.statistics.holders
     yield
     metrics.disable()
     resilient.bulkhead_manager.reset()
+    assert metrics.statistics.holders == holders, "the test left the shared counters held"
 
 
 @pytest.fixture(name="registry")
@@ -275,6 +284,169 @@ class TestLifecycle:
                 pass
         assert metrics.active() is mine
         assert value(registry, "resilient_calls_total", policy="database", outcome="success") == 1
+
+
+class TestSharedCounts:
+    """One set of per-policy counters (metrics.statistics) for Prometheus and the manager."""
+
+    async def test_manager_and_prometheus_report_the_same_counts(
+        self, registry: CollectorRegistry, sleeps: Sleeps
+    ) -> None:
+        """The same calls give the same numbers in the status and in the exposition."""
+        config = resilient.ResilienceConfig(logging_enabled=False)
+        async with resilient.ResilienceManager(config) as manager:
+            await manager.register_service(
+                "svc",
+                policy=resilient.Policy(
+                    retry=resilient.RetryConfig(max_attempts=3, base_delay=0.01),
+                    circuit_breaker=resilient.CircuitBreakerConfig(failure_threshold=10),
+                ),
+            )
+            runs = 0
+
+            async def flaky() -> int:
+                nonlocal runs
+                runs += 1
+                if runs == 1:
+                    raise ConnectionError
+                return 1
+
+            async def broken() -> None:
+                raise ConnectionError("down")
+
+            assert await manager.call("svc", flaky) == 1  # one retry, then success
+            with pytest.raises(ConnectionError):
+                await manager.call("svc", broken)  # two retries, exhausted
+            async with manager.resilient_call("svc", "block"):
+                pass
+            with pytest.raises(KeyError):
+                async with manager.resilient_call("svc", "block"):
+                    raise KeyError("x")
+            manager.circuit_breakers["svc"].force_open()
+            with pytest.raises(resilient.CircuitOpenError):
+                async with manager.resilient_call("svc", "block"):
+                    pass
+
+            status = manager.get_service_status("svc")
+            calls, retry = status["calls"], status["retry"]
+            for outcome in ("failure", "rejected", "timeout", "cancelled"):
+                exported = value(registry, "resilient_calls_total", policy="svc", outcome=outcome)
+                assert calls[outcome] == exported, outcome
+            assert calls["success"] == 2
+            assert value(registry, "resilient_calls_total", policy="svc", outcome="success") == 2
+            assert (calls["failure"], calls["rejected"]) == (2, 1)
+            total = value(registry, "resilient_call_duration_seconds_count", policy="svc")
+            assert calls["total"] == total == 5
+            duration = value(registry, "resilient_call_duration_seconds_sum", policy="svc")
+            assert calls["average_duration"] * 5 == pytest.approx(duration)
+            assert calls["last_error_type"] == "CircuitOpenError"
+            assert calls["last_failure_at"] is not None
+            assert retry["retries_scheduled"] == 3
+            assert value(registry, "resilient_retry_attempts_total", policy="svc") == 3
+            assert retry["exhausted_by_reason"] == {"attempts": 1}
+            assert (
+                value(
+                    registry, "resilient_retries_exhausted_total", policy="svc", reason="attempts"
+                )
+                == 1
+            )
+            assert retry["last_error_type"] == "ConnectionError"
+            assert value(registry, "resilient_circuit_breaker_rejections_total", policy="svc") == 1
+
+    async def test_fallbacks_count_as_success_in_the_status(
+        self, registry: CollectorRegistry
+    ) -> None:
+        """A fallback answer: "fallback" in Prometheus, success + fallbacks in the status."""
+        load(fb={"fallback": {"value": "cached", "on": ["KeyError"]}})
+
+        @resilient.resilient("fb", name="svc")
+        async def missing() -> str:
+            raise KeyError
+
+        config = resilient.ResilienceConfig(logging_enabled=False)
+        async with resilient.ResilienceManager(config) as manager:
+            await manager.register_service("svc", policy="fb")
+            assert await missing() == "cached"
+            calls = manager.get_service_status("svc")["calls"]
+            assert (calls["total"], calls["success"], calls["fallbacks"]) == (1, 1, 1)
+            assert calls["last_failure_at"] is None
+        assert value(registry, "resilient_calls_total", policy="svc", outcome="fallback") == 1
+
+    async def test_counts_are_kept_while_anyone_holds_them(self) -> None:
+        """A manager alone keeps the counters; the last holder to leave unhooks and forgets them."""
+        load(db={"circuit_breaker": {}})
+
+        @resilient.resilient("db")
+        def ok() -> int:
+            return 1
+
+        config = resilient.ResilienceConfig(logging_enabled=False)
+        assert runtime.observer_factory is None
+        async with resilient.ResilienceManager(config) as first:
+            assert runtime.observer_factory == metrics.statistics.observer_for
+            await first.register_service("db")
+            ok()
+            async with resilient.ResilienceManager(config):
+                ok()
+            assert metrics.statistics.retained  # the first manager still holds them
+            ok()
+            assert first.get_service_status("db")["calls"]["success"] == 3
+        assert runtime.observer_factory is None
+        assert not metrics.statistics.retained
+        assert metrics.statistics.counts("db").total == 0
+
+        off = resilient.ResilienceConfig(logging_enabled=False, metrics_enabled=False)
+        async with resilient.ResilienceManager(off) as manager:
+            await manager.register_service("db")
+            assert runtime.observer_factory is None  # nothing to count for
+            assert "calls" not in manager.get_service_status("db")
+
+    async def test_a_manager_leaving_does_not_reset_the_export(
+        self, registry: CollectorRegistry
+    ) -> None:
+        """Prometheus keeps counting, from the same totals, when a manager closes."""
+        load(db={"circuit_breaker": {}})
+
+        @resilient.resilient("db")
+        def ok() -> int:
+            return 1
+
+        ok()
+        config = resilient.ResilienceConfig(logging_enabled=False)
+        async with resilient.ResilienceManager(config) as manager:
+            await manager.register_service("db")
+            ok()
+            assert manager.get_service_status("db")["calls"]["success"] == 2
+        ok()
+        assert value(registry, "resilient_calls_total", policy="db", outcome="success") == 3
+
+    def test_events_alone_make_no_call_series(self, registry: CollectorRegistry) -> None:
+        """A policy known only from events gets its event counters, not six zero call series."""
+        bus.emit(RetryScheduled("other", "f", 1, 0.25, "ConnectionError"))
+        assert value(registry, "resilient_retry_attempts_total", policy="other") == 1
+        assert value(registry, "resilient_calls_total", policy="other", outcome="success") is None
+        assert metrics.statistics.counts("other").retry_delay == 0.25
+
+    def test_custom_buckets(self) -> None:
+        """enable(buckets=...) sets the histogram's bounds; the default ones come back after."""
+        load(db={"circuit_breaker": {}})
+
+        @resilient.resilient("db")
+        def ok() -> int:
+            return 1
+
+        registry = CollectorRegistry()
+        metrics.enable(registry=registry, buckets=(0.5, 2.0))
+        ok()
+        bucket = "resilient_call_duration_seconds_bucket"
+        assert value(registry, bucket, policy="db", le="0.5") == 1
+        assert value(registry, bucket, policy="db", le="+Inf") == 1
+        assert value(registry, bucket, policy="db", le="0.005") is None
+        metrics.disable()
+        metrics.enable(registry=registry)
+        ok()
+        assert value(registry, bucket, policy="db", le="0.005") == 1
+        assert value(registry, bucket, policy="db", le="0.5") == 1
 
 
 def _free_port() -> int:

@@ -58,8 +58,9 @@ class TestDefaults:
             rc.strategy,
             rc.timeout,
             rc.per_attempt_timeout,
-        ) == (3, 1.0, 60.0, 2.0, "full", RetryStrategy.EXPONENTIAL_BACKOFF, 60.0, 30.0)
-        assert rc.retry_on == (ConnectionError, TimeoutError, OSError)
+        ) == (3, 1.0, 60.0, 2.0, True, RetryStrategy.EXPONENTIAL_BACKOFF, 60.0, 30.0)
+        assert rc.jitter is True
+        assert rc.retry_on[:3] == (ConnectionError, TimeoutError, OSError)
 
     def test_strategy_members(self) -> None:
         """All five strategies exist, and YAML spellings in any case map onto them."""
@@ -183,11 +184,13 @@ class TestLoading:
     def test_reload_replaces_atomically(self, tmp_path: Path) -> None:
         """A bad file leaves the active policies untouched."""
         resilient.load_policies(write(tmp_path, GOOD))
-        generation = registry.generation
+        broker = resilient.get_policy("broker")
+        source = registry.source
         bad = write(tmp_path, "version: 1\npolicies:\n  x: {retry: {max_attempts: 0}}\n", "b.yaml")
         with pytest.raises(PolicyError):
             resilient.load_policies(bad)
-        assert registry.generation == generation
+        assert registry.source == source
+        assert resilient.get_policy("broker") is broker
         assert resilient.policy_names() == ["broker", "default"]
 
     def test_empty_file(self, tmp_path: Path) -> None:

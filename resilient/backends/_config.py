@@ -19,9 +19,16 @@ import re
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["BackendConfig", "OnBackendFailure", "redact_url", "split_cluster"]
+__all__ = [
+    "BackendConfig",
+    "OnBackendFailure",
+    "RedisUrl",
+    "redact_url",
+    "split_cluster",
+    "valid_redis_url",
+]
 
 OnBackendFailure = Literal["local", "open", "closed"]
 
@@ -118,6 +125,27 @@ def split_cluster(url: str, cluster: bool = False) -> tuple[str, bool]:
 
 
 @functools.lru_cache(maxsize=64)
+def valid_redis_url(value: str | None) -> str | None:
+    """
+    *value* stripped (``None`` for an empty one) after checking it is a Redis URL
+    redis-py can use; the one check behind every ``redis_url`` setting.
+
+    Raises:
+        ValueError: Not a usable Redis URL, or redis-py is not installed (the
+            message names the extra and never shows a password).
+    """
+    if value is not None:
+        value = value.strip()
+        if not value:
+            return None
+        _check_url(value)
+    return value
+
+
+#: A ``redis_url`` field: validated like :class:`BackendConfig`'s.
+RedisUrl = Annotated[str | None, AfterValidator(valid_redis_url)]
+
+
 def _check_url(url: str) -> None:
     """Raise ``ValueError`` (naming the redacted URL) unless redis-py can use *url*."""
     shown = redact_url(url)
@@ -214,12 +242,7 @@ class BackendConfig(BaseModel):
     @field_validator("redis_url")
     @classmethod
     def _valid_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            value = value.strip()
-            if not value:
-                return None
-            _check_url(value)
-        return value
+        return valid_redis_url(value)
 
     def __repr_args__(self):  # type: ignore[no-untyped-def]  # pydantic's own signature
         for key, value in super().__repr_args__():

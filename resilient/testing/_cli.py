@@ -65,10 +65,9 @@ def scenario_for(name: str, duration: float) -> Any:
         elif key == "healthy":
             built.append(sc.healthy())
         else:
-            import difflib
+            from resilient.errors import did_you_mean
 
-            close = difflib.get_close_matches(key, list(SCENARIOS), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(key, SCENARIOS)
             msg = f"unknown scenario {part!r}{hint}; built-in: {', '.join(SCENARIOS)}"
             raise ValueError(msg)
     return built[0] if len(built) == 1 else sc.compose(*built)
@@ -88,7 +87,8 @@ def _positive(text: str) -> float:
 
 def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``simulate`` command to *subparsers* (``parser.add_subparsers(...)``)."""
-    scenario_help = "; ".join(f"{k}: {v}" for k, v in SCENARIOS.items())
+    # argparse %-formats help texts: the scenarios' "30%" must be written "30%%".
+    scenario_help = "; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()).replace("%", "%%")
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "simulate",
         help="run a policy against a failure scenario in virtual time",
@@ -136,8 +136,8 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_simulate(args: argparse.Namespace) -> int:
     """Handler of ``resilient simulate``; returns the exit status."""
-    from resilient.errors import PolicyError
-    from resilient.policy import did_you_mean, load_file
+    from resilient.errors import PolicyError, did_you_mean
+    from resilient.policy import load_file
     from resilient.testing import simulate
 
     try:
