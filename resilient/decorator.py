@@ -33,6 +33,7 @@ from resilient.errors import RejectedError
 from resilient.events import bus
 from resilient.pipeline import (
     LANE_BREAKER,
+    LANE_DEADLINE,
     LANE_DIRECT,
     LANE_SINGLE,
     Pipeline,
@@ -41,6 +42,9 @@ from resilient.pipeline import (
 )
 from resilient.pipeline import outcome_of as _outcome_of
 from resilient.runtime import runtime
+from resilient.timeout import DONE as _DONE
+from resilient.timeout import FIRED as _FIRED
+from resilient.timeout import _QueueCache
 from resilient.timeout import settle as _settle_deadline
 
 __all__ = ["Attempt", "AttemptIterator", "acall", "acall_sync", "attempts", "call", "resilient"]
@@ -53,6 +57,7 @@ _admit_rest = _attempt.admit_rest
 _arm = _attempt.arm
 _settle = _attempt.settle
 _WAIT = _attempt.WAIT
+_current_task = asyncio.current_task
 _token = _attempt.token
 _since = _attempt.since
 
@@ -226,6 +231,22 @@ def resilient(
                         return await afn(*args, **kwargs)
                     except Exception as exc:
                         return await pipeline.run_async(afn, args, kwargs, exc)
+                if lane == LANE_DEADLINE:
+                    queues: _QueueCache = pipeline.per_attempt_queues  # type: ignore[assignment]
+                    task = _current_task()
+                    if task is None:  # a coroutine driven by hand: nothing to cancel
+                        return await afn(*args, **kwargs)
+                    entry = queues.arm(task)
+                    try:
+                        result = await afn(*args, **kwargs)
+                    except BaseException as exc:
+                        if _settle_deadline(entry, exc):
+                            raise _attempt.timeout_error(pipeline, "per_attempt") from None
+                        raise
+                    entry[_DONE] = True
+                    if entry[_FIRED]:
+                        _settle_deadline(entry, None)
+                    return result
                 if lane == LANE_BREAKER:
                     breaker: CircuitBreaker = pipeline.breaker  # type: ignore[assignment]
                     token = _token(pipeline) if bus.active else breaker.acquire()
@@ -264,14 +285,19 @@ def resilient(
         def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             generation, pipeline = handle.state
             if generation != runtime.generation or pipeline is None:
-                pipeline = handle.rebuild()
+                # The first call (and the first after a reload) takes the whole
+                # pipeline and checks that the function is really synchronous: a
+                # coroutine handed back is a TypeError, not a success. The fast
+                # lanes below then skip that check.
+                return _run_sync(handle.rebuild(), fn, args, kwargs)  # type: ignore[no-any-return]
             lane = pipeline.lane
-            if lane == LANE_DIRECT:
+            if lane == LANE_DIRECT or lane == LANE_DEADLINE:  # noqa: SIM109 - no tuple per call
+                # (a per-attempt deadline cannot interrupt sync code; docs/timeouts.md)
                 try:
-                    result = fn(*args, **kwargs)
+                    return fn(*args, **kwargs)
                 except Exception as exc:
                     return pipeline.run_sync(fn, args, kwargs, exc)  # type: ignore[no-any-return]
-            elif lane == LANE_BREAKER:
+            if lane == LANE_BREAKER:
                 breaker: CircuitBreaker = pipeline.breaker  # type: ignore[assignment]
                 token = _token(pipeline) if bus.active else breaker.acquire()
                 measured = _clock.monotonic() if breaker.needs_duration else -1.0
@@ -296,8 +322,6 @@ def resilient(
                     _settle(pipeline, ticket, exc)
                     raise
                 _settle(pipeline, ticket, None)
-            if type(result) is CoroutineType:
-                raise _returned_coroutine(fn, result)
             return result
 
         sync_wrapper.__resilient_handle__ = handle  # type: ignore[attr-defined]

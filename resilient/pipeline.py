@@ -186,6 +186,7 @@ LANE_DIRECT = 0
 LANE_SINGLE = 1
 LANE_FULL = 2
 LANE_BREAKER = 3  # LANE_SINGLE with a circuit breaker and no other stage
+LANE_DEADLINE = 4  # LANE_SINGLE with a per-attempt deadline and no other stage
 
 
 def _sections_other_than(policy: Policy, known: set[str]) -> list[str]:
@@ -347,9 +348,13 @@ class Pipeline:
         ):
             self.lane = LANE_DIRECT
         elif plain and self.retry is None and self.fallback is None and not self.pooled:
-            only_breaker = self.limiter is None and self.bulkhead is None
-            only_breaker = only_breaker and self.per_attempt is None
-            self.lane = LANE_BREAKER if only_breaker else LANE_SINGLE
+            admits = self.limiter is not None or self.bulkhead is not None
+            if not admits and self.per_attempt is None:
+                self.lane = LANE_BREAKER
+            elif not admits and self.breaker is None:
+                self.lane = LANE_DEADLINE  # (sync wrappers: nothing to do but call)
+            else:
+                self.lane = LANE_SINGLE
         else:
             self.lane = LANE_FULL
         # Whether an attempt has any stage at all: a retry-and-timeouts policy

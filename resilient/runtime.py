@@ -68,6 +68,15 @@ class Runtime:
         observer_factory: Gives each pipeline its call observer (metrics), or ``None``.
     """
 
+    __slots__ = (
+        "_backend",
+        "_explicit_backend",
+        "_lock",
+        "generation",
+        "observer_factory",
+        "registry",
+    )
+
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self.generation = 0

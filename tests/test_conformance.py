@@ -24,7 +24,7 @@ import resilient
 from resilient.bulkhead import get_bulkhead
 from resilient.events import CallRejected, Event, subscribe
 from resilient.manager import ResilienceManager
-from resilient.pipeline import LANE_BREAKER, LANE_FULL, LANE_SINGLE
+from resilient.pipeline import LANE_BREAKER, LANE_DEADLINE, LANE_FULL, LANE_SINGLE
 from resilient.runtime import runtime
 
 # --------------------------------------------------------------------------- forms
@@ -278,6 +278,11 @@ class PerAttemptTimeout(Situation):
         return "late"
 
 
+class DeadlineOnly(PerAttemptTimeout):
+    name = "per-attempt timeout, no breaker"
+    sections = {"circuit_breaker": None, "timeout": {"per_attempt": 0.02}}  # noqa: RUF012
+
+
 class TotalTimeout(Situation):
     name = "total timeout"
     sections = {"timeout": {"per_attempt": 1.0, "total": 0.02}}  # noqa: RUF012
@@ -289,7 +294,7 @@ class TotalTimeout(Situation):
 
 
 SYNC_SITUATIONS = [Closed(), Failing(), Open(), HalfOpenBusy(), RateEmpty(), BulkheadFull()]
-ASYNC_SITUATIONS = [*SYNC_SITUATIONS, PerAttemptTimeout(), TotalTimeout()]
+ASYNC_SITUATIONS = [*SYNC_SITUATIONS, PerAttemptTimeout(), DeadlineOnly(), TotalTimeout()]
 
 
 async def _run_async_form(
@@ -329,8 +334,9 @@ def _body(situation: Situation, seen: Seen, sync: bool) -> Work:
 
 def _touch_objects() -> None:
     """Make the shared objects exist before prepare() reaches for them."""
-    resilient.get_breaker("p")
     policy = resilient.get_policy("p")
+    if policy.circuit_breaker is not None:
+        resilient.get_breaker("p")
     if policy.bulkhead is not None:
         get_bulkhead("p")
 
@@ -389,6 +395,7 @@ EXPECTED = {
     "empty local rate limiter": ("RateLimitedError", 0, [("CallRejected", "rate_limited")]),
     "full bulkhead": ("BulkheadFullError", 0, [("CallRejected", "bulkhead_full")]),
     "per-attempt timeout": ("AttemptTimeoutError(per_attempt)", 1, []),
+    "per-attempt timeout, no breaker": ("AttemptTimeoutError(per_attempt)", 1, []),
     "total timeout": ("AttemptTimeoutError(total)", 1, []),
 }
 
@@ -401,6 +408,7 @@ async def test_the_reference_is_right(situation: Situation) -> None:
         "failing": LANE_BREAKER,
         "open breaker": LANE_BREAKER,
         "half-open, trial permits taken": LANE_BREAKER,
+        "per-attempt timeout, no breaker": LANE_DEADLINE,
         "total timeout": LANE_FULL,
     }.get(situation.name, LANE_SINGLE)
     _load(**situation.sections)
