@@ -71,7 +71,7 @@ def variants() -> dict[str, tuple[str, str, dict[str, Any]]]:
     scaling = BulkheadConfig(max_concurrent_requests=10**9)
     ours = Bulkhead("bench", fixed)
     ours_scaling = Bulkhead("bench-scaling", scaling)
-    rate = RateLimitConfig(max_rate=1e12, time_period=1.0)
+    rate = RateLimitConfig(max_rate=1e9, time_period=1.0)  # the largest a policy allows
     limiter = RateLimiter("bench", rate)
     resilient.load_policies(
         {
@@ -136,12 +136,12 @@ def variants() -> dict[str, tuple[str, str, dict[str, Any]]]:
         "RateLimiter.acquire_async()": ("await limiter.acquire_async()\nawait f()", "", names),
         "aiolimiter `async with`": (
             "async with al:\n    await f()",
-            "al = aiolimiter.AsyncLimiter(1e12, 1.0)",
+            "al = aiolimiter.AsyncLimiter(1e9, 1.0)",
             names,
         ),
         "aiolimiter `await acquire()`": (
             "await al.acquire()\nawait f()",
-            "al = aiolimiter.AsyncLimiter(1e12, 1.0)",
+            "al = aiolimiter.AsyncLimiter(1e9, 1.0)",
             names,
         ),
         "@resilient, rate limit only": ("await dec_rl()", "", names),

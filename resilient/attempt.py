@@ -123,23 +123,26 @@ def since(measured: float) -> float:
     return (_clock.monotonic() - measured) if measured >= 0 else 0.0
 
 
-def admit(p: Stages, blocking: bool = False, in_pool: bool = True) -> list[Any]:
+def admit(p: Stages, blocking: bool = False, in_pool: bool = True, armed: bool = True) -> list[Any]:
     """
     Admit an attempt: the breaker's token, then the rate limiter's permit and the
-    bulkhead's slot.
+    bulkhead's slot, then (async, *armed*) the per-attempt deadline.
 
     Async callers (*blocking* false) get everything that is free *now*; when
-    ``ticket[WAIT]`` is set, ``await admit_rest(p, ticket)`` before running it.
-    Sync callers (*blocking* true) wait in their thread as the policy allows. With
-    a thread-pool bulkhead and *in_pool*, the slot is given back by the pool's
-    thread when :func:`call_sync` ends; a block (the ``attempts()`` form, which
-    runs in the caller's thread) holds it in the ticket.
+    ``ticket[WAIT]`` is set, ``await admit_rest(p, ticket)`` before running it
+    (it arms the deadline once admitted). Sync callers (*blocking* true) wait in
+    their thread as the policy allows, and get no deadline (sync code cannot be
+    interrupted). With a thread-pool bulkhead and *in_pool*, the slot is given
+    back by the pool's thread when :func:`call_sync` ends; a block (the
+    ``attempts()`` form, which runs in the caller's thread) holds it in the ticket.
 
     Raises:
         CircuitOpenError: The breaker refused (nothing is held).
         RateLimitedError, BulkheadFullError: *blocking* only; refused after the
             policy's waits (nothing is held).
     """
+    # One function for every form and both kinds of caller, with the common
+    # case first: each extra call per attempt would cost more than a stage.
     breaker = p.breaker
     token = None
     measured = -1.0
@@ -151,24 +154,49 @@ def admit(p: Stages, blocking: bool = False, in_pool: bool = True) -> list[Any]:
             raise
         if breaker.needs_duration:
             measured = _clock.monotonic()
+    ticket: list[Any] = [token, measured, -1.0, None, _WAIT_NONE, "per_attempt"]
     limiter = p.limiter
     bulkhead = p.bulkhead
-    ticket = [token, measured, -1.0, None, _WAIT_NONE, "per_attempt"]
-    if limiter is None and bulkhead is None:
-        return ticket
     if blocking:
-        _wait_in_thread(p, ticket, in_pool)
-    elif limiter is not None and not limiter.for_loop().try_take():
-        ticket[WAIT] = _WAIT_RATE
-    elif bulkhead is not None:
-        if bulkhead.try_acquire():
-            ticket[SLOT] = _clock.monotonic() if p.slot_timed else 0.0
-        else:
-            ticket[WAIT] = _WAIT_SLOT
+        if limiter is None and bulkhead is None:
+            return ticket
+        try:
+            if limiter is not None:
+                try:
+                    limiter.acquire_sync()
+                except RateLimitedError as exc:
+                    refused(p, exc, "rate_limited")
+                    raise
+            if bulkhead is not None:
+                if not bulkhead.try_acquire():
+                    try:
+                        bulkhead.acquire_sync(p.priority)
+                    except BulkheadFullError as exc:
+                        refused(p, exc, "bulkhead_full")
+                        raise
+                if not (p.pooled and in_pool):
+                    ticket[2] = _clock.monotonic() if p.slot_timed else 0.0
+        except BaseException:
+            _give_back(p, ticket)
+            raise
+        return ticket
+    if limiter is not None and not limiter.for_loop().try_take():
+        ticket[4] = _WAIT_RATE
+        return ticket
+    if bulkhead is not None:
+        if not bulkhead.try_acquire():
+            ticket[4] = _WAIT_SLOT
+            return ticket
+        ticket[2] = _clock.monotonic() if p.slot_timed else 0.0
+    queues = p.per_attempt_queues
+    if armed and queues is not None:
+        task = _current_task()
+        if task is not None:
+            ticket[3] = queues.arm(task)
     return ticket
 
 
-async def admit_rest(p: Stages, ticket: list[Any]) -> None:
+async def admit_rest(p: Stages, ticket: list[Any], armed: bool = True) -> None:
     """
     Wait for what :func:`admit` could not take at once (a rate-limit permit, a
     bulkhead slot). On refusal or cancellation everything is given back.
@@ -199,31 +227,8 @@ async def admit_rest(p: Stages, ticket: list[Any]) -> None:
     except BaseException:
         _give_back(p, ticket)
         raise
-
-
-def _wait_in_thread(p: Stages, ticket: list[Any], in_pool: bool) -> None:
-    """The rate-limit permit and the bulkhead slot of a sync attempt (see :func:`admit`)."""
-    limiter = p.limiter
-    bulkhead = p.bulkhead
-    try:
-        if limiter is not None:
-            try:
-                limiter.acquire_sync()
-            except RateLimitedError as exc:
-                refused(p, exc, "rate_limited")
-                raise
-        if bulkhead is not None:
-            if not bulkhead.try_acquire():
-                try:
-                    bulkhead.acquire_sync(p.priority)
-                except BulkheadFullError as exc:
-                    refused(p, exc, "bulkhead_full")
-                    raise
-            if not (p.pooled and in_pool):
-                ticket[SLOT] = _clock.monotonic() if p.slot_timed else 0.0
-    except BaseException:
-        _give_back(p, ticket)
-        raise
+    if armed:
+        arm(p, ticket)
 
 
 def call_sync(p: Stages, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -296,7 +301,8 @@ def settle(
     if token is not None:
         breaker = p.breaker
         assert breaker is not None
-        duration = since(ticket[1])
+        measured = ticket[1]
+        duration = (_clock.monotonic() - measured) if measured >= 0 else 0.0
         if error is None:
             breaker.on_success(token, duration)
         elif isinstance(error, Exception):
@@ -310,6 +316,12 @@ def settle(
 
 def _give_back(p: Stages, ticket: list[Any]) -> None:
     """An attempt refused (or cancelled) before it ran: the breaker counts nothing."""
+    entry = ticket[ENTRY]
+    if entry is not None:  # armed, but the attempt never ran
+        ticket[ENTRY] = None
+        entry[_DONE] = True
+        if entry[_FIRED]:
+            _settle_deadline(entry, None)
     slot = ticket[SLOT]
     if slot >= 0:
         bulkhead = p.bulkhead

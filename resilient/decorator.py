@@ -54,7 +54,6 @@ T = TypeVar("T")
 
 _admit = _attempt.admit
 _admit_rest = _attempt.admit_rest
-_arm = _attempt.arm
 _settle = _attempt.settle
 _WAIT = _attempt.WAIT
 _current_task = asyncio.current_task
@@ -266,7 +265,6 @@ def resilient(
                 ticket = _admit(pipeline)
                 if ticket[_WAIT]:
                     await _admit_rest(pipeline, ticket)
-                _arm(pipeline, ticket)
                 try:
                     result = await afn(*args, **kwargs)
                 except BaseException as exc:
@@ -412,9 +410,9 @@ class Attempt:
     """
     One attempt of the block form; use it as ``with attempt:``.
 
-    The attempt was admitted (breaker, rate limiter, bulkhead) before the
-    iterator handed it out; ``with attempt:`` runs the block under the
-    per-attempt deadline (async iteration) and settles it.
+    The attempt was admitted (breaker, rate limiter, bulkhead and, under
+    ``async for``, its per-attempt deadline) before the iterator handed it out;
+    ``with attempt:`` runs the block and settles it.
 
     Attributes:
         number: 1 for the first attempt.
@@ -436,8 +434,6 @@ class Attempt:
         if ticket is None:
             msg = "an Attempt can be entered once"
             raise RuntimeError(msg)
-        if self._iterator.is_async:
-            _arm(self._iterator.pipeline, ticket)
         return self
 
     def __exit__(

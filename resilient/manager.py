@@ -600,9 +600,10 @@ class _GuardedBlock:
         p = self._pipeline = self._service.handle.get(self._operation)
         self._began = time.perf_counter()
         try:
-            ticket = _attempt.admit(p)
+            # one attempt, under the smaller of the two budgets (armed below)
+            ticket = _attempt.admit(p, False, True, False)
             if ticket[_attempt.WAIT]:
-                await _attempt.admit_rest(p, ticket)
+                await _attempt.admit_rest(p, ticket, False)
         except BaseException as exc:
             self._finish(exc)
             raise

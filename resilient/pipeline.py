@@ -64,7 +64,6 @@ _current_task = asyncio.current_task
 _log = logging.getLogger("resilient")
 _admit = _attempt.admit
 _admit_rest = _attempt.admit_rest
-_arm = _attempt.arm
 _call_sync = _attempt.call_sync
 _settle_attempt = _attempt.settle
 _WAIT = _attempt.WAIT
@@ -523,8 +522,6 @@ class Pipeline:
                             await _admit_rest(self, ticket)
                     except RejectedError as refusal:  # nothing is held
                         failed = refusal
-                    else:
-                        _arm(self, ticket)
                 if failed is None:
                     try:
                         result = await fn(*args, **kwargs)
