@@ -71,6 +71,10 @@ class Stages(Protocol):
     per_attempt_queues: _QueueCache | None
     total_queues: _QueueCache | None
     attempt_timeout: Callable[[], AttemptTimeoutError]
+    #: ``(breaker, limiter, bulkhead, per_attempt_queues, slot_timed)``, read once per step
+    stages: tuple[
+        CircuitBreaker | None, RateLimiter | None, Bulkhead | None, _QueueCache | None, bool
+    ]
 
 
 __all__ = [
@@ -143,7 +147,7 @@ def admit(p: Stages, blocking: bool = False, in_pool: bool = True, armed: bool =
     """
     # One function for every form and both kinds of caller, with the common
     # case first: each extra call per attempt would cost more than a stage.
-    breaker = p.breaker
+    breaker, limiter, bulkhead, queues, slot_timed = p.stages
     token = None
     measured = -1.0
     if breaker is not None:
@@ -155,8 +159,6 @@ def admit(p: Stages, blocking: bool = False, in_pool: bool = True, armed: bool =
         if breaker.needs_duration:
             measured = _clock.monotonic()
     ticket: list[Any] = [token, measured, -1.0, None, _WAIT_NONE, "per_attempt"]
-    limiter = p.limiter
-    bulkhead = p.bulkhead
     if blocking:
         if limiter is None and bulkhead is None:
             return ticket
@@ -175,7 +177,7 @@ def admit(p: Stages, blocking: bool = False, in_pool: bool = True, armed: bool =
                         refused(p, exc, "bulkhead_full")
                         raise
                 if not (p.pooled and in_pool):
-                    ticket[2] = _clock.monotonic() if p.slot_timed else 0.0
+                    ticket[2] = _clock.monotonic() if slot_timed else 0.0
         except BaseException:
             _give_back(p, ticket)
             raise
@@ -187,8 +189,7 @@ def admit(p: Stages, blocking: bool = False, in_pool: bool = True, armed: bool =
         if not bulkhead.try_acquire():
             ticket[4] = _WAIT_SLOT
             return ticket
-        ticket[2] = _clock.monotonic() if p.slot_timed else 0.0
-    queues = p.per_attempt_queues
+        ticket[2] = _clock.monotonic() if slot_timed else 0.0
     if armed and queues is not None:
         task = _current_task()
         if task is not None:
@@ -289,28 +290,25 @@ def settle(
                 _settle_deadline(entry, None)
         elif _settle_deadline(entry, error):
             error = timeout_error(p, ticket[5])
+    breaker, _, bulkhead, _, slot_timed = p.stages
     slot = ticket[2]
     if slot >= 0:
-        bulkhead = p.bulkhead
-        assert bulkhead is not None
-        if p.slot_timed:
-            bulkhead.release_timed(_clock.monotonic() - slot)
+        if slot_timed:
+            bulkhead.release_timed(_clock.monotonic() - slot)  # type: ignore[union-attr]
         else:
-            bulkhead.release()
+            bulkhead.release()  # type: ignore[union-attr]
     token = ticket[0]
     if token is not None:
-        breaker = p.breaker
-        assert breaker is not None
         measured = ticket[1]
         duration = (_clock.monotonic() - measured) if measured >= 0 else 0.0
         if error is None:
-            breaker.on_success(token, duration)
+            breaker.on_success(token, duration)  # type: ignore[union-attr]
         elif isinstance(error, Exception):
-            breaker.on_failure(token, error, duration)
+            breaker.on_failure(token, error, duration)  # type: ignore[union-attr]
         elif total is not None and total[_FIRED]:
-            breaker.on_failure(token, timeout_error(p, "total"), duration)
+            breaker.on_failure(token, timeout_error(p, "total"), duration)  # type: ignore[union-attr]
         else:
-            breaker.on_cancel(token)
+            breaker.on_cancel(token)  # type: ignore[union-attr]
     return error
 
 

@@ -243,6 +243,7 @@ class Pipeline:
         "retry_after",
         "slot_timed",
         "staged",
+        "stages",
         "total",
         "total_queues",
     )
@@ -363,6 +364,14 @@ class Pipeline:
             or self.limiter is not None
             or self.bulkhead is not None
             or self.per_attempt is not None
+        )
+        # what the attempt engine reads per attempt, in one tuple (one read)
+        self.stages = (
+            self.breaker,
+            self.limiter,
+            self.bulkhead,
+            self.per_attempt_queues,
+            self.slot_timed,
         )
 
     def __repr__(self) -> str:
