@@ -325,8 +325,8 @@ class Pipeline:
         self.fallback_async = self.fallback is not None and _is_async_callable(self.fallback)
         # The factory is remembered so that a handle rebuilding after
         # set_observer_factory() makes a new pipeline instead of reusing this one.
-        self.factory = factory = runtime.observer_factory
-        self.observer: CallObserver | None = factory(self) if factory is not None else None
+        self.factory = runtime.observer_factory
+        self.observer: CallObserver | None = runtime.observer_for(self)
         # Fast lanes, chosen once here and read by the decorator's wrappers:
         # DIRECT calls the function with no wrapping at all and only enters the
         # pipeline after a first failure; SINGLE is one attempt of the engine

@@ -22,6 +22,7 @@ put it back; the testing kit and the pytest plugin isolate tests with them.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -43,6 +44,7 @@ __all__ = ["ENV_REDIS_URL", "Runtime", "RuntimeSnapshot", "runtime"]
 ENV_REDIS_URL = "RESILIENCE_REDIS_URL"
 
 T = TypeVar("T", bound=_shared._Shared)
+_log = logging.getLogger("resilient")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class RuntimeSnapshot:
     fleet: BackendConfig | None
     explicit_backend: BackendConfig | None
     observer_factory: Any
+    observers: tuple[tuple[str, Any], ...]
     tables: tuple[tuple[_shared.SharedByName[Any], Any], ...]
 
 
@@ -74,6 +77,7 @@ class Runtime:
         "_lock",
         "generation",
         "observer_factory",
+        "observers",
         "registry",
     )
 
@@ -83,6 +87,8 @@ class Runtime:
         self.registry = registry
         registry.on_change = self.touch
         self.observer_factory: Callable[[Any], Any] | None = None
+        #: further observer factories by key (health monitoring watches calls with one)
+        self.observers: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
         self._explicit_backend: BackendConfig | None = None
         self._backend: Backend | None = None
 
@@ -105,6 +111,36 @@ class Runtime:
         with self._lock:
             self.observer_factory = factory
             self.generation += 1
+
+    def add_observer_factory(self, key: str, factory: Callable[[Any], Any]) -> None:
+        """
+        Give pipelines one more call observer, next to the metrics one (replacing the
+        factory of the same *key*). A factory may return ``None`` for a pipeline it
+        does not watch; a pipeline with no observer keeps its fast lanes.
+        """
+        with self._lock:
+            others = tuple(item for item in self.observers if item[0] != key)
+            self.observers = (*others, (key, factory))
+            self.generation += 1
+
+    def remove_observer_factory(self, key: str) -> None:
+        """Take the factory of *key* away (no error if there is none)."""
+        with self._lock:
+            self.observers = tuple(item for item in self.observers if item[0] != key)
+            self.generation += 1
+
+    def observer_for(self, pipeline: Any) -> Any:
+        """The call observer of *pipeline*: ``None``, one observer, or a fan-out to several."""
+        found = []
+        factories = [self.observer_factory] if self.observer_factory is not None else []
+        factories += [factory for _key, factory in self.observers]
+        for factory in factories:
+            observer = factory(pipeline)
+            if observer is not None:
+                found.append(observer)
+        if not found:
+            return None
+        return found[0] if len(found) == 1 else _FanOut(tuple(found))
 
     # ------------------------------------------------------------ backend
 
@@ -221,6 +257,7 @@ class Runtime:
                 fleet=fleet,
                 explicit_backend=self._explicit_backend,
                 observer_factory=self.observer_factory,
+                observers=self.observers,
                 tables=tuple((table, table.snapshot()) for table in _shared.TABLES),
             )
 
@@ -230,6 +267,7 @@ class Runtime:
             self.registry.set_contents(snapshot.policies, snapshot.source, snapshot.fleet)
             self._explicit_backend = snapshot.explicit_backend
             self.observer_factory = snapshot.observer_factory
+            self.observers = snapshot.observers
             saved = dict(snapshot.tables)
             for table in _shared.TABLES:
                 if table in saved:
@@ -237,6 +275,31 @@ class Runtime:
                 else:
                     table.clear()
             self.generation += 1
+
+
+class _FanOut:
+    """Several call observers of one pipeline, each one shielded from the others."""
+
+    __slots__ = ("observers",)
+
+    def __init__(self, observers: tuple[Any, ...]) -> None:
+        self.observers = observers
+
+    def record(self, outcome: str, duration: float) -> None:
+        for observer in self.observers:
+            try:
+                observer.record(outcome, duration)
+            except Exception:
+                _log.exception("call observer %r raised; ignoring it", observer)
+
+    def failed(self, error: BaseException) -> None:
+        for observer in self.observers:
+            failed = getattr(observer, "failed", None)
+            if failed is not None:
+                try:
+                    failed(error)
+                except Exception:
+                    _log.exception("call observer %r raised; ignoring it", observer)
 
 
 #: The process's runtime.

@@ -253,3 +253,41 @@ def test_the_import_graph_is_acyclic() -> None:
 
 def test_the_graph_checker_finds_a_cycle() -> None:
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+class TestObservers:
+    def test_several_observers_each_see_every_call_and_one_failing_harms_none(self) -> None:
+        load(p={"circuit_breaker": {}})
+        seen: dict[str, list[str]] = {"a": [], "b": []}
+
+        class Recorder:
+            def __init__(self, key: str) -> None:
+                self.key = key
+
+            def record(self, outcome: str, duration: float) -> None:
+                seen[self.key].append(outcome)
+
+        class Broken:
+            def record(self, outcome: str, duration: float) -> None:
+                raise RuntimeError("observer bug")
+
+        runtime.add_observer_factory("a", lambda p: Recorder("a"))
+        runtime.add_observer_factory("broken", lambda p: Broken())
+        runtime.add_observer_factory("b", lambda p: Recorder("b") if p.name == "p" else None)
+        try:
+
+            @resilient.resilient("p")
+            def f(fail: bool) -> int:
+                if fail:
+                    raise ConnectionError
+                return 1
+
+            assert f(False) == 1
+            with pytest.raises(ConnectionError):
+                f(True)
+            assert seen == {"a": ["success", "failure"], "b": ["success", "failure"]}
+        finally:
+            for key in ("a", "b", "broken"):
+                runtime.remove_observer_factory(key)
+        f(False)
+        assert seen["a"] == ["success", "failure"]  # removed: no longer called
