@@ -28,6 +28,8 @@ The state of one attempt is a plain list, a *ticket* (cheaper than an object):
 from __future__ import annotations
 
 import asyncio
+import linecache
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from resilient import _clock
@@ -44,8 +46,6 @@ from resilient.timeout import FIRED as _FIRED
 from resilient.timeout import settle as _settle_deadline
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from resilient.breaker import CircuitBreaker
     from resilient.bulkhead import Bulkhead
     from resilient.ratelimit import RateLimiter
@@ -71,6 +71,9 @@ class Stages(Protocol):
     per_attempt_queues: _QueueCache | None
     total_queues: _QueueCache | None
     attempt_timeout: Callable[[], AttemptTimeoutError]
+    #: the steps :func:`compile_steps` made for this pipeline
+    admit_step: Callable[..., list[Any]]
+    settle_step: Callable[..., BaseException | None]
     #: ``(breaker, limiter, bulkhead, per_attempt_queues, slot_timed)``, read once per step
     stages: tuple[
         CircuitBreaker | None, RateLimiter | None, Bulkhead | None, _QueueCache | None, bool
@@ -145,56 +148,153 @@ def admit(p: Stages, blocking: bool = False, in_pool: bool = True, armed: bool =
         RateLimitedError, BulkheadFullError: *blocking* only; refused after the
             policy's waits (nothing is held).
     """
-    # One function for every form and both kinds of caller, with the common
-    # case first: each extra call per attempt would cost more than a stage.
+    return p.admit_step(blocking, in_pool, armed)
+
+
+def compile_steps(
+    p: Stages,
+) -> tuple[Callable[..., list[Any]], Callable[..., BaseException | None]]:
+    """
+    ``(admit, settle)`` for *p*, specialised to the stages it has.
+
+    They do what :func:`admit` and :func:`settle` do, with the absent stages left
+    out and the present ones bound as closure variables: no attribute read and no
+    ``is None`` test per attempt. The hot loops (``pipeline.py``) and the
+    decorator's single-attempt lane call these; :func:`admit` and :func:`settle`
+    are the same steps for the other forms. The source is assembled here from
+    the snippets below, so there is still one definition of each step.
+    """
     breaker, limiter, bulkhead, queues, slot_timed = p.stages
-    token = None
-    measured = -1.0
+    a: list[str] = ["def admit(blocking=False, in_pool=True, armed=True, task=None):"]
     if breaker is not None:
-        try:
-            token = breaker.acquire()
-        except CircuitOpenError as rejected:
-            refused(p, rejected, "circuit_open")
-            raise
-        if breaker.needs_duration:
-            measured = _clock.monotonic()
-    ticket: list[Any] = [token, measured, -1.0, None, _WAIT_NONE, "per_attempt"]
-    if blocking:
-        if limiter is None and bulkhead is None:
-            return ticket
-        try:
-            if limiter is not None:
-                try:
-                    limiter.acquire_sync()
-                except RateLimitedError as exc:
-                    refused(p, exc, "rate_limited")
-                    raise
-            if bulkhead is not None:
-                if not bulkhead.try_acquire():
-                    try:
-                        bulkhead.acquire_sync(p.priority)
-                    except BulkheadFullError as exc:
-                        refused(p, exc, "bulkhead_full")
-                        raise
-                if not (p.pooled and in_pool):
-                    ticket[2] = _clock.monotonic() if slot_timed else 0.0
-        except BaseException:
-            _give_back(p, ticket)
-            raise
-        return ticket
-    if limiter is not None and not limiter.for_loop().try_take():
-        ticket[4] = _WAIT_RATE
-        return ticket
+        a += [
+            "    try:",
+            "        token = breaker.acquire()",
+            "    except CircuitOpenError as rejected:",
+            "        refused(p, rejected, 'circuit_open')",
+            "        raise",
+            "    measured = _clock.monotonic() if breaker.needs_duration else -1.0",
+            "    ticket = [token, measured, -1.0, None, 0, 'per_attempt']",
+        ]
+    else:
+        a.append("    ticket = [None, -1.0, -1.0, None, 0, 'per_attempt']")
+    slot = "_clock.monotonic()" if slot_timed else "0.0"
+    if limiter is not None or bulkhead is not None:
+        a += ["    if blocking:", "        try:"]
+        if limiter is not None:
+            a += [
+                "            try:",
+                "                limiter.acquire_sync()",
+                "            except RateLimitedError as exc:",
+                "                refused(p, exc, 'rate_limited')",
+                "                raise",
+            ]
+        if bulkhead is not None:
+            a += [
+                "            if not bulkhead.try_acquire():",
+                "                try:",
+                "                    bulkhead.acquire_sync(p.priority)",
+                "                except BulkheadFullError as exc:",
+                "                    refused(p, exc, 'bulkhead_full')",
+                "                    raise",
+                "            if not (p.pooled and in_pool):",
+                f"                ticket[2] = {slot}",
+            ]
+        a += [
+            "        except BaseException:",
+            "            _give_back(p, ticket)",
+            "            raise",
+            "        return ticket",
+        ]
+        if limiter is not None:
+            a += [
+                "    if not limiter.for_loop().try_take():",
+                "        ticket[4] = 1",
+                "        return ticket",
+            ]
+        if bulkhead is not None:
+            a += [
+                "    if not bulkhead.try_acquire():",
+                "        ticket[4] = 2",
+                "        return ticket",
+                f"    ticket[2] = {slot}",
+            ]
+    elif queues is not None:
+        a += ["    if blocking:", "        return ticket"]
+    if queues is not None:
+        a += [
+            "    if armed:",
+            "        if task is None:",
+            "            task = _current_task()",
+            "        if task is not None:",
+            "            ticket[3] = queues.arm(task)",
+        ]
+    a.append("    return ticket")
+    s: list[str] = ["def settle(ticket, error, total=None):"]
+    if queues is not None:
+        s += [
+            "    entry = ticket[3]",
+            "    if entry is not None:",
+            "        if error is None:",
+            "            entry[_DONE] = True",
+            "            if entry[_FIRED]:",
+            "                _settle_deadline(entry, None)",
+            "        elif _settle_deadline(entry, error):",
+            "            error = timeout_error(p, ticket[5])",
+        ]
     if bulkhead is not None:
-        if not bulkhead.try_acquire():
-            ticket[4] = _WAIT_SLOT
-            return ticket
-        ticket[2] = _clock.monotonic() if slot_timed else 0.0
-    if armed and queues is not None:
-        task = _current_task()
-        if task is not None:
-            ticket[3] = queues.arm(task)
-    return ticket
+        release = (
+            "bulkhead.release_timed(_clock.monotonic() - slot)"
+            if slot_timed
+            else "bulkhead.release()"
+        )
+        s += ["    slot = ticket[2]", "    if slot >= 0:", f"        {release}"]
+    if breaker is not None:
+        s += [
+            "    token = ticket[0]",
+            "    if token is not None:",
+            "        measured = ticket[1]",
+            "        duration = (_clock.monotonic() - measured) if measured >= 0 else 0.0",
+            "        if error is None:",
+            "            breaker.on_success(token, duration)",
+            "        elif isinstance(error, Exception):",
+            "            breaker.on_failure(token, error, duration)",
+            "        elif total is not None and total[_FIRED]:",
+            "            breaker.on_failure(token, timeout_error(p, 'total'), duration)",
+            "        else:",
+            "            breaker.on_cancel(token)",
+        ]
+    s.append("    return error")
+    source = "\n".join([*a, "", *s, ""])
+    namespace: dict[str, Any] = {
+        "p": p,
+        "breaker": breaker,
+        "limiter": limiter,
+        "bulkhead": bulkhead,
+        "queues": queues,
+        "_clock": _clock,
+        "refused": refused,
+        "CircuitOpenError": CircuitOpenError,
+        "RateLimitedError": RateLimitedError,
+        "BulkheadFullError": BulkheadFullError,
+        "_give_back": _give_back,
+        "_current_task": _current_task,
+        "_settle_deadline": _settle_deadline,
+        "timeout_error": timeout_error,
+        "_DONE": _DONE,
+        "_FIRED": _FIRED,
+    }
+    code = _compiled.get(source)
+    if code is None:  # one compilation per shape of pipeline
+        name = f"<resilient attempt steps {len(_compiled) + 1}>"
+        code = _compiled[source] = compile(source, name, "exec")
+        # tracebacks through these frames show their source
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+    exec(code, namespace)
+    return namespace["admit"], namespace["settle"]
+
+
+_compiled: dict[str, Any] = {}  # source -> code object
 
 
 async def admit_rest(p: Stages, ticket: list[Any], armed: bool = True) -> None:
@@ -281,35 +381,7 @@ def settle(
         What the caller must raise: *error*, or an ``AttemptTimeoutError`` when
         the per-attempt deadline cancelled it; ``None`` on success.
     """
-    # ticket fields by position (module constants cost a global look-up each)
-    entry = ticket[3]
-    if entry is not None:
-        if error is None:
-            entry[_DONE] = True
-            if entry[_FIRED]:
-                _settle_deadline(entry, None)
-        elif _settle_deadline(entry, error):
-            error = timeout_error(p, ticket[5])
-    breaker, _, bulkhead, _, slot_timed = p.stages
-    slot = ticket[2]
-    if slot >= 0:
-        if slot_timed:
-            bulkhead.release_timed(_clock.monotonic() - slot)  # type: ignore[union-attr]
-        else:
-            bulkhead.release()  # type: ignore[union-attr]
-    token = ticket[0]
-    if token is not None:
-        measured = ticket[1]
-        duration = (_clock.monotonic() - measured) if measured >= 0 else 0.0
-        if error is None:
-            breaker.on_success(token, duration)  # type: ignore[union-attr]
-        elif isinstance(error, Exception):
-            breaker.on_failure(token, error, duration)  # type: ignore[union-attr]
-        elif total is not None and total[_FIRED]:
-            breaker.on_failure(token, timeout_error(p, "total"), duration)  # type: ignore[union-attr]
-        else:
-            breaker.on_cancel(token)  # type: ignore[union-attr]
-    return error
+    return p.settle_step(ticket, error, total)
 
 
 def _give_back(p: Stages, ticket: list[Any]) -> None:

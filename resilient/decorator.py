@@ -262,18 +262,18 @@ def resilient(
                     return result
                 if lane != LANE_SINGLE:
                     return await pipeline.run_async(afn, args, kwargs)
-                ticket = _admit(pipeline)
+                ticket = pipeline.admit_step()
                 if ticket[_WAIT]:
                     await _admit_rest(pipeline, ticket)
                 try:
                     result = await afn(*args, **kwargs)
                 except BaseException as exc:
-                    error = _settle(pipeline, ticket, exc)
+                    error = pipeline.settle_step(ticket, exc)
                     if error is exc:
                         raise
                     assert error is not None
                     raise error from None
-                _settle(pipeline, ticket, None)
+                pipeline.settle_step(ticket, None)
                 return result
 
             async_wrapper.__resilient_handle__ = handle  # type: ignore[attr-defined]
@@ -313,13 +313,13 @@ def resilient(
             else:
                 # one attempt (sync code cannot be interrupted, so a per-attempt
                 # deadline does not apply here; docs/timeouts.md)
-                ticket = _admit(pipeline, True)
+                ticket = pipeline.admit_step(True)
                 try:
                     result = fn(*args, **kwargs)
                 except BaseException as exc:
-                    _settle(pipeline, ticket, exc)
+                    pipeline.settle_step(ticket, exc)
                     raise
-                _settle(pipeline, ticket, None)
+                pipeline.settle_step(ticket, None)
             return result
 
         sync_wrapper.__resilient_handle__ = handle  # type: ignore[attr-defined]

@@ -62,10 +62,8 @@ __all__ = ["CallObserver", "Pipeline", "breakers", "get_breaker", "set_observer_
 _perf_counter = time.perf_counter
 _current_task = asyncio.current_task
 _log = logging.getLogger("resilient")
-_admit = _attempt.admit
 _admit_rest = _attempt.admit_rest
 _call_sync = _attempt.call_sync
-_settle_attempt = _attempt.settle
 _WAIT = _attempt.WAIT
 _NO_TICKET: list[Any] = []  # an attempt with no stage to admit (never read)
 
@@ -219,6 +217,7 @@ class Pipeline:
     """
 
     __slots__ = (
+        "admit_step",
         "attempt_timeout",
         "breaker",
         "budget",
@@ -241,6 +240,7 @@ class Pipeline:
         "priority",
         "retry",
         "retry_after",
+        "settle_step",
         "slot_timed",
         "staged",
         "stages",
@@ -373,6 +373,7 @@ class Pipeline:
             self.per_attempt_queues,
             self.slot_timed,
         )
+        self.admit_step, self.settle_step = _attempt.compile_steps(self)
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r} of {self.callable_name}>"
@@ -509,13 +510,17 @@ class Pipeline:
         rate = self.failure_rate
         retry = self.retry
         staged = self.staged
+        admit, settle = self.admit_step, self.settle_step
         ticket: list[Any] = _NO_TICKET
         if self.budget is not None:
             self.budget.deposit()
         total_entry = None
         started = -1.0
+        # asyncio.current_task() costs more than a whole stage: read it once per call
+        task = _current_task() if self.per_attempt_queues is not None else None
         if self.total_queues is not None:
-            task = _current_task()
+            if task is None:
+                task = _current_task()
             if task is not None:
                 started = _clock.monotonic()
                 total_entry = self.total_queues.arm(task)
@@ -526,7 +531,7 @@ class Pipeline:
             while True:
                 if failed is None and staged:
                     try:
-                        ticket = _admit(self)
+                        ticket = admit(False, True, True, task)
                         if ticket[_WAIT]:
                             await _admit_rest(self, ticket)
                     except RejectedError as refusal:  # nothing is held
@@ -535,7 +540,7 @@ class Pipeline:
                     try:
                         result = await fn(*args, **kwargs)
                     except BaseException as exc:
-                        error = _settle_attempt(self, ticket, exc, total_entry) if staged else exc
+                        error = settle(ticket, exc, total_entry) if staged else exc
                         if not isinstance(error, Exception):
                             raise  # the caller is cancelled: nothing to retry
                         if rate is not None:
@@ -546,7 +551,7 @@ class Pipeline:
                         failed = last = error
                     else:
                         if staged:
-                            _settle_attempt(self, ticket, None)
+                            settle(ticket, None)
                         if rate is not None:
                             rate.record(False)
                         if retry is None or not retry.checks_result:
@@ -610,6 +615,7 @@ class Pipeline:
         rate = self.failure_rate
         retry = self.retry
         staged = self.staged
+        admit, settle = self.admit_step, self.settle_step
         pooled = self.pooled
         ticket: list[Any] = _NO_TICKET
         if self.budget is not None:
@@ -624,7 +630,7 @@ class Pipeline:
             while True:
                 if failed is None and staged:
                     try:
-                        ticket = _admit(self, True)
+                        ticket = admit(True)
                     except RejectedError as refusal:  # nothing is held
                         failed = refusal
                 if failed is None:
@@ -635,17 +641,17 @@ class Pipeline:
                             result = fn(*args, **kwargs)
                     except Exception as exc:
                         if staged:
-                            _settle_attempt(self, ticket, exc)
+                            settle(ticket, exc)
                         if rate is not None:
                             rate.record(True)
                         failed = last = exc
                     except BaseException as exc:
                         if staged:
-                            _settle_attempt(self, ticket, exc)
+                            settle(ticket, exc)
                         raise
                     else:
                         if staged:
-                            _settle_attempt(self, ticket, None)
+                            settle(ticket, None)
                         if rate is not None:
                             rate.record(False)
                         if retry is None or not retry.checks_result:
