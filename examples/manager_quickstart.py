@@ -2,8 +2,8 @@
 The seed's ResilienceManager, as the issue's code block writes it (in memory).
 
 Run it: ``python examples/manager_quickstart.py``. It prints the status dicts
-as JSON; the two calls that this version does not implement yet
-(``run_health_check`` and ``run_chaos_experiment``) say so.
+as JSON and the health check's answer; ``run_chaos_experiment``, which this
+version does not implement yet, says so.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ class DatabaseClient:
     async def query(self, sql: str) -> list[tuple[int]]:
         await asyncio.sleep(0)
         return [(1,)]
+
+    async def health_check(self) -> bool:
+        """The manager makes this the service's shallow health check."""
+        return await self.query("SELECT 1") == [(1,)]
 
 
 async def main() -> None:
@@ -75,10 +79,8 @@ async def main() -> None:
 
     print(json.dumps(manager.get_system_status(), indent=2)[:400], "...")
     print(json.dumps(manager.get_service_status("database"), indent=2)[:400], "...")
-    try:
-        await manager.run_health_check("database")
-    except NotImplementedError as exc:
-        print("run_health_check:", exc)
+    health = await manager.run_health_check("database")  # the client's health_check()
+    print("run_health_check:", health["status"])
     print("health:", manager.health_monitor.get_system_health_summary()["status"])
     print("breaker:", manager.circuit_breakers["database"].get_status()["state"])
     print("retry:", manager.retry_managers["database"].get_metrics()["retries_scheduled"])

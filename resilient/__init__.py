@@ -24,6 +24,7 @@ from resilient._models import (
 from resilient._models import (
     FallbackConfig as FallbackConfig,
 )
+from resilient._models import HealthCheckConfig as HealthCheckConfig
 from resilient._models import (
     Policy as Policy,
 )
@@ -106,6 +107,7 @@ __all__ = (
     "RetryBudgetConfig",
     "PRIORITIES",
     "FallbackConfig",
+    "HealthCheckConfig",
     "TRANSIENT_ERRORS",
     # breakers
     "CircuitBreaker",

@@ -38,6 +38,7 @@ __all__ = [
     "BulkheadConfig",
     "CircuitBreakerConfig",
     "FallbackConfig",
+    "HealthCheckConfig",
     "Policy",
     "RateLimitConfig",
     "RetryBudgetConfig",
@@ -601,6 +602,41 @@ class RateLimitConfig(_Model):
     """Longest a call waits for capacity, in seconds; 0 rejects at once."""
 
 
+class HealthCheckConfig(_Model):
+    """
+    The ``health:`` section: how a service's health is judged (see docs/health.md).
+
+    The first seven fields are the seed's, with the seed's defaults. A policy with
+    this section is also watched *passively*, from its live calls, with no probe
+    traffic.
+    """
+
+    check_interval: PositiveFloat = 30.0
+    """Seconds between two runs of each check (a little jitter is added)."""
+    timeout: PositiveFloat = 10.0
+    """Seconds a check may run; a check still running then counts as failed."""
+    failure_threshold: PositiveInt = 3
+    """Failed results in a row that make a check failing (and a critical one, the
+    service ``unhealthy``)."""
+    recovery_threshold: PositiveInt = 2
+    """Passing results in a row that make a failing check pass again; also the passing
+    deep or synthetic checks in a row that move an open breaker to half-open."""
+    response_time_threshold: PositiveFloat = 5.0
+    """Seconds: a check or a mean live call slower than this makes the service
+    ``degraded``."""
+    error_rate_threshold: Fraction = 0.1
+    """Share of failed live calls above which the passive check fails."""
+    auto_recovery: bool = True
+    """Move an open circuit breaker to half-open after ``recovery_threshold`` passing
+    deep or synthetic checks, before its open period ends."""
+    min_calls: PositiveInt = 5
+    """Fewest live calls the passive check judges at once; it waits for more until then."""
+    open_breaker: Literal["degraded", "unhealthy"] = "degraded"
+    """Status an open circuit breaker gives the service: ``degraded`` keeps it ready (an
+    open breaker in every replica must not take the fleet out of the load balancer);
+    ``unhealthy`` opts it into readiness."""
+
+
 def _fallback_shorthand(value: object) -> object:
     # A mapping is always the full form ({value: ..., on: [...]}) so that a typo in
     # it is reported instead of silently becoming the fallback value.
@@ -635,6 +671,7 @@ class Policy(_Model):
     fallback: Annotated[FallbackConfig | None, BeforeValidator(_fallback_shorthand)] = None
     bulkhead: BulkheadConfig | None = None
     rate_limit: RateLimitConfig | None = None
+    health: HealthCheckConfig | None = None
 
     @property
     def per_attempt_timeout(self) -> float | None:

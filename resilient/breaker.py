@@ -1092,6 +1092,24 @@ class CircuitBreaker:
         """Open the breaker now; this counts as a trip and starts a normal open period."""
         self._force(STATE_OPEN)
 
+    def half_open(self) -> bool:
+        """
+        Move an open breaker to half-open now, before its open period ends, so its
+        trial calls may start (health checks' recovery coordination uses it). Only
+        the trial calls close it. Does nothing, and returns ``False``, unless the
+        breaker is open in ``normal`` mode.
+        """
+        with self._lock:
+            now = self._clock()
+            events = self._advance(now)
+            moved = self._mode == "normal" and self._state == STATE_OPEN
+            if moved:
+                event = self._transition(STATE_HALF_OPEN, now)
+                events = [event] if events is None else [*events, event]
+        if events is not None:
+            self._notify(events)
+        return moved
+
     def close(self) -> None:
         """Close the breaker now: counters and the trip count start from zero."""
         self._force(STATE_CLOSED)

@@ -7,6 +7,7 @@ The ``resilient`` command.
     resilient demo                              # 15 s of a flaky service, in memory
     resilient status --redis redis://host:6379  # the fleet's shared breaker state
     resilient simulate resilience.yaml --policy broker --scenario outage
+    resilient serve --app myapp:monitor     # /health, /health/live, /health/ready, /metrics
 
 Exit codes: 0 ok, 1 an invalid policy file or input, 2 usage error.
 """
@@ -229,6 +230,80 @@ def _status_settings(args: argparse.Namespace) -> tuple[dict[str, Any] | None, s
     return settings, where
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        _err("resilient serve: needs uvicorn (pip install 'resilient-policies[server]')")
+        return EXIT_INVALID
+    from resilient._health_http import asgi_app
+
+    monitor = _load_monitor(args.app)
+    if monitor is None:
+        return EXIT_INVALID
+    app = asgi_app(monitor, start_monitor=True)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, lifespan="on", log_level=args.log_level
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return EXIT_OK if server.started else EXIT_INVALID
+
+
+def _load_monitor(spec: str) -> Any:
+    """
+    The health monitor that ``module:attribute`` names: a health monitor itself, or
+    a ResilienceManager (its ``health_monitor``). ``None`` when there is none
+    (reported).
+    """
+    import importlib
+
+    module_name, _, attribute = spec.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m` and uvicorn: the current directory
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            _err(f"resilient serve: --app {spec}: no module named {exc.name!r}")
+        else:
+            _err(f"resilient serve: --app {spec}: importing {module_name}: {exc}")
+        return None
+    except Exception as exc:
+        _err(f"resilient serve: --app {spec}: importing {module_name}: {type(exc).__name__}: {exc}")
+        return None
+    where = module_name
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            names = [n for n in dir(target) if not n.startswith("_")]
+            hint = did_you_mean(part, names)
+            _err(f"resilient serve: --app {spec}: {where} has no attribute {part!r}{hint}")
+            return None
+        target = getattr(target, part)
+        where = f"{where}.{part}"
+    if isinstance(target, type):
+        _err(
+            f"resilient serve: --app {spec}: the class {target.__name__}; name an instance "
+            "(a HealthMonitor or a ResilienceManager created in the module)"
+        )
+        return None
+    if callable(getattr(target, "get_system_health_summary", None)):
+        return target
+    if hasattr(target, "health_monitor"):
+        monitor = target.health_monitor
+        if monitor is None:
+            _err(
+                f"resilient serve: --app {spec}: the manager's health monitoring is off "
+                "(health_monitoring_enabled=False, or RESILIENCE_HEALTH_MONITORING_ENABLED)"
+            )
+        return monitor
+    _err(
+        f"resilient serve: --app {spec}: a {type(target).__name__}, not a health monitor "
+        "or a ResilienceManager"
+    )
+    return None
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -240,6 +315,26 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(msg) from None
     if not value >= 1.0 or value == float("inf"):
         msg = f"must be at least 1 second, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _app_spec(text: str) -> str:
+    module, sep, attribute = text.partition(":")
+    if not sep or not module or not attribute:
+        msg = f"expected module:attribute (e.g. myapp.health:monitor), got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return text
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"not a port number: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0 <= value <= 65535:
+        msg = f"must be 0..65535, got {value}"
         raise argparse.ArgumentTypeError(msg)
     return value
 
@@ -335,6 +430,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_cmd_status)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a health monitor over HTTP (/health, /health/live, /health/ready, /metrics)",
+        description="Import MODULE:ATTRIBUTE (a resilient.health.HealthMonitor, or a "
+        "ResilienceManager whose health_monitor is served), start its checks and serve "
+        "/health (application/health+json), /health/live, /health/ready and /metrics with "
+        "uvicorn (the `server` extra). MODULE is imported from the current directory too.",
+    )
+    serve.add_argument(
+        "--app",
+        required=True,
+        type=_app_spec,
+        metavar="MODULE:ATTRIBUTE",
+        help="where the monitor or manager is, e.g. myapp.health:monitor",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8080, help="port to bind (default: 8080)")
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (default: info)",
+    )
+    serve.set_defaults(handler=_cmd_serve)
 
     from resilient.testing._cli import add_simulate_parser  # stdlib-only module
 

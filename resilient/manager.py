@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,6 +37,7 @@ from resilient import pipeline as _pipeline
 from resilient._models import (
     BulkheadConfig,
     CircuitBreakerConfig,
+    HealthCheckConfig,
     Policy,
     PositiveFloat,
     PositiveInt,
@@ -47,6 +48,7 @@ from resilient.breaker import CircuitBreaker
 from resilient.bulkhead import BulkheadManager, bulkhead_manager
 from resilient.decorator import AttemptIterator, _Handle
 from resilient.errors import PolicyError, ResilienceError, did_you_mean
+from resilient.health import HealthMonitor
 from resilient.policy import parse_env_value, registry
 from resilient.runtime import runtime
 
@@ -149,9 +151,10 @@ class ResilienceConfig(BaseModel):
     """Attempts in all, the first included, for services whose ``service_config`` names
     none. ``None``: ``retry_config.max_attempts``."""
     health_monitoring_enabled: bool = True
-    """Keep ``manager.health_monitor`` (status derived from the breakers, see docs)."""
+    """Keep ``manager.health_monitor`` and run its health checks (see docs/health.md)."""
     health_check_interval: PositiveFloat = 30.0
-    """Seconds between active health checks (used once health probes land)."""
+    """Seconds between two runs of each health check of a service whose policy has no
+    ``health:`` section (the ``check_interval`` of the monitor's default config)."""
     bulkhead_enabled: bool = True
     """Give every service a bulkhead."""
     max_concurrent_requests: PositiveInt | None = None
@@ -425,7 +428,6 @@ class _Service:
         "failure_modes",
         "flat_config",
         "handle",
-        "health",
         "instance",
         "name",
         "policy_name",
@@ -449,7 +451,6 @@ class _Service:
         self.failure_modes = failure_modes
         self.registered_at = _now_iso()
         self.retry: RetryManager | None = None
-        self.health: tuple[str, float | None, str] = ("unknown", None, "not evaluated")
 
 
 # --------------------------------------------------------------------------- views
@@ -486,94 +487,26 @@ def _breaker_of(manager: ResilienceManager, service: _Service) -> CircuitBreaker
     return manager._pipeline(service).breaker
 
 
-_STATUS_RANK = {"healthy": 0, "unknown": 1, "degraded": 2, "unhealthy": 3}
-
-
-class HealthMonitor:
-    """
-    The manager's health view (the seed's ``manager.health_monitor``).
-
-    Until active health checks land, a service's health is *derived from its
-    circuit breaker*, and says nothing the breaker does not know:
-
-    ========================  ============  ===============================
-    breaker                   status        score
-    ========================  ============  ===============================
-    closed, failure rate      ``healthy``   1 - failure rate of its window
-    <= 10 %
-    closed, failure rate      ``degraded``  1 - failure rate
-    > 10 %
-    half-open                 ``degraded``  0.5
-    open / forced open        ``unhealthy`` 0.0
-    no breaker / disabled     ``unknown``   ``None``
-    ========================  ============  ===============================
-
-    The 10 % is the seed's ``HealthCheckConfig.error_rate_threshold`` default.
-    """
-
-    ERROR_RATE_THRESHOLD: ClassVar[float] = 0.1
+class _HealthSource:
+    """What ``manager.health_monitor`` monitors: the registered services, their policies'
+    ``health:`` sections and their circuit breakers."""
 
     def __init__(self, manager: ResilienceManager) -> None:
         self._manager = manager
 
-    def evaluate(self, service: str) -> tuple[str, float | None, str]:
-        """``(status, score, reason)`` of *service* now."""
-        svc = self._manager._service(service)
-        breaker = _breaker_of(self._manager, svc)
-        if breaker is None:
-            return "unknown", None, "no circuit breaker"
-        mode = breaker.mode
-        if mode == "disabled":
-            return "unknown", None, "circuit_breaker:disabled"
-        if mode == "forced_open":
-            return "unhealthy", 0.0, "circuit_breaker:forced_open"
-        state = breaker.state
-        if state == "open":
-            return "unhealthy", 0.0, "circuit_breaker:open"
-        if state == "half-open":
-            return "degraded", 0.5, "circuit_breaker:half-open"
-        rate = breaker.failure_rate
-        status = "healthy" if rate <= self.ERROR_RATE_THRESHOLD else "degraded"
-        return status, round(1.0 - rate, 4), f"circuit_breaker:closed, failure rate {rate:.2f}"
+    def names(self) -> list[str]:
+        return list(self._manager._services)
 
-    def get_service_health(self, service: str) -> dict[str, Any]:
-        """``{"status", "score", "reason", "source"}`` of one service."""
-        status, score, reason = self.evaluate(service)
-        return {"status": status, "score": score, "reason": reason, "source": "circuit_breaker"}
+    def config(self, service: str) -> HealthCheckConfig | None:
+        found = self._manager._services.get(service)
+        return self._manager._pipeline(found).policy.health if found is not None else None
 
-    def get_system_health_summary(self) -> dict[str, Any]:
-        """
-        A JSON-serialisable summary: ``status`` (``healthy`` when every service
-        with a known status is healthy, ``unhealthy`` when all are unhealthy,
-        ``unknown`` when none is known, else ``degraded``), ``score`` (mean of
-        the known scores, or ``None``), ``source`` (``"circuit_breakers"``),
-        ``active_checks`` (``False`` in this version), ``counts`` per status,
-        ``services`` (per service: ``status``, ``score``, ``reason``) and
-        ``timestamp``.
-        """
-        services = {name: self.get_service_health(name) for name in list(self._manager._services)}
-        counts = dict.fromkeys(_STATUS_RANK, 0)
-        for entry in services.values():
-            counts[entry["status"]] += 1
-        known = [e for e in services.values() if e["status"] != "unknown"]
-        if not known:
-            overall = "unknown"
-        elif all(e["status"] == "healthy" for e in known):
-            overall = "healthy"
-        elif all(e["status"] == "unhealthy" for e in known):
-            overall = "unhealthy"
-        else:
-            overall = "degraded"
-        scores = [e["score"] for e in known if e["score"] is not None]
-        return {
-            "status": overall,
-            "score": round(sum(scores) / len(scores), 4) if scores else None,
-            "source": "circuit_breakers",
-            "active_checks": False,
-            "counts": counts,
-            "services": services,
-            "timestamp": _now_iso(),
-        }
+    def breaker(self, service: str) -> CircuitBreaker | None:
+        found = self._manager._services.get(service)
+        return _breaker_of(self._manager, found) if found is not None else None
+
+    def require(self, service: str) -> None:
+        self._manager._service(service)
 
 
 # --------------------------------------------------------------------------- the guarded block
@@ -653,8 +586,9 @@ class ResilienceManager:
         bulkhead_manager: The process's :class:`resilient.BulkheadManager` (it lists
             every bulkhead of the process; the manager's are under their service
             names), or ``None`` when bulkheads are switched off.
-        health_monitor: The :class:`HealthMonitor`, or ``None`` when health
-            monitoring is switched off.
+        health_monitor: The :class:`resilient.health.HealthMonitor` of the
+            services, or ``None`` when health monitoring is switched off. Its
+            scheduler runs from :meth:`initialize` to :meth:`close`.
     """
 
     def __init__(self, config: ResilienceConfig | None = None) -> None:
@@ -683,7 +617,12 @@ class ResilienceManager:
             bulkhead_manager if cfg.bulkhead_enabled else None
         )
         self.health_monitor: HealthMonitor | None = (
-            HealthMonitor(self) if cfg.health_monitoring_enabled else None
+            HealthMonitor(
+                HealthCheckConfig(check_interval=cfg.health_check_interval),
+                source=_HealthSource(self),
+            )
+            if cfg.health_monitoring_enabled
+            else None
         )
 
     def __repr__(self) -> str:
@@ -722,6 +661,8 @@ class ResilienceManager:
             _log_events._retain()
             self._owns_logging = True
         self._unsubscribe = _events.subscribe(self._on_event)
+        if self.health_monitor is not None:
+            await self.health_monitor.start()
         self._initialized = True
 
     def _connect_backend(self, url: str) -> None:
@@ -741,6 +682,10 @@ class ResilienceManager:
         if self._closed:
             return
         self._closed = True
+        if self.health_monitor is not None:
+            await self.health_monitor.stop()
+            for name in list(self._services):
+                self.health_monitor.remove_service(name)
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -837,9 +782,15 @@ class ResilienceManager:
         service = _Service(service_name, service_instance, handle, flat, modes)
         service.retry = RetryManager(service_name, lambda: self._pipeline(service))
         self._pipeline(service)  # build now: breaker and bulkhead exist from the start
+        monitor = self.health_monitor
+        if monitor is not None:
+            monitor.remove_service(service_name)  # a replaced service starts afresh
         self._services[service_name] = service
-        if self.health_monitor is not None:
-            self._update_health(service, "registered")
+        if monitor is not None:
+            probe = getattr(service_instance, "health_check", None)
+            if service_instance is not None and callable(probe):
+                monitor.add_check(service_name, probe, kind="shallow", name="health_check")
+            self._update_health(service)
 
     async def unregister_service(self, service_name: str) -> None:
         """
@@ -850,6 +801,8 @@ class ResilienceManager:
         """
         self._service(service_name)
         del self._services[service_name]
+        if self.health_monitor is not None:
+            self.health_monitor.remove_service(service_name)
 
     @property
     def services(self) -> Mapping[str, Any]:
@@ -1014,11 +967,6 @@ class ResilienceManager:
             unavailable["adaptive_circuit_breaker"] = (
                 "not in this version; services use the basic circuit breaker"
             )
-        if cfg.health_monitoring_enabled:
-            unavailable["health_checks"] = (
-                "active health checks are not in this version; health is derived from the "
-                "circuit breakers"
-            )
         if cfg.chaos_engineering_enabled:
             unavailable["chaos_experiments"] = "not in this version"
         state = "closed" if self._closed else ("running" if self._initialized else "created")
@@ -1071,27 +1019,20 @@ class ResilienceManager:
 
     async def run_health_check(self, service_name: str) -> dict[str, Any]:
         """
-        Run an active health check of a service.
-
-        Not in this version: it raises ``NotImplementedError`` (the health
-        monitoring issue completes it). ``manager.health_monitor`` reports the
-        health derived from the circuit breakers meanwhile.
+        Run the service's health checks now (its ``health_check()`` method, the
+        checks added with ``manager.health_monitor.add_check``, the passive check of
+        a policy with a ``health:`` section) and return its health, as
+        ``manager.health_monitor.get_service_health(name)`` (docs/health.md).
 
         Raises:
             FeatureDisabledError: ``health_monitoring_enabled`` is false.
             ServiceNotFoundError: No such service.
-            NotImplementedError: Always, for a known service, in this version.
         """
         if self.health_monitor is None:
             msg = "health monitoring is switched off (ResilienceConfig.health_monitoring_enabled)"
             raise FeatureDisabledError(msg)
-        self._service(service_name)
-        msg = (
-            "active health checks (probes) are not in this version of resilient; "
-            f"manager.health_monitor.get_service_health({service_name!r}) reports the health "
-            "derived from the circuit breaker"
-        )
-        raise NotImplementedError(msg)
+        self._check_open()
+        return await self.health_monitor.run_check(service_name)
 
     async def run_chaos_experiment(self, experiment_name: str, service_name: str) -> dict[str, Any]:
         """
@@ -1125,17 +1066,15 @@ class ResilienceManager:
         service = self._services.get(policy)
         if service is None:
             return
-        # counting is resilient.metrics.statistics' job; the manager only derives health
+        # counting is resilient.metrics.statistics' job; a breaker's move changes health
         if isinstance(event, _events.BreakerStateChanged) and self.health_monitor is not None:
-            self._update_health(service, f"circuit_breaker:{event.new_state}")
+            self._update_health(service)
 
-    def _update_health(self, service: _Service, reason: str) -> None:
+    def _update_health(self, service: _Service) -> None:
+        """Re-evaluate *service*'s health; a transition is announced by the monitor."""
         assert self.health_monitor is not None
-        status, score, _detail = self.health_monitor.evaluate(service.name)
-        old = service.health[0]
-        service.health = (status, score, reason)
-        if status != old and score is not None and _events.bus.active:
-            _events.bus.emit(_events.HealthChanged(service.name, old, status, score, reason))
+        if self._services.get(service.name) is service:
+            self.health_monitor.refresh(service.name)
 
 
 def _jsonable(value: Any) -> Any:

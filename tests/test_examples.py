@@ -32,7 +32,7 @@ def test_example_runs(script: Path, tmp_path: Path) -> None:
 
 
 def test_quickstart_output() -> None:
-    """The manager quickstart shows the rows and the 'not yet' messages."""
+    """The manager quickstart shows the rows and the health check's answer."""
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "manager_quickstart.py")],
         env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)},
@@ -42,7 +42,7 @@ def test_quickstart_output() -> None:
         check=True,
     )
     assert "rows: [(1,)]" in result.stdout
-    assert "run_health_check: active health checks" in result.stdout
+    assert "run_health_check: healthy" in result.stdout
 
 
 def test_metrics_example_output() -> None:

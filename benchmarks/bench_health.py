@@ -1,0 +1,173 @@
+"""
+What passive health costs a call: a policy with a ``health:`` section against the
+same policy without it.
+
+Usage::
+
+    python benchmarks/bench_health.py [--quick] [--rounds N] [--block-ms MS]
+
+A policy with a ``health:`` section gets the passive-health call observer
+(resilient.health): per call, one counter bump and one addition, and the call
+takes the pipeline's full path (the observer hook needs it). The function returns
+at once, so the figures are the library's own cost, the worst case for the ratio.
+
+Method (as benchmarks/bench_metrics.py): one sample is a block of ``n`` calls
+timed with ``perf_counter_ns``; every round times "without" and "with" one after
+the other in alternating order; the figure kept is the minimum over rounds.
+``gc`` is off while a block runs. The acceptance target is with / without <= 1.1
+for the full stacks. The lean rows (breaker only) are for information: without
+``health:`` such a policy runs on a fast lane, with it on the full path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import platform
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import resilient
+
+TARGET = 1.1
+
+FULL = {
+    "retry": {"max_attempts": 3, "base_delay": 0.01},
+    "circuit_breaker": {"failure_threshold": 5},
+    "rate_limit": {"max_rate": 1e9, "time_period": 1.0},
+    "bulkhead": {"max_concurrent_requests": 100},
+    "timeout": {"per_attempt": 5.0, "total": 10.0},
+}
+LEAN = {"circuit_breaker": {"failure_threshold": 5}}
+POLICIES = {
+    "version": 1,
+    "policies": {
+        "full": FULL,
+        "full_health": {**FULL, "health": {}},
+        "lean": LEAN,
+        "lean_health": {**LEAN, "health": {}},
+    },
+}
+
+
+def _sync_block(fn: Callable[[], Any], n: int) -> float:
+    gc.disable()
+    try:
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter_ns() - t0) / n
+    finally:
+        gc.enable()
+
+
+async def _async_block(fn: Callable[[], Awaitable[Any]], n: int) -> float:
+    gc.disable()
+    try:
+        t0 = time.perf_counter_ns()
+        for i in range(n):
+            await fn()
+            if i % 100 == 99:
+                await asyncio.sleep(0)
+        return (time.perf_counter_ns() - t0) / n
+    finally:
+        gc.enable()
+
+
+def _calibrate(per: float, block_ms: float) -> int:
+    return max(int(block_ms * 1e6 / per), 100)
+
+
+def _measure_sync(
+    without: Callable[[], Any], with_: Callable[[], Any], rounds: int, block_ms: float
+) -> tuple[float, float]:
+    for fn in (without, with_):
+        for _ in range(2000):
+            fn()
+    n = _calibrate(_sync_block(without, 2000), block_ms)
+    best = [float("inf"), float("inf")]
+    for r in range(rounds):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            best[i] = min(best[i], _sync_block((without, with_)[i], n))
+        gc.collect()
+    return best[0], best[1]
+
+
+async def _measure_async(
+    without: Callable[[], Awaitable[Any]],
+    with_: Callable[[], Awaitable[Any]],
+    rounds: int,
+    block_ms: float,
+) -> tuple[float, float]:
+    for fn in (without, with_):
+        for _ in range(2000):
+            await fn()
+    n = _calibrate(await _async_block(without, 2000), block_ms)
+    best = [float("inf"), float("inf")]
+    for r in range(rounds):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            best[i] = min(best[i], await _async_block((without, with_)[i], n))
+        gc.collect()
+    return best[0], best[1]
+
+
+def _pair(policy: str) -> tuple[Callable[[], int], Callable[[], int]]:
+    return (
+        resilient.resilient(policy)(lambda: 1),
+        resilient.resilient(f"{policy}_health")(lambda: 1),
+    )
+
+
+def _apair(policy: str) -> tuple[Callable[[], Awaitable[int]], Callable[[], Awaitable[int]]]:
+    async def one() -> int:
+        return 1
+
+    async def two() -> int:
+        return 1
+
+    return resilient.resilient(policy)(one), resilient.resilient(f"{policy}_health")(two)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 20 ms blocks")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--block-ms", type=float, default=50.0)
+    args = parser.parse_args(argv)
+    rounds, block_ms = (3, 20.0) if args.quick else (args.rounds, args.block_ms)
+
+    resilient.load_policies(POLICIES)
+    rows = [
+        ("full stack, sync", *_measure_sync(*_pair("full"), rounds, block_ms), True),
+        (
+            "full stack, async",
+            *asyncio.run(_measure_async(*_apair("full"), rounds, block_ms)),
+            True,
+        ),
+        ("breaker only, sync", *_measure_sync(*_pair("lean"), rounds, block_ms), False),
+        (
+            "breaker only, async",
+            *asyncio.run(_measure_async(*_apair("lean"), rounds, block_ms)),
+            False,
+        ),
+    ]
+    print(
+        f"Python {platform.python_version()} on {platform.machine()} "
+        f"({platform.system()}), {rounds} rounds of {block_ms:g} ms blocks, min per variant\n"
+    )
+    print("| stack | without health (ns/call) | with health (ns/call) | with / without | target |")
+    print("|---|---:|---:|---:|---|")
+    failed = False
+    for name, off, on, gated in rows:
+        ratio = on / off
+        verdict = (f"<= {TARGET} " + ("ok" if ratio <= TARGET else "FAIL")) if gated else "info"
+        failed |= gated and ratio > TARGET
+        print(f"| {name} | {off:,.0f} | {on:,.0f} | {ratio:.2f}x | {verdict} |")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
