@@ -68,44 +68,70 @@ class SharedByName(Generic[T]):
         self._lock = threading.Lock()
         self.items: dict[str, T] = {}
         self.owners: dict[str, str] = {}
+        #: name -> {claimant: runtime generation of its latest claim}
+        self.claims: dict[str, dict[str, int]] = {}
         TABLES.append(self)
 
-    def get_or_make(self, name: str, config: Any, *, claimant: str, backend: Any = None) -> T:
+    def get_or_make(
+        self, name: str, config: Any, *, claimant: str, backend: Any = None, generation: int = 0
+    ) -> T:
         """
         The object for *name*, kept while *config* (and *backend*) are unchanged.
 
+        *generation* is the runtime's rebuild counter when the claimant asks: a
+        claim made at the current generation is *current* (its pipeline already
+        holds the object); older claims are stale and will be made again.
+
         Raises:
-            PolicyError: *name* is owned by another claimant with another configuration.
+            PolicyError: *name* is owned by another claimant with another
+                configuration, or the owner changes its configuration while
+                another claimant currently shares the object with the old one.
         """
         with self._lock:
             known = self.items.get(name)
+            claims = self.claims.setdefault(name, {})
             if known is not None:
                 same_backend = not self.uses_backend or _same_backend(
                     getattr(known, "backend", None), backend
                 )
                 if known.config == config:
                     if same_backend:
+                        claims[claimant] = generation
                         return known
-                elif self.owners.get(name, claimant) != claimant:
-                    owner = self.owners[name]
-                    msg = (
-                        f"{self.kind} {name!r} is already used by {owner} with another "
-                        f"configuration; {claimant} asks for it with {self.section}: "
-                        f"{_short(config)} (it has {_short(known.config)}). Two "
-                        f"configurations cannot share one {self.kind}: give one of them "
-                        f"its own name (name=...) or the same {self.section} section"
-                    )
-                    raise PolicyError(msg, policy=name, key=self.section)
+                else:
+                    owner = self.owners.get(name, claimant)
+                    if owner != claimant:
+                        raise self._conflict(name, owner, known.config, claimant, config)
+                    # The owner changes its configuration (a reload): another claimant
+                    # that already holds the object at this generation would be split off.
+                    for other, seen in claims.items():
+                        if other != claimant and seen >= generation:
+                            raise self._conflict(name, other, known.config, claimant, config)
             made = self.items[name] = self._make(name, config, backend, known)
             if known is None or known.config != config:
                 self.owners[name] = claimant
+                claims.clear()
+            claims[claimant] = generation
             return made
+
+    def _conflict(
+        self, name: str, holder: str, held: Any, claimant: str, config: Any
+    ) -> PolicyError:
+        msg = (
+            f"{self.kind} {name!r} is already used by {holder} with another "
+            f"configuration; {claimant} asks for it with {self.section}: "
+            f"{_short(config)} (it has {_short(held)}). Two configurations cannot "
+            f"share one {self.kind}: give one of them its own name (name=...) or the "
+            f"same {self.section} section"
+        )
+        return PolicyError(msg, policy=name, key=self.section)
 
     def release(self, name: str, claimant: str) -> None:
         """*claimant* no longer uses *name* (a manager service unregistered)."""
         with self._lock:
             if self.owners.get(name) == claimant:
                 del self.owners[name]
+            self.claims.get(name, {}).pop(claimant, None)
 
     def get(self, name: str) -> T | None:
         """The object for *name*, if one was made."""
@@ -120,18 +146,23 @@ class SharedByName(Generic[T]):
         with self._lock:
             self.items.clear()
             self.owners.clear()
+            self.claims.clear()
 
-    def snapshot(self) -> tuple[dict[str, T], dict[str, str]]:
+    def snapshot(self) -> tuple[dict[str, T], dict[str, str], dict[str, dict[str, int]]]:
         """Contents, for :meth:`restore` (the runtime sets every table aside at once)."""
         with self._lock:
-            return dict(self.items), dict(self.owners)
+            claims = {name: dict(c) for name, c in self.claims.items()}
+            return dict(self.items), dict(self.owners), claims
 
-    def restore(self, saved: tuple[dict[str, T], dict[str, str]]) -> None:
+    def restore(
+        self, saved: tuple[dict[str, T], dict[str, str], dict[str, dict[str, int]]]
+    ) -> None:
         """Put back what :meth:`snapshot` returned."""
-        items, owners = saved
+        items, owners, claims = saved
         with self._lock:
             self.items = dict(items)
             self.owners = dict(owners)
+            self.claims = {name: dict(c) for name, c in claims.items()}
 
 
 def _same_backend(a: Any, b: Any) -> bool:

@@ -890,12 +890,16 @@ class CircuitBreaker:
                 return False
             if not fresh and gen <= link.known_gen:
                 return False
+            first = link.known_gen == 0  # the first read of the shared record
             link.known_gen = gen
             link.known_state = state
             now = self._clock()
             if state != self._state:
                 events = [self._transition(state, now, remote=True)]
-            elif state == STATE_CLOSED:
+            elif state == STATE_CLOSED and not first:
+                # closed again in a newer generation (the fleet opened and recovered
+                # meanwhile): a new window. The first read only tells this process
+                # the generation; its own window stays.
                 self._consecutive = 0
                 self._window.clear()
                 self._fleet_calls = self._fleet_failures = 0

@@ -1102,7 +1102,9 @@ class BulkheadManager:
             PolicyError: Another claimant uses *key* with another configuration.
         """
         owner = claimant if claimant is not None else f"policy {key!r}"
-        return self._bulkheads.get_or_make(key, config, claimant=owner)
+        from resilient.runtime import runtime
+
+        return runtime.claim(self._bulkheads, key, config, owner)
 
     def get(self, name: str) -> Bulkhead:
         """

@@ -96,8 +96,14 @@ class _Handle:
         self.fallback = fallback
         self.priority = priority
         if claimant is None:
+            # A Policy object is claimed by this handle alone: two functions with the
+            # same qualified name (closures of one factory) are two claimants.
             named = isinstance(policy, str)
-            claimant = f"policy {policy!r}" if named else f"the Policy of {callable_name}"
+            claimant = (
+                f"policy {policy!r}"
+                if named
+                else f"the Policy of {callable_name} (handle {id(self):#x})"
+            )
         self.claimant = claimant
         self.transform = transform
         self._lock = threading.Lock()
@@ -554,9 +560,12 @@ class AttemptIterator:
     def total_expired(self, error: BaseException | None) -> BaseException | None:
         """Map a cancellation by the total deadline to ``AttemptTimeoutError``."""
         entry = self._total_entry
-        if entry is not None and error is not None and _settle_deadline(entry, error):
+        # Only a deadline that fired is settled here: settling one that did not
+        # would disarm the budget for the attempts still to come.
+        if entry is not None and error is not None and entry[_FIRED]:
             self._total_entry = None
-            return _attempt.timeout_error(self.pipeline, "total")
+            if _settle_deadline(entry, error):
+                return _attempt.timeout_error(self.pipeline, "total")
         return error
 
     def _finish(self, error: BaseException | None) -> None:

@@ -267,7 +267,7 @@ class Pipeline:
         self.priority = priority_level(priority) if priority is not None else None
         bh = policy.bulkhead
         self.bulkhead: Bulkhead | None = (
-            bulkhead_manager.bulkhead_for(name, bh, claimant=owner) if bh is not None else None
+            runtime.claim(bulkhead_manager.table, name, bh, owner) if bh is not None else None
         )
         self.slot_timed = self.bulkhead is not None and self.bulkhead.controller is not None
         self.pooled = self.bulkhead is not None and self.bulkhead.pooled
@@ -718,7 +718,10 @@ def _seconds(hint: Any) -> float | None:
     if hint is None or isinstance(hint, bool):
         return None
     if isinstance(hint, int | float):
-        value = float(hint)
+        try:
+            value = float(hint)
+        except OverflowError:  # an int too large for a float: no usable hint
+            return None
     elif isinstance(hint, str):
         text = hint.strip()
         try:

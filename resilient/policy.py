@@ -41,7 +41,7 @@ from resilient._models import (
     RetryStrategy,
     TimeoutConfig,
 )
-from resilient.backends._config import BackendConfig
+from resilient.backends._config import ENV_REDIS_URL, BackendConfig, RedisUrl
 from resilient.errors import PolicyError, did_you_mean
 
 __all__ = [
@@ -474,6 +474,9 @@ def parse_policies(
     """
     doc = _Document(data, source, lines or {}, prefix=prefix)
     problems = _Problems(source)
+    if env is not None and env.get(ENV_REDIS_URL, "").strip():
+        # the variable wins over the file's redis_url: a bad one fails the load, not a call
+        parse_env_value(ENV_REDIS_URL, env[ENV_REDIS_URL], RedisUrl, secret=True)
     if not isinstance(data, Mapping):
         problems.add("a policy file must be a mapping with 'version' and 'policies'")
         problems.raise_if_any()

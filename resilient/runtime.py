@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import ValidationError
 
 from resilient import _shared
-from resilient.backends._config import BackendConfig
+from resilient.backends._config import ENV_REDIS_URL, BackendConfig
 from resilient.errors import PolicyError
 from resilient.policy import Policy, registry
 
@@ -41,10 +41,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ENV_REDIS_URL", "Runtime", "RuntimeSnapshot", "runtime"]
 
-ENV_REDIS_URL = "RESILIENCE_REDIS_URL"
 
 T = TypeVar("T", bound=_shared._Shared)
 _log = logging.getLogger("resilient")
+_reported: set[str] = set()  # bad RESILIENCE_REDIS_URL values already logged
 
 
 @dataclass(frozen=True)
@@ -150,9 +150,10 @@ class Runtime:
         ``RESILIENCE_REDIS_URL`` (on top of the file's settings), else the
         policy file's ``redis_url``/``backend``, else memory.
 
-        Raises:
-            PolicyError: ``RESILIENCE_REDIS_URL`` is not a valid Redis URL (the
-                message names the variable, never the password).
+        A ``RESILIENCE_REDIS_URL`` that is not a valid Redis URL is refused when
+        policies load (a ``PolicyError`` naming the variable); if it is set badly
+        later, it is logged (once per value, never the password) and ignored here:
+        a setting never fails a call.
         """
         explicit = self._explicit_backend
         if explicit is not None:
@@ -164,9 +165,12 @@ class Runtime:
             try:
                 return BackendConfig.model_validate({**base.model_dump(), "redis_url": env_url})
             except ValidationError as exc:
-                problem = "; ".join(str(e["msg"]) for e in exc.errors())
-                msg = f"environment variable {ENV_REDIS_URL}: {problem}"
-                raise PolicyError(msg, key=ENV_REDIS_URL) from None
+                if env_url not in _reported:
+                    _reported.add(env_url)
+                    problem = "; ".join(str(e["msg"]) for e in exc.errors())
+                    _log.error(
+                        "environment variable %s ignored: %s", ENV_REDIS_URL, problem
+                    )
         return file_cfg if file_cfg is not None else BackendConfig()
 
     def backend(self) -> Backend:
@@ -219,7 +223,9 @@ class Runtime:
     def claim(self, table: _shared.SharedByName[T], name: str, config: Any, claimant: str) -> T:
         """*table*'s object for *name* under *config*, owned or shared by *claimant*."""
         backend = self.backend() if table.uses_backend else None
-        return table.get_or_make(name, config, claimant=claimant, backend=backend)
+        return table.get_or_make(
+            name, config, claimant=claimant, backend=backend, generation=self.generation
+        )
 
     def lookup(self, table: _shared.SharedByName[T], name: str) -> T:
         """

@@ -284,3 +284,71 @@ class TestBlockFormUnderAsyncFor:
         release.set()
         await holder
         assert resilient.bulkhead_manager.bulkheads()["p"].get_status()["in_use"] == 0
+
+
+class TestFoundByTryingIt:
+    async def test_async_for_total_budget_survives_a_retried_attempt(self) -> None:
+        load(
+            p={
+                "retry": {"max_attempts": 5, "base_delay": 0},
+                "timeout": {"per_attempt": None, "total": 0.1},
+            }
+        )
+        n = 0
+        with pytest.raises(resilient.AttemptTimeoutError) as caught:
+            async for attempt in resilient.attempts("p"):
+                with attempt:
+                    n += 1
+                    if n == 1:
+                        raise ConnectionError
+                    await asyncio.sleep(0.5)
+        assert caught.value.kind == "total"
+        assert n == 2
+
+    def test_a_huge_integer_hint_is_no_hint_and_not_a_hook_error(
+        self, sleeps: Sleeps, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        load(p={"retry": {**RETRY, "retry_after": lambda _exc: 10**400}})
+
+        @resilient.resilient("p")
+        def f() -> None:
+            raise ConnectionError
+
+        with pytest.raises(ConnectionError):
+            f()
+        assert sleeps == [0.5, 0.5]
+        assert "raised" not in caplog.text
+
+    async def test_manager_call_of_a_sync_callable_returning_a_coroutine(self) -> None:
+        async def co() -> int:
+            return 1
+
+        manager = await resilient.create_resilience_manager(
+            metrics_enabled=False, logging_enabled=False
+        )
+        try:
+            await manager.register_service("q", None, {})
+            with pytest.raises(TypeError, match="returned a coroutine"):
+                await manager.call("q", lambda: co())
+        finally:
+            await manager.close()
+
+    def test_closures_of_one_factory_are_two_claimants(self) -> None:
+        def make(threshold: int, fail: bool) -> Any:
+            policy = resilient.Policy(
+                circuit_breaker=resilient.CircuitBreakerConfig(failure_threshold=threshold)
+            )
+
+            @resilient.resilient(policy)
+            def g() -> str:
+                if fail:
+                    raise ConnectionError
+                return "ok"
+
+            return g
+
+        g1, g2 = make(2, True), make(3, False)
+        with pytest.raises(ConnectionError):
+            g1()
+        with pytest.raises(resilient.PolicyError, match="already used by"):
+            g2()  # same name, another breaker: refused, not silently split

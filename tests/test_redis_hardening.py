@@ -351,3 +351,31 @@ def test_a_forked_child_uses_its_own_locks_and_identity(server: RedisServer) -> 
     assert report["replica"] != backend.replica_id
     # the child's trip reached the parent's breaker through Redis
     assert _wait(lambda: breaker.state == "open")
+
+
+def test_the_first_read_of_the_fleet_state_keeps_the_local_window(server: Any) -> None:
+    """A healthy Redis must not make a breaker trip at a 10 % failure rate (the first
+    read of the shared record used to wipe the window, so the next failures alone tripped it)."""
+    backend = backends.configure(redis_url=server.url, key_prefix=f"window-{time.time_ns()}")
+    try:
+        assert backend.wait_ready()  # type: ignore[attr-defined]
+        resilient.load_policies(
+            {"version": 1, "policies": {"p": {"circuit_breaker": {"failure_threshold": 50}}}}
+        )
+
+        @resilient.resilient("p")
+        def f(ok: bool) -> int:
+            if not ok:
+                raise ConnectionError
+            return 1
+
+        for _ in range(90):
+            f(True)
+        time.sleep(0.5)  # flushes and reconciles have run
+        for _ in range(10):
+            with pytest.raises(ConnectionError):
+                f(False)
+        breaker = resilient.get_breaker("p")
+        assert breaker.state == "closed", breaker.get_status()
+    finally:
+        backends.reset()

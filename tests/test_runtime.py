@@ -291,3 +291,59 @@ class TestObservers:
                 runtime.remove_observer_factory(key)
         f(False)
         assert seen["a"] == ["success", "failure"]  # removed: no longer called
+
+
+class TestOwnerReload:
+    def test_an_owner_changing_its_config_under_a_current_sharer_is_refused(self) -> None:
+        def policies(threshold: int) -> dict[str, Any]:
+            return {
+                "a": {"circuit_breaker": {"failure_threshold": threshold}},
+                "c": {"circuit_breaker": {"failure_threshold": 2}},
+            }
+
+        load(**policies(2))
+
+        @resilient.resilient("a", name="db")
+        def f1() -> int:
+            return 1
+
+        @resilient.resilient("c", name="db")
+        def f3() -> int:
+            return 3
+
+        assert (f1(), f3()) == (1, 3)  # the same section: shared
+        load(**policies(3))
+        assert f3() == 3  # the sharer rebuilds first, still sharing the old breaker
+        with pytest.raises(resilient.PolicyError, match="policy 'c'"):
+            f1()  # the owner may not split it off
+        assert resilient.get_breaker("db").config.failure_threshold == 2
+
+    def test_a_bad_redis_url_variable_fails_the_load_not_a_call(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+    ) -> None:
+        monkeypatch.setenv("RESILIENCE_REDIS_URL", "localhost:6379")
+        with pytest.raises(resilient.PolicyError, match="RESILIENCE_REDIS_URL"):
+            load(p=BREAKER)
+        # set badly after loading: logged and ignored, the call still works
+        monkeypatch.delenv("RESILIENCE_REDIS_URL")
+        load(p=BREAKER)
+        monkeypatch.setenv("RESILIENCE_REDIS_URL", "htp://nope")
+        runtime.touch()
+        assert resilient.call("p", lambda: 7) == 7
+
+    async def test_two_managers_with_redis_closed_out_of_order(self, server: Any) -> None:
+        base = server.url.rsplit("/", 1)[0]  # redis://127.0.0.1:PORT
+        m1 = await resilient.create_resilience_manager(
+            redis_url=f"{base}/3", metrics_enabled=False
+        )
+        first = runtime.explicit_backend
+        m2 = await resilient.create_resilience_manager(
+            redis_url=f"{base}/4", metrics_enabled=False
+        )
+        second = runtime.explicit_backend
+        assert first != second
+        await m1.close()
+        assert runtime.explicit_backend == second  # m2 still runs on its backend
+        await m2.close()
+        assert runtime.explicit_backend is None  # the application's own choice
+        assert backends.current().name == "memory"

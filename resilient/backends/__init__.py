@@ -52,7 +52,6 @@ __all__ = [
     "same_backend",
 ]
 
-ENV_REDIS_URL = "RESILIENCE_REDIS_URL"
 
 
 def same_backend(a: BreakerBackend | None, b: BreakerBackend) -> bool:

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "ENV_REDIS_URL",
     "BackendConfig",
     "OnBackendFailure",
     "RedisUrl",
@@ -36,6 +37,8 @@ _Seconds = Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)]
 _Share = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 
 INSTALL_HINT = "pip install 'resilient-policies[redis]'"
+#: The environment variable that chooses the Redis backend (over the policy file).
+ENV_REDIS_URL = "RESILIENCE_REDIS_URL"
 _SCHEMES = ("redis", "rediss", "unix")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
