@@ -202,9 +202,14 @@ def _service_checks(
             "componentType": "component",
             "kind": kind,
             "status": check_status,
-            "time": _iso(_first(entry, _CHECK_TIME), when),
-            "critical": entry.get("critical", True) is not False,
         }
+        taken = _first(entry, _CHECK_TIME)
+        if taken is not None:
+            item["time"] = _iso(taken, when)
+        elif not any(key in entry for key in _CHECK_TIME):
+            item["time"] = when  # the entry carries no time at all: the document's
+        # else: no result yet, so no time (and no observedValue) of a reading
+        item["critical"] = entry.get("critical", True) is not False
         duration = _number(_first(entry, _CHECK_DURATION))
         if duration is not None:
             item["observedValue"] = duration
@@ -229,8 +234,9 @@ def health_document(
     document.
 
     ``critical_only`` keeps the critical services alone and takes the status from
-    them (readiness): ``fail`` when one is unhealthy, else ``warn`` when one is
-    degraded or unknown, else ``pass``. Otherwise the status is the summary's own.
+    them (readiness): ``fail`` when one is unhealthy or not ready (``"ready": False``:
+    its checks have failed since the start, below ``failure_threshold``), else ``warn``
+    when one is degraded or unknown, else ``pass``. Otherwise the status is the summary's own.
     """
     now = _iso(summary.get("timestamp"), datetime.now(UTC).isoformat())
     services = summary.get("services")
@@ -245,6 +251,9 @@ def health_document(
         if critical_only and not _is_critical(entry):
             continue
         service_status = _status(entry.get("status"))
+        if critical_only and entry.get("ready") is False:
+            # failing since the start (below failure_threshold): not ready yet
+            service_status = "fail"
         if _RANK[service_status] > _RANK[worst]:
             worst = service_status
         if service_status != "pass":

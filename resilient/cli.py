@@ -241,13 +241,48 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     monitor = _load_monitor(args.app)
     if monitor is None:
         return EXIT_INVALID
-    app = asgi_app(monitor, start_monitor=True)
+    app: Any = asgi_app(monitor, start_monitor=True)
+    owner = _OWNERS.get(id(monitor))
+    if owner is not None and not owner.initialized:
+        app = _ManagerLifespan(app, owner)  # a manager made but not initialised at import
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", log_level=args.log_level
     )
     server = uvicorn.Server(config)
     server.run()
     return EXIT_OK if server.started else EXIT_INVALID
+
+
+_OWNERS: dict[int, Any] = {}  # health monitor id -> the ResilienceManager it came from
+
+
+class _ManagerLifespan:
+    """
+    ASGI wrapper for ``resilient serve`` of a ResilienceManager that its module made
+    but did not initialise: the server's startup initialises it (which starts its
+    health checks) and its shutdown closes it.
+    """
+
+    def __init__(self, app: Any, manager: Any) -> None:
+        self.app = app
+        self.manager = manager
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        manager = self.manager
+
+        async def receive_() -> Any:
+            message = await receive()
+            if message["type"] == "lifespan.startup" and not manager.initialized:
+                await manager.initialize()
+            return message
+
+        try:
+            await self.app(scope, receive_, send)
+        finally:
+            await manager.close()
 
 
 def _load_monitor(spec: str) -> Any:
@@ -291,6 +326,8 @@ def _load_monitor(spec: str) -> Any:
         return target
     if hasattr(target, "health_monitor"):
         monitor = target.health_monitor
+        if monitor is not None and callable(getattr(target, "initialize", None)):
+            _OWNERS[id(monitor)] = target
         if monitor is None:
             _err(
                 f"resilient serve: --app {spec}: the manager's health monitoring is off "

@@ -22,7 +22,9 @@ the section's thresholds off the call path. docs/health.md describes the rules.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import inspect
 import itertools
 import logging
@@ -68,6 +70,8 @@ HISTORY = 10
 _LIVE = "live_calls"
 #: Longest sleep of the scheduler, so services added later are picked up soon.
 _MAX_TICK = 1.0
+#: Longest wait for a cancelled async check to end (``stop()``, a cancelled run).
+_CANCEL_GRACE = 1.0
 
 
 class HealthStatus(StrEnum):
@@ -78,7 +82,7 @@ class HealthStatus(StrEnum):
     DEGRADED = "degraded"
     """Working, but slow, erring, behind an open breaker, or a non-critical check fails."""
     UNHEALTHY = "unhealthy"
-    """A critical check has failed ``failure_threshold`` times in a row."""
+    """``failure_threshold`` rounds in a row had a failing critical check."""
     UNKNOWN = "unknown"
     """No result yet."""
 
@@ -275,11 +279,13 @@ class _Check:
     critical: bool
     tags: tuple[str, ...]
     is_async: bool
-    up: bool | None = None  # passing / failing after hysteresis; None: no result yet
+    up: bool | None = None  # passing / failing after its own hysteresis; None: no result yet
     fails: int = 0
     passes: int = 0
     last: CheckResult | None = None
-    busy: bool = False  # an earlier run still runs (a hung sync check's thread)
+    evidence: CheckResult | None = None  # the last result that passed or failed
+    busy: bool = False  # a sync check's thread still runs (after its run timed out: hung)
+    run: concurrent.futures.Future[None] | None = None  # the run in flight (any loop)
     due: float = 0.0
 
 
@@ -297,6 +303,12 @@ class _Service:
     passive: _PassiveState = field(default_factory=_PassiveState)
     last: tuple[HealthStatus, float | None, str] = (HealthStatus.UNKNOWN, None, "no result yet")
     checked_at: float | None = None
+    # the service-level hysteresis, counted in rounds (docs/health.md, "Status")
+    up: bool | None = None  # None: no round yet, or only failed ones below the threshold
+    fail_rounds: int = 0
+    pass_rounds: int = 0
+    failure: str = ""  # what the failing critical checks said, at the last failed round
+    pending: bool = False  # results recorded since the last round
 
 
 def _positive_seconds(what: str, value: object) -> float | None:
@@ -392,6 +404,17 @@ class HealthMonitor:
         if not callable(fn):
             msg = f"health check for {service!r} must be callable, not {fn!r}"
             raise TypeError(msg)
+        target = inspect.unwrap(fn) if inspect.isfunction(fn) else fn
+        if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
+            msg = (
+                f"health check {getattr(fn, '__qualname__', fn)!r} for {service!r} is a "
+                "generator function: calling it runs none of its body, so it would always "
+                "pass. Make it a plain (or async) function that returns a bool"
+            )
+            raise TypeError(msg)
+        if not isinstance(critical, bool):
+            msg = f"critical must be True or False, not {critical!r}"
+            raise TypeError(msg)
         if kind not in CHECK_KINDS:
             msg = (
                 f"unknown health check kind {kind!r}{did_you_mean(kind, CHECK_KINDS)}; "
@@ -402,6 +425,9 @@ class HealthMonitor:
         limit = _positive_seconds("timeout", timeout)
         if isinstance(tags, str):
             tags = (tags,)
+        elif not isinstance(tags, Iterable):
+            msg = f"tags must be a string or a sequence of strings, not {tags!r}"
+            raise TypeError(msg)
         self._source.require(service)
         check_name = name if name is not None else getattr(fn, "__name__", None) or kind
         if check_name == "<lambda>":
@@ -413,7 +439,7 @@ class HealthMonitor:
             kind=kind,
             interval=every,
             timeout=limit,
-            critical=bool(critical),
+            critical=critical,
             tags=tuple(str(t) for t in tags),
             is_async=_pipeline._is_async_callable(fn),
         )
@@ -459,6 +485,31 @@ class HealthMonitor:
         """Forget *service*'s checks and results (no error if there are none)."""
         with self._lock:
             self._services.pop(service, None)
+
+    def reset_service(self, service: str, *, drop: Iterable[str] = ()) -> None:
+        """
+        Forget *service*'s results and status (it is ``unknown`` again), keeping its
+        checks except those named in *drop* (no error if it has none).
+        """
+        with self._lock:
+            old = self._services.pop(service, None)
+            if old is None:
+                return
+            fresh = self._services[service] = _Service(service)
+            for name, check in old.checks.items():
+                if name in drop or check.fn is None:
+                    continue
+                fresh.checks[name] = _Check(
+                    service,
+                    name,
+                    check.fn,
+                    check.kind,
+                    check.interval,
+                    check.timeout,
+                    check.critical,
+                    check.tags,
+                    check.is_async,
+                )
 
     def on_change(self, callback: Callable[[_events.HealthChanged], Any]) -> Callable[[], None]:
         """
@@ -559,65 +610,91 @@ class HealthMonitor:
 
     async def _run_all_of(self, svc: _Service) -> dict[str, Any]:
         checks = self._checks(svc)
-        outcomes = await asyncio.gather(*(self._run_one(c) for c in checks), return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(self._run_one(c, count_round=False) for c in checks), return_exceptions=True
+        )
         for outcome in outcomes:
             if isinstance(outcome, Exception):
                 _log.error("health check of %r: recording failed", svc.name, exc_info=outcome)
+        self._round(svc.name)  # one round for the whole run
         return self.get_service_health(svc.name)
 
-    async def _run_one(self, check: _Check) -> None:
+    async def _run_one(self, check: _Check, *, count_round: bool = True) -> None:
         cfg = self.config_of(check.service)
+        limit = check.timeout or cfg.timeout
         if check.fn is None:
-            result = self._judge_passive(check.service, cfg)
-        elif check.busy:
-            result = CheckResult(
-                False, 0.0, "still running from an earlier run (hung)", time.time()
-            )
-        else:
-            result = await self._call(check, check.timeout or cfg.timeout)
-        self._record(check, result, cfg)
+            self._record(check, self._judge_passive(check.service, cfg), cfg, count_round)
+            return
+        with self._lock:
+            inflight = check.run
+            joins = inflight is not None and not inflight.done()
+            if not joins:
+                inflight = check.run = concurrent.futures.Future()
+        assert inflight is not None
+        if joins:
+            # a run of this check is in flight (the scheduler, another caller, another
+            # loop): await it rather than start a second one; it records the result
+            waiter = asyncio.wrap_future(inflight)
+            await asyncio.wait({waiter}, timeout=limit + _CANCEL_GRACE)
+            return
+        try:
+            if check.busy:  # its thread outlived an earlier run's timeout and still runs
+                result = CheckResult(
+                    False, 0.0, "still running from an earlier run (hung)", time.time()
+                )
+            else:
+                result = await self._call(check, limit)
+            self._record(check, result, cfg, count_round)
+        finally:
+            with self._lock:
+                if check.run is inflight:
+                    check.run = None
+            inflight.set_result(None)
 
     async def _call(self, check: _Check, limit: float) -> CheckResult:
         fn = check.fn
         assert fn is not None
-        loop = asyncio.get_running_loop()
-        check.busy = True
         began = time.perf_counter()
         future: asyncio.Future[Any]
         if check.is_async:
             try:
                 future = asyncio.ensure_future(fn())
             except Exception as exc:
-                check.busy = False
                 return self._failed(check, exc, time.perf_counter() - began)
+
+            def retrieved(f: asyncio.Future[Any]) -> None:
+                if not f.cancelled():
+                    f.exception()  # retrieved: a late failure is not "never retrieved"
+
+            future.add_done_callback(retrieved)
         else:
-
-            def run() -> Any:
-                try:
-                    return fn()
-                finally:
-                    check.busy = False
-
-            future = loop.run_in_executor(None, run)
-
-        def finished(f: asyncio.Future[Any]) -> None:
+            try:
+                future = self._in_thread(check, fn)
+            except RuntimeError as exc:  # no thread could be started
+                return self._failed(check, exc, time.perf_counter() - began)
+        try:
+            done, _pending = await asyncio.wait({future}, timeout=limit)
+        except asyncio.CancelledError:
+            # stop(), or the run was cancelled: an async check is cancelled with it
+            # (and awaited, bounded); a thread cannot be stopped and runs on
+            future.cancel()
             if check.is_async:
-                check.busy = False
-            if not f.cancelled():
-                f.exception()  # retrieved: a late failure is not "never retrieved"
-
-        future.add_done_callback(finished)
-        done, _pending = await asyncio.wait({future}, timeout=limit)
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({future}, timeout=_CANCEL_GRACE)
+            raise
         duration = time.perf_counter() - began
         if not done:
             future.cancel()  # a coroutine is cancelled; a thread runs on (busy until it ends)
             return CheckResult(False, duration, f"timed out after {limit:g}s", time.time())
         if future.cancelled():
             return CheckResult(False, duration, "cancelled", time.time())
-        problem = future.exception()
+        if check.is_async:
+            problem = future.exception()
+            value = None if problem is not None else future.result()
+        else:
+            value, problem = future.result()
         if problem is not None:
             return self._failed(check, problem, duration)
-        value = future.result()
         if inspect.isawaitable(value):  # a sync function that returned a coroutine
             try:
                 async with asyncio.timeout(max(limit - duration, 0.0)):
@@ -632,6 +709,46 @@ class HealthMonitor:
         if value is False:
             return CheckResult(False, duration, "returned False", time.time())
         return CheckResult(True, duration, None, time.time())
+
+    @staticmethod
+    def _in_thread(
+        check: _Check, fn: Callable[[], Any]
+    ) -> asyncio.Future[tuple[Any, BaseException | None]]:
+        """
+        Run a sync check in a daemon thread of its own, never in the loop's default
+        executor: a hung check cannot starve the application's ``asyncio.to_thread``
+        nor hold up the process's exit. A check is not started again while its thread
+        runs, so there are at most as many threads as sync checks.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Any, BaseException | None]] = loop.create_future()
+        context = contextvars.copy_context()
+
+        def settle(outcome: tuple[Any, BaseException | None]) -> None:
+            if not future.done():
+                future.set_result(outcome)
+
+        def run() -> None:
+            outcome: tuple[Any, BaseException | None]
+            try:
+                outcome = (context.run(fn), None)
+            except BaseException as exc:  # reported as the check's failure
+                outcome = (None, exc)
+            finally:
+                check.busy = False
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle, outcome)
+
+        check.busy = True
+        thread = threading.Thread(
+            target=run, name=f"resilient-health:{check.service}:{check.name}", daemon=True
+        )
+        try:
+            thread.start()
+        except BaseException:
+            check.busy = False
+            raise
+        return future
 
     @staticmethod
     def _failed(check: _Check, exc: BaseException, duration: float) -> CheckResult:
@@ -679,7 +796,9 @@ class HealthMonitor:
 
     # ------------------------------------------------------------ results
 
-    def _record(self, check: _Check, result: CheckResult, cfg: HealthCheckConfig) -> None:
+    def _record(
+        self, check: _Check, result: CheckResult, cfg: HealthCheckConfig, count_round: bool = True
+    ) -> None:
         breaker = self._source.breaker(check.service)
         half_open = False
         with self._lock:
@@ -688,6 +807,9 @@ class HealthMonitor:
                 return  # removed meanwhile
             check.last = result
             svc.checked_at = result.at
+            if result.ok is not None:
+                check.evidence = result
+                svc.pending = True
             if result.ok is True:
                 check.passes += 1
                 check.fails = 0
@@ -721,7 +843,48 @@ class HealthMonitor:
                 check.service,
                 cfg.recovery_threshold,
             )
-        self.refresh(check.service)
+        if count_round:
+            self._round(check.service)
+        else:
+            self.refresh(check.service)
+
+    def _round(self, service: str) -> None:
+        """
+        Close a round of *service*: it fails when a critical check's latest result
+        failed, and passes otherwise; ``failure_threshold`` failed rounds in a row make
+        the service unhealthy, then ``recovery_threshold`` passing ones healthy again.
+        Nothing happens when no result came in since the last round.
+        """
+        cfg = self.config_of(service)
+        with self._lock:
+            svc = self._services.get(service)
+            if svc is None or not svc.pending:
+                return
+            svc.pending = False
+            checks = self._checks(svc)
+            failing = [
+                c
+                for c in checks
+                if c.evidence is not None and c.evidence.ok is False and self._critical(c, checks)
+            ]
+            if failing:
+                svc.fail_rounds += 1
+                svc.pass_rounds = 0
+                # the failure that sets (or keeps) the status is the reason shown
+                svc.failure = "; ".join(
+                    f"check {c.name!r} failing: {c.evidence.error if c.evidence else '?'}"
+                    for c in failing
+                )
+                if svc.up is not False and svc.fail_rounds >= cfg.failure_threshold:
+                    svc.up = False
+            else:
+                svc.pass_rounds += 1
+                svc.fail_rounds = 0
+                if svc.up is None or (
+                    svc.up is False and svc.pass_rounds >= cfg.recovery_threshold
+                ):
+                    svc.up = True
+        self.refresh(service)
 
     def _evaluate(self, svc: _Service) -> dict[str, Any]:
         cfg = self.config_of(svc.name)
@@ -734,9 +897,13 @@ class HealthMonitor:
                 "open" if mode == "forced_open" else (None if mode != "normal" else breaker.state)
             )
         with self._lock:
-            known = [c for c in checks if c.up is not None]
-            critical_down = [c for c in checks if c.up is False and self._critical(c, checks)]
-            other_down = [c for c in checks if c.up is False and not self._critical(c, checks)]
+            up, fail_rounds, failure = svc.up, svc.fail_rounds, svc.failure
+            other_down = [
+                c
+                for c in checks
+                if not self._critical(c, checks)
+                and (c.up is False or (c.up is None and c.fails > 0))
+            ]
             durations = [
                 c.last.duration for c in checks if c.last is not None and c.last.ok is not None
             ]
@@ -752,16 +919,22 @@ class HealthMonitor:
             error_rate = max(error_rate or 0.0, passive_detail["error_rate"])
         reasons: list[str] = []
         status: HealthStatus
-        if critical_down:
+        # not ready: unhealthy, or failing since the start (never passed a round yet)
+        ready = True
+        if up is False:
             status = HealthStatus.UNHEALTHY
-            reasons = [
-                f"check {c.name!r} failing: {c.last.error if c.last else '?'}"
-                for c in critical_down
-            ]
+            reasons = [failure]
         elif bstate == "open" and cfg.open_breaker == "unhealthy":
             status = HealthStatus.UNHEALTHY
             reasons = ["circuit_breaker:open"]
         else:
+            if up is None and fail_rounds:
+                # failed from the start, below failure_threshold: degraded, not unknown
+                ready = False
+                reasons.append(
+                    f"{failure} ({fail_rounds} of {cfg.failure_threshold} failed rounds "
+                    "before unhealthy; never passed yet)"
+                )
             reasons += [f"non-critical check {c.name!r} failing" for c in other_down]
             if response_time is not None and response_time > cfg.response_time_threshold:
                 reasons.append(
@@ -771,7 +944,7 @@ class HealthMonitor:
                 reasons.append(f"circuit_breaker:{bstate}")
             if reasons:
                 status = HealthStatus.DEGRADED
-            elif known:
+            elif up:
                 status = HealthStatus.HEALTHY
                 reasons = ["checks pass"]
             else:
@@ -785,6 +958,7 @@ class HealthMonitor:
             "score": score,
             "reason": "; ".join(reasons),
             "critical": not checks or any(self._critical(c, checks) for c in checks),
+            "ready": ready and status is not HealthStatus.UNHEALTHY,
             "response_time": None if response_time is None else round(response_time, 6),
             "error_rate": None if error_rate is None else round(error_rate, 4),
             "circuit_breaker": bstate,
@@ -796,7 +970,11 @@ class HealthMonitor:
         return {
             "kind": c.kind,
             "critical": self._critical(c, checks),
-            "status": {None: "unknown", True: "pass", False: "fail"}[c.up],
+            "status": (
+                "fail"
+                if c.up is None and c.fails
+                else {None: "unknown", True: "pass", False: "fail"}[c.up]
+            ),
             "last_result": (
                 None
                 if last is None
@@ -804,7 +982,12 @@ class HealthMonitor:
             ),
             "consecutive_failures": c.fails,
             "consecutive_passes": c.passes,
-            "duration": None if last is None else round(last.duration, 6),
+            # no reading: no result yet, or the live calls' judge with no evidence
+            "duration": (
+                None
+                if last is None or (c.fn is None and last.ok is None)
+                else round(last.duration, 6)
+            ),
             "error": None if last is None else last.error,
             "checked_at": None if last is None else _now_iso(last.at),
             "tags": list(c.tags),
@@ -954,11 +1137,30 @@ class HealthMonitor:
         self._task = self._loop.create_task(self._schedule_loop(), name="resilient-health")
 
     async def stop(self) -> None:
-        """Stop the scheduler and cancel the checks it runs (idempotent)."""
+        """
+        Stop the scheduler and cancel the checks it runs (idempotent): an async check
+        in flight is cancelled and awaited (at most about a second); a sync check's
+        thread cannot be stopped and ends on its own (a daemon thread: it never holds
+        up the process's exit). May be awaited from another event loop than the one
+        :meth:`start` ran on: the stop is then done on that loop, and awaited.
+        """
+        here = asyncio.get_running_loop()
+        owner = self._loop
+        if owner is not None and owner is not here and self._task is not None:
+            if owner.is_running() and not owner.is_closed():
+                done = asyncio.run_coroutine_threadsafe(self._stop_here(), owner)
+                await asyncio.wrap_future(done)
+            else:  # its loop is gone: so are its tasks
+                self._task = None
+                self._background = {t for t in self._background if t.get_loop() is here}
+            return
+        await self._stop_here()
+
+    async def _stop_here(self) -> None:
+        here = asyncio.get_running_loop()
         task, self._task = self._task, None
-        pending = [t for t in self._background if not t.done()]
+        pending = [t for t in self._background if not t.done() and t.get_loop() is here]
         if task is not None:
-            task.cancel()
             pending.append(task)
         for t in pending:
             t.cancel()

@@ -46,7 +46,7 @@ from resilient._models import (
 from resilient.backends._config import RedisUrl
 from resilient.breaker import CircuitBreaker
 from resilient.bulkhead import BulkheadManager, bulkhead_manager
-from resilient.decorator import AttemptIterator, _Handle
+from resilient.decorator import AttemptIterator, _Handle, _run_sync
 from resilient.errors import PolicyError, ResilienceError, did_you_mean
 from resilient.health import HealthMonitor
 from resilient.policy import parse_env_value, registry
@@ -568,6 +568,12 @@ class _GuardedBlock:
 
 # --------------------------------------------------------------------------- the manager
 
+# Managers given a redis_url, in the order they started: the newest one's backend is in
+# use; the application's own choice (before the first one) comes back after the last.
+_backend_lock = threading.Lock()
+_backend_claims: list[tuple[ResilienceManager, Any]] = []
+_application_backend: list[Any] = [None]
+
 
 class ResilienceManager:
     """
@@ -603,7 +609,6 @@ class ResilienceManager:
         self._owns_statistics = False
         self._owns_logging = False
         self._owns_backend = False
-        self._previous_backend: Any = None
         cfg = self.config
         self.circuit_breakers: Mapping[str, CircuitBreaker] = _ServiceView(
             self, lambda s: _breaker_of(self, s), "circuit breaker"
@@ -628,6 +633,11 @@ class ResilienceManager:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("ready" if self._initialized else "new")
         return f"<ResilienceManager {self.config.service_name!r} {state} services={len(self)}>"
+
+    @property
+    def initialized(self) -> bool:
+        """Whether :meth:`initialize` ran (and :meth:`close` did not)."""
+        return self._initialized and not self._closed
 
     def __len__(self) -> int:
         return len(self._services)
@@ -668,8 +678,12 @@ class ResilienceManager:
     def _connect_backend(self, url: str) -> None:
         from resilient.backends._config import BackendConfig
 
-        self._previous_backend = runtime.explicit_backend
-        runtime.configure_backend(BackendConfig(redis_url=url))
+        config = BackendConfig(redis_url=url)
+        with _backend_lock:
+            if not _backend_claims:  # the application's own choice, given back at the end
+                _application_backend[0] = runtime.explicit_backend
+            _backend_claims.append((self, config))
+            runtime.configure_backend(config)
         runtime.backend()  # connect now: a bad URL or a missing extra fails here
         self._owns_backend = True
 
@@ -699,9 +713,14 @@ class ResilienceManager:
             _log_events._release()
             self._owns_logging = False
         if self._owns_backend:
-            # give back the application's own choice (never reset what we did not set)
-            runtime.configure_backend(self._previous_backend)
-            runtime.backend()  # switch now, so the manager's Redis link closes
+            # Never reset what we did not set: the newest running manager's backend
+            # stays in use, and the last one gives back the application's own choice.
+            with _backend_lock:
+                _backend_claims[:] = [c for c in _backend_claims if c[0] is not self]
+                runtime.configure_backend(
+                    _backend_claims[-1][1] if _backend_claims else _application_backend[0]
+                )
+            runtime.backend()  # switch now, so a Redis link no one uses closes
             self._owns_backend = False
         self._services.clear()
 
@@ -746,7 +765,9 @@ class ResilienceManager:
                 docs/manager.md), on top of the config's ``*_config`` defaults.
             policy: Instead of *service_config*: a policy name from the policy
                 files (followed across reloads) or a :class:`resilient.Policy`.
-            replace: Replace a service already registered under that name.
+            replace: Replace a service already registered under that name. The health
+                checks added with ``health_monitor.add_check`` stay (their results start
+                afresh); the old instance's ``health_check()`` gives way to the new one's.
 
         Raises:
             ServiceExistsError: The name is taken and *replace* is false.
@@ -784,7 +805,12 @@ class ResilienceManager:
         self._pipeline(service)  # build now: breaker and bulkhead exist from the start
         monitor = self.health_monitor
         if monitor is not None:
-            monitor.remove_service(service_name)  # a replaced service starts afresh
+            if service_name in self._services:
+                # replaced: the checks the user added stay (and start afresh); only the
+                # old instance's own health_check() goes
+                monitor.reset_service(service_name, drop=("health_check",))
+            else:
+                monitor.remove_service(service_name)
         self._services[service_name] = service
         if monitor is not None:
             probe = getattr(service_instance, "health_check", None)
@@ -874,7 +900,8 @@ class ResilienceManager:
         # counted by the pipeline's observer (resilient.metrics.statistics)
         if _pipeline._is_async_callable(target):
             return await pipeline.run_async(target, args, kwargs)
-        return await asyncio.to_thread(pipeline.run_sync, target, args, kwargs)
+        # the decorator's sync runner: a coroutine handed back is a TypeError
+        return await asyncio.to_thread(_run_sync, pipeline, target, args, kwargs)
 
     def attempts(self, service_name: str) -> AttemptIterator:
         """
@@ -970,11 +997,8 @@ class ResilienceManager:
         if cfg.chaos_engineering_enabled:
             unavailable["chaos_experiments"] = "not in this version"
         state = "closed" if self._closed else ("running" if self._initialized else "created")
-        try:  # the backend really in use (connecting / up / down), whoever chose it
-            backend = runtime.backend()
-            backend_name, backend_status = backend.name, backend.status()
-        except PolicyError as exc:  # RESILIENCE_REDIS_URL is not a valid URL
-            backend_name, backend_status = "invalid", {"error": str(exc)}
+        backend = runtime.backend()  # the one really in use, whoever chose it
+        backend_name, backend_status = backend.name, backend.status()
         open_breakers = [
             name
             for name, s in services.items()

@@ -168,9 +168,7 @@ class Runtime:
                 if env_url not in _reported:
                     _reported.add(env_url)
                     problem = "; ".join(str(e["msg"]) for e in exc.errors())
-                    _log.error(
-                        "environment variable %s ignored: %s", ENV_REDIS_URL, problem
-                    )
+                    _log.error("environment variable %s ignored: %s", ENV_REDIS_URL, problem)
         return file_cfg if file_cfg is not None else BackendConfig()
 
     def backend(self) -> Backend:

@@ -97,9 +97,11 @@ class TestConnectionPoolCancellation:
             return rng.random() < 0.8
 
         async def close(conn: Conn) -> None:
+            # counted from the moment the pool hands it over for closing: a close is
+            # asynchronous, and the pool may open a replacement meanwhile
+            open_now[0] -= 1
             await asyncio.sleep(rng.random() * 0.001)
             conn.closed = True
-            open_now[0] -= 1
 
         pool = bulkhead_manager.connection_pool(
             "db", connect, max_size=5, validate=validate, close=close, discard_on_error=True

@@ -445,3 +445,240 @@ class TestBreakerHalfOpen:
         assert breaker.half_open() is True
         resilient.call("db", lambda: 1)
         assert breaker.state == "closed"
+
+
+# --------------------------------------------------------------------------- review fixes (H9)
+
+
+class TestOverlappingRuns:
+    async def test_a_run_check_during_a_scheduled_run_joins_it(self) -> None:
+        monitor = HealthMonitor(
+            HealthCheckConfig(failure_threshold=1, timeout=5, check_interval=60)
+        )
+        runs = []
+        started = asyncio.Event()
+
+        @monitor.check("db")
+        async def slow_ok() -> bool:
+            runs.append(1)
+            started.set()
+            await asyncio.sleep(0.3)
+            return True
+
+        changes: list[HealthChanged] = []
+        monitor.on_change(changes.append)
+        async with monitor:
+            await asyncio.wait_for(started.wait(), 5)  # the scheduler's run is in flight
+            health = await monitor.run_check("db")
+        assert health["status"] == "healthy", health["reason"]
+        assert health["checks"]["slow_ok"]["error"] is None
+        assert len(runs) == 1  # joined, not run twice
+        assert [c.new_status for c in changes] == ["healthy"]
+
+    async def test_a_run_from_another_event_loop_joins_too(self) -> None:
+        monitor = HealthMonitor(HealthCheckConfig(failure_threshold=1, timeout=5))
+        runs = []
+
+        @monitor.check("db")
+        async def slow_ok() -> bool:
+            runs.append(1)
+            await asyncio.sleep(0.3)
+            return True
+
+        first = asyncio.ensure_future(monitor.run_check("db"))
+        await asyncio.sleep(0.05)
+        other = await asyncio.to_thread(asyncio.run, monitor.run_check("db"))
+        assert other["status"] == "healthy", other["reason"]
+        assert (await first)["status"] == "healthy"
+        assert len(runs) == 1
+
+
+class TestThreads:
+    async def test_hung_sync_checks_starve_neither_other_checks_nor_to_thread(self) -> None:
+        release = threading.Event()
+        monitor = HealthMonitor(
+            HealthCheckConfig(
+                failure_threshold=1, recovery_threshold=1, timeout=0.2, check_interval=0.1
+            )
+        )
+        for i in range(12):  # more than the default executor's workers on a small machine
+            monitor.add_check(f"hung{i}", release.wait, name="h")
+        good = Flag()
+        monitor.add_check("good", good.probe)
+        try:
+            async with monitor:
+                await asyncio.sleep(0.8)
+                assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 5) == 42
+                health = monitor.get_service_health("good")
+                assert health["status"] == "healthy", health["reason"]
+                assert good.calls >= 3
+                assert monitor.get_service_health("hung0")["status"] == "unhealthy"
+                names = [
+                    t.name for t in threading.enumerate() if t.name.startswith("resilient-health")
+                ]
+                assert len(names) == 12  # one thread per hung check, never a second
+                assert all(t.daemon for t in threading.enumerate() if t.name in names)
+                release.set()
+                await asyncio.sleep(0.6)
+                assert monitor.get_service_health("hung0")["status"] == "healthy"
+        finally:
+            release.set()
+
+    def test_a_hung_sync_check_never_holds_up_the_process_exit(self, tmp_path: Any) -> None:
+        import subprocess
+        import sys
+
+        script = tmp_path / "hung.py"
+        script.write_text(
+            "import asyncio, threading\n"
+            "import resilient\n"
+            "from resilient.health import HealthMonitor\n"
+            "async def main():\n"
+            "    m = HealthMonitor(resilient.HealthCheckConfig(timeout=0.1, check_interval=0.1))\n"
+            "    m.add_check('db', threading.Event().wait)\n"
+            "    async with m:\n"
+            "        await asyncio.sleep(0.3)\n"
+            "asyncio.run(main())\n"
+            "print('exited')\n"
+        )
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "exited"
+
+
+class TestStop:
+    async def test_stop_cancels_an_async_check_in_flight(self) -> None:
+        state = {"cancelled": False, "finished": False}
+        started = asyncio.Event()
+        monitor = HealthMonitor(HealthCheckConfig(timeout=60, check_interval=100))
+
+        @monitor.check("db")
+        async def long() -> bool:
+            started.set()
+            try:
+                await asyncio.sleep(30)
+                state["finished"] = True
+            except asyncio.CancelledError:
+                state["cancelled"] = True
+                raise
+            return True
+
+        await monitor.start()
+        await asyncio.wait_for(started.wait(), 5)
+        await monitor.stop()
+        assert state == {"cancelled": True, "finished": False}
+
+    def test_stop_from_another_event_loop_stops_the_scheduler(self) -> None:
+        monitor = HealthMonitor(HealthCheckConfig(check_interval=0.05, failure_threshold=1))
+        runs = []
+        monitor.add_check("db", lambda: runs.append(1) is None)
+        started, leave = threading.Event(), threading.Event()
+
+        def loop_a() -> None:
+            async def main() -> None:
+                await monitor.start()
+                started.set()
+                while not leave.is_set():
+                    await asyncio.sleep(0.02)
+
+            asyncio.run(main())
+
+        thread = threading.Thread(target=loop_a)
+        thread.start()
+        try:
+            assert started.wait(5)
+            asyncio.run(asyncio.wait_for(monitor.stop(), 5))
+            assert not monitor.running
+            time.sleep(0.2)
+            before = len(runs)
+            time.sleep(0.3)
+            assert len(runs) == before  # nothing scheduled any more
+        finally:
+            leave.set()
+            thread.join(5)
+
+
+class TestRounds:
+    async def test_two_critical_checks_failing_in_turn_make_it_unhealthy(self) -> None:
+        monitor = HealthMonitor(HealthCheckConfig(failure_threshold=2, recovery_threshold=2))
+        turn = [0]
+        monitor.add_check("svc", lambda: turn[0] % 2 == 0, name="a")
+        monitor.add_check("svc", lambda: turn[0] % 2 == 1, name="b")
+        statuses = []
+        for _ in range(4):
+            statuses.append((await monitor.run_check("svc"))["status"])
+            turn[0] += 1
+        assert statuses == ["degraded", "unhealthy", "unhealthy", "unhealthy"]
+
+    async def test_a_service_failing_from_the_start_is_not_unknown(self) -> None:
+        monitor = HealthMonitor(HealthCheckConfig(failure_threshold=3))
+        monitor.add_check("y", lambda: False, name="ping")
+        healths = [await monitor.run_check("y") for _ in range(3)]
+        assert [h["status"] for h in healths] == ["degraded", "degraded", "unhealthy"]
+        assert "check 'ping' failing: returned False" in healths[0]["reason"]
+        assert [h["ready"] for h in healths] == [False, False, False]
+        one = HealthMonitor(HealthCheckConfig(failure_threshold=1))
+        one.add_check("y", lambda: False)
+        assert (await one.run_check("y"))["status"] == "unhealthy"
+
+    async def test_the_reason_is_the_failure_that_set_the_status(self) -> None:
+        monitor = HealthMonitor(HealthCheckConfig(failure_threshold=1, recovery_threshold=2))
+        results = iter([False, True])
+        monitor.add_check("x", lambda: next(results), name="ping")
+        await monitor.run_check("x")
+        health = await monitor.run_check("x")  # one pass: still unhealthy (hysteresis)
+        assert health["status"] == "unhealthy"
+        assert health["reason"] == "check 'ping' failing: returned False"
+
+
+class TestCheckInput:
+    def test_generator_functions_are_refused(self) -> None:
+        monitor = HealthMonitor()
+
+        def gen() -> Any:
+            yield True
+
+        async def agen() -> Any:
+            yield True
+
+        for fn in (gen, agen):
+            with pytest.raises(TypeError, match="generator function"):
+                monitor.add_check("db", fn)
+        assert monitor.services == []
+
+    def test_critical_must_be_a_bool_and_tags_a_sequence(self) -> None:
+        monitor = HealthMonitor()
+        with pytest.raises(TypeError, match="critical must be True or False"):
+            monitor.add_check("db", lambda: True, critical="no")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="tags must be a string or a sequence"):
+            monitor.add_check("db", lambda: True, tags=5)  # type: ignore[arg-type]
+
+
+class TestSyntheticRecovery:
+    async def test_a_synthetic_check_calling_the_dependency_directly_half_opens(self) -> None:
+        load(
+            pay={
+                "retry": {"max_attempts": 1},
+                "circuit_breaker": {"failure_threshold": 1, "timeout_seconds": 600},
+                "health": {"recovery_threshold": 2, "check_interval": 60, "min_calls": 100},
+            }
+        )
+        down = [True]
+
+        def backend() -> int:
+            if down[0]:
+                raise ConnectionError("down")
+            return 1
+
+        with pytest.raises(ConnectionError):
+            resilient.call("pay", backend)
+        breaker = resilient.get_breaker("pay")
+        assert breaker.state == "open"
+        monitor = HealthMonitor()
+        monitor.add_check("pay", lambda: backend() == 1, kind="synthetic", name="roundtrip")
+        down[0] = False
+        for _ in range(2):
+            await monitor.run_check("pay")
+        assert breaker.state == "half-open"

@@ -760,6 +760,66 @@ class TestRealMonitor:
         assert (status, doc["status"]) == (200, "warn")  # unknown: warn, still ready
         assert doc["checks"]["db:shallow"][0]["status"] == "warn"
 
+    async def test_a_refresh_during_a_scheduled_run_joins_it_and_stays_ready(self) -> None:
+        from resilient import HealthCheckConfig
+        from resilient.health import HealthMonitor
+
+        monitor = HealthMonitor(HealthCheckConfig(failure_threshold=1, check_interval=60))
+        started = asyncio.Event()
+        runs = []
+
+        @monitor.check("db")
+        async def query() -> bool:  # a healthy but not instant dependency
+            runs.append(1)
+            started.set()
+            await asyncio.sleep(0.3)
+            return True
+
+        app = asgi_app(monitor)
+        async with monitor:
+            await asyncio.wait_for(started.wait(), 5)  # the scheduler's run is in flight
+            status, _, body = await call_asgi(app, "/health/ready", query=b"refresh=1")
+        doc = json.loads(body)
+        assert (status, doc["status"]) == (200, "pass"), doc
+        assert "output" not in doc["checks"]["db:shallow"][0]
+        assert len(runs) == 1
+
+    async def test_a_dependency_dead_at_startup_is_not_ready(self) -> None:
+        from resilient import HealthCheckConfig
+        from resilient.health import HealthMonitor
+
+        monitor = HealthMonitor(HealthCheckConfig(failure_threshold=3))
+        monitor.add_check("db", lambda: False, name="ping")
+        await monitor.run_checks()  # one failed round, below failure_threshold
+        app = asgi_app(monitor, allow_refresh=False)
+        ready_status, _, ready = await call_asgi(app, "/health/ready")
+        health_status, _, health = await call_asgi(app, "/health")
+        assert (ready_status, json.loads(ready)["status"]) == (503, "fail")
+        assert (health_status, json.loads(health)["status"]) == (200, "warn")  # degraded
+        [entry] = json.loads(health)["checks"]["db:health"]
+        assert "check 'ping' failing: returned False" in entry["output"]
+
+    async def test_checks_with_no_reading_carry_no_time_nor_value(self) -> None:
+        import resilient
+        from resilient.health import HealthMonitor
+
+        resilient.load_policies(
+            {"version": 1, "policies": {"orders": {"health": {"min_calls": 5}}}}
+        )
+        resilient.call("orders", lambda: 1)  # its pipeline (and live-call counter) exists
+        monitor = HealthMonitor()
+        monitor.add_check("db", lambda: True)
+        app = asgi_app(monitor, allow_refresh=False)
+        _, _, before = await call_asgi(app, "/health")
+        [ping] = json.loads(before)["checks"]["db:shallow"]
+        assert "time" not in ping
+        assert "observedValue" not in ping
+        await monitor.run_check("orders")  # no live calls to judge yet
+        _, _, after = await call_asgi(app, "/health")
+        [live] = json.loads(after)["checks"]["orders:passive"]
+        assert live["status"] == "warn"
+        assert "observedValue" not in live
+
 
 # --------------------------------------------------------------------------- in FastAPI
 
@@ -796,3 +856,36 @@ def test_mounted_under_a_prefix_in_fastapi() -> None:
         assert get(base + "/ops/health/live")[0] == 200
         assert get_json(base + "/ops/health")[2]["status"] == "pass"
         assert get(base + "/health/live")[0] == 404
+
+
+async def test_serve_initialises_a_manager_its_module_did_not() -> None:
+    """`resilient serve --app mod:manager` with a manager made at import but never
+    initialised: the server's lifespan initialises it and closes it at shutdown."""
+    from resilient._health_http import asgi_app
+    from resilient.cli import _ManagerLifespan
+    from resilient.manager import ResilienceConfig, ResilienceManager
+
+    manager = ResilienceManager(
+        ResilienceConfig(metrics_enabled=False, logging_enabled=False, prometheus_enabled=False)
+    )
+    assert manager.health_monitor is not None
+    app = _ManagerLifespan(asgi_app(manager.health_monitor, start_monitor=True), manager)
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict[str, Any]] = []
+    seen_running: list[bool] = []
+
+    async def receive() -> dict[str, Any]:
+        if len(inbox) == 1:  # startup handled: the manager runs now
+            seen_running.append(manager.initialized)
+        return inbox.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert seen_running == [True]
+    assert [m["type"] for m in sent] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    assert not manager.initialized  # closed at shutdown

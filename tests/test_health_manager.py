@@ -152,3 +152,19 @@ async def test_a_replaced_service_starts_afresh(manager: ResilienceManager) -> N
         "unknown",
         "unknown",
     )
+
+
+async def test_replacing_a_service_keeps_the_checks_the_user_added(
+    manager: ResilienceManager,
+) -> None:
+    first, second = Client(), Client()
+    await manager.register_service("db", first)
+    monitor = manager.health_monitor
+    assert monitor is not None
+    monitor.add_check("db", lambda: True, kind="deep", name="select1")
+    await manager.register_service("db", second, replace=True)
+    health = await manager.run_health_check("db")
+    assert sorted(health["checks"]) == ["health_check", "select1"]
+    assert (first.probes, second.probes) == (0, 1)  # the new instance's probe only
+    await manager.register_service("db", replace=True)  # no instance: no health_check
+    assert list(monitor.get_service_health("db")["checks"]) == ["select1"]

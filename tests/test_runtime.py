@@ -333,13 +333,9 @@ class TestOwnerReload:
 
     async def test_two_managers_with_redis_closed_out_of_order(self, server: Any) -> None:
         base = server.url.rsplit("/", 1)[0]  # redis://127.0.0.1:PORT
-        m1 = await resilient.create_resilience_manager(
-            redis_url=f"{base}/3", metrics_enabled=False
-        )
+        m1 = await resilient.create_resilience_manager(redis_url=f"{base}/3", metrics_enabled=False)
         first = runtime.explicit_backend
-        m2 = await resilient.create_resilience_manager(
-            redis_url=f"{base}/4", metrics_enabled=False
-        )
+        m2 = await resilient.create_resilience_manager(redis_url=f"{base}/4", metrics_enabled=False)
         second = runtime.explicit_backend
         assert first != second
         await m1.close()

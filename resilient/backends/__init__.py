@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 
-
 def same_backend(a: BreakerBackend | None, b: BreakerBackend) -> bool:
     """Whether state made for backend *a* can be kept under *b* (same object, or both memory)."""
     return a is b or (a is not None and a.name == b.name == "memory")
