@@ -285,6 +285,7 @@ class _Check:
     last: CheckResult | None = None
     evidence: CheckResult | None = None  # the last result that passed or failed
     busy: bool = False  # a sync check's thread still runs (after its run timed out: hung)
+    round_result: CheckResult | None = None  # its latest result in the round not yet closed
     run: concurrent.futures.Future[None] | None = None  # the run in flight (any loop)
     due: float = 0.0
 
@@ -405,7 +406,13 @@ class HealthMonitor:
             msg = f"health check for {service!r} must be callable, not {fn!r}"
             raise TypeError(msg)
         target = inspect.unwrap(fn) if inspect.isfunction(fn) else fn
-        if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
+        target = getattr(target, "__func__", target)  # staticmethod / classmethod objects
+        call = None if inspect.isroutine(target) else getattr(type(target), "__call__", None)  # noqa: B004 - the method itself
+        if any(
+            inspect.isgeneratorfunction(t) or inspect.isasyncgenfunction(t)
+            for t in (target, call)
+            if t is not None
+        ):
             msg = (
                 f"health check {getattr(fn, '__qualname__', fn)!r} for {service!r} is a "
                 "generator function: calling it runs none of its body, so it would always "
@@ -639,8 +646,8 @@ class HealthMonitor:
             return
         try:
             if check.busy:  # its thread outlived an earlier run's timeout and still runs
-                result = CheckResult(
-                    False, 0.0, "still running from an earlier run (hung)", time.time()
+                result = CheckResult(  # a reading of its timeout, not a fake 0 s
+                    False, limit, "still running from an earlier run (hung)", time.time()
                 )
             else:
                 result = await self._call(check, limit)
@@ -806,6 +813,7 @@ class HealthMonitor:
             if svc is None or svc.checks.get(check.name) is not check:
                 return  # removed meanwhile
             check.last = result
+            check.round_result = result
             svc.checked_at = result.at
             if result.ok is not None:
                 check.evidence = result
@@ -860,21 +868,32 @@ class HealthMonitor:
             svc = self._services.get(service)
             if svc is None or not svc.pending:
                 return
-            svc.pending = False
             checks = self._checks(svc)
+            # A round is one result from every check: checks run at their own
+            # intervals, and a round closed per result would count one old failure
+            # again with every sibling's result (and flap with a flapping check).
+            if any(c.round_result is None for c in checks):
+                return
+            svc.pending = False
             failing = [
                 c
                 for c in checks
-                if c.evidence is not None and c.evidence.ok is False and self._critical(c, checks)
+                if c.round_result is not None
+                and c.round_result.ok is False
+                and self._critical(c, checks)
             ]
+            for c in checks:
+                c.round_result = None
             if failing:
                 svc.fail_rounds += 1
                 svc.pass_rounds = 0
-                # the failure that sets (or keeps) the status is the reason shown
-                svc.failure = "; ".join(
-                    f"check {c.name!r} failing: {c.evidence.error if c.evidence else '?'}"
-                    for c in failing
-                )
+                # the failure that sets the status is the reason shown: it follows
+                # the failing rounds until the service is unhealthy, then stays
+                if svc.up is not False or svc.failure is None:
+                    svc.failure = "; ".join(
+                        f"check {c.name!r} failing: {c.evidence.error if c.evidence else '?'}"
+                        for c in failing
+                    )
                 if svc.up is not False and svc.fail_rounds >= cfg.failure_threshold:
                     svc.up = False
             else:
@@ -1126,7 +1145,11 @@ class HealthMonitor:
     @property
     def running(self) -> bool:
         """Whether the scheduler runs."""
-        return self._task is not None and not self._task.done()
+        task = self._task
+        if task is None or task.done():
+            return False
+        loop = task.get_loop()
+        return loop.is_running() and not loop.is_closed()  # not a loop that was left
 
     async def start(self) -> None:
         """Start the scheduler on the running loop (idempotent)."""

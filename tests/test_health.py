@@ -682,3 +682,75 @@ class TestSyntheticRecovery:
         for _ in range(2):
             await monitor.run_check("pay")
         assert breaker.state == "half-open"
+
+
+class TestSecondTrial:
+    """Cases found by trying the fixed monitor again (each failed before its fix)."""
+
+    async def test_a_flapping_check_among_siblings_does_not_flap_under_the_scheduler(
+        self,
+    ) -> None:
+        import itertools
+
+        monitor = HealthMonitor(HealthCheckConfig(check_interval=0.05, timeout=1))
+        flip = itertools.cycle([True, False])
+        monitor.add_check("db", lambda: next(flip), name="flappy")
+        for name in "bcd":
+            monitor.add_check("db", lambda: True, name=name)
+        changes: list[str] = []
+        monitor.on_change(lambda event: changes.append(event.new_status))
+        async with monitor:
+            await asyncio.sleep(1.0)
+        assert "unhealthy" not in changes, changes
+
+    async def test_one_failure_of_a_slow_check_is_not_counted_again_by_fast_siblings(
+        self,
+    ) -> None:
+        monitor = HealthMonitor(HealthCheckConfig(check_interval=0.05, timeout=1))
+        results = iter([False] + [True] * 100)
+        monitor.add_check("db", lambda: next(results), name="slow", interval=0.4)
+        monitor.add_check("db", lambda: True, name="fast", interval=0.02)
+        changes: list[str] = []
+        monitor.on_change(lambda event: changes.append(event.new_status))
+        async with monitor:
+            await asyncio.sleep(1.0)
+        assert "unhealthy" not in changes, changes
+
+    async def test_a_hung_check_keeps_its_timeout_as_its_reading(self) -> None:
+        gate = threading.Event()
+        monitor = HealthMonitor(HealthCheckConfig(timeout=0.1, failure_threshold=1))
+        monitor.add_check("s", lambda: gate.wait(), name="hang", critical=False)
+        try:
+            for _ in range(3):
+                await monitor.run_check("s")
+            checks = monitor.get_service_health("s")["checks"]
+            assert checks["hang"]["duration"] >= 0.1
+        finally:
+            gate.set()
+
+    def test_running_is_false_for_a_scheduler_on_a_loop_that_was_left(self) -> None:
+        monitor = HealthMonitor(HealthCheckConfig(check_interval=0.05))
+        monitor.add_check("s", lambda: True)
+        first = asyncio.new_event_loop()
+        try:
+            first.run_until_complete(monitor.start())
+        finally:
+            first.close()  # left without stop(): `resilient serve` of such a module
+
+        async def serve() -> None:
+            assert not monitor.running  # its loop no longer runs
+            await monitor.start()  # so it starts here
+            assert monitor.running
+            await monitor.run_check("s")
+            await monitor.stop()
+
+        asyncio.run(serve())
+
+    def test_a_callable_object_whose_call_is_a_generator_is_refused(self) -> None:
+        class Gen:
+            def __call__(self) -> Any:
+                yield False
+
+        monitor = HealthMonitor()
+        with pytest.raises(TypeError, match="generator"):
+            monitor.add_check("s", Gen())
