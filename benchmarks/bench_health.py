@@ -26,9 +26,10 @@ import asyncio
 import gc
 import platform
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from _blocks import async_block, calls_per_block, sync_block
 
 import resilient
 
@@ -53,45 +54,17 @@ POLICIES = {
 }
 
 
-def _sync_block(fn: Callable[[], Any], n: int) -> float:
-    gc.disable()
-    try:
-        t0 = time.perf_counter_ns()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter_ns() - t0) / n
-    finally:
-        gc.enable()
-
-
-async def _async_block(fn: Callable[[], Awaitable[Any]], n: int) -> float:
-    gc.disable()
-    try:
-        t0 = time.perf_counter_ns()
-        for i in range(n):
-            await fn()
-            if i % 100 == 99:
-                await asyncio.sleep(0)
-        return (time.perf_counter_ns() - t0) / n
-    finally:
-        gc.enable()
-
-
-def _calibrate(per: float, block_ms: float) -> int:
-    return max(int(block_ms * 1e6 / per), 100)
-
-
 def _measure_sync(
     without: Callable[[], Any], with_: Callable[[], Any], rounds: int, block_ms: float
 ) -> tuple[float, float]:
     for fn in (without, with_):
         for _ in range(2000):
             fn()
-    n = _calibrate(_sync_block(without, 2000), block_ms)
+    n = calls_per_block(sync_block(without, 2000), block_ms)
     best = [float("inf"), float("inf")]
     for r in range(rounds):
         for i in (0, 1) if r % 2 == 0 else (1, 0):
-            best[i] = min(best[i], _sync_block((without, with_)[i], n))
+            best[i] = min(best[i], sync_block((without, with_)[i], n))
         gc.collect()
     return best[0], best[1]
 
@@ -105,11 +78,11 @@ async def _measure_async(
     for fn in (without, with_):
         for _ in range(2000):
             await fn()
-    n = _calibrate(await _async_block(without, 2000), block_ms)
+    n = calls_per_block(await async_block(without, 2000), block_ms)
     best = [float("inf"), float("inf")]
     for r in range(rounds):
         for i in (0, 1) if r % 2 == 0 else (1, 0):
-            best[i] = min(best[i], await _async_block((without, with_)[i], n))
+            best[i] = min(best[i], await async_block((without, with_)[i], n))
         gc.collect()
     return best[0], best[1]
 

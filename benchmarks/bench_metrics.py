@@ -30,10 +30,10 @@ import asyncio
 import gc
 import platform
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from _blocks import async_block, calls_per_block, sync_block
 from prometheus_client import CollectorRegistry
 
 import resilient
@@ -56,30 +56,6 @@ POLICIES = {
 }
 
 
-def _sync_block(fn: Callable[[], Any], n: int) -> float:
-    gc.disable()
-    try:
-        t0 = time.perf_counter_ns()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter_ns() - t0) / n
-    finally:
-        gc.enable()
-
-
-async def _async_block(fn: Callable[[], Awaitable[Any]], n: int) -> float:
-    gc.disable()
-    try:
-        t0 = time.perf_counter_ns()
-        for i in range(n):
-            await fn()
-            if i % 100 == 99:
-                await asyncio.sleep(0)  # let the loop breathe, as a server would
-        return (time.perf_counter_ns() - t0) / n
-    finally:
-        gc.enable()
-
-
 def _switch(on: bool) -> None:
     if on:
         if metrics.active() is None:
@@ -95,17 +71,17 @@ def _measure_sync(fn: Callable[[], Any], rounds: int, block_ms: float) -> tuple[
             fn()
     n = 1000
     while True:  # calibrate
-        per = _sync_block(fn, n)
+        per = sync_block(fn, n)
         if per * n >= block_ms * 1e6 / 2:
             break
         n *= 2
-    n = max(int(block_ms * 1e6 / per), 100)
+    n = calls_per_block(per, block_ms)
     best = {False: float("inf"), True: float("inf")}
     for r in range(rounds):
         for on in (False, True) if r % 2 == 0 else (True, False):
             _switch(on)
             fn()  # rebuild the pipeline for this setting outside the timing
-            best[on] = min(best[on], _sync_block(fn, n))
+            best[on] = min(best[on], sync_block(fn, n))
         gc.collect()
     _switch(False)
     return best[False], best[True]
@@ -120,17 +96,17 @@ async def _measure_async(
             await fn()
     n = 1000
     while True:
-        per = await _async_block(fn, n)
+        per = await async_block(fn, n)
         if per * n >= block_ms * 1e6 / 2:
             break
         n *= 2
-    n = max(int(block_ms * 1e6 / per), 100)
+    n = calls_per_block(per, block_ms)
     best = {False: float("inf"), True: float("inf")}
     for r in range(rounds):
         for on in (False, True) if r % 2 == 0 else (True, False):
             _switch(on)
             await fn()
-            best[on] = min(best[on], await _async_block(fn, n))
+            best[on] = min(best[on], await async_block(fn, n))
         gc.collect()
     _switch(False)
     return best[False], best[True]

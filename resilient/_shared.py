@@ -18,8 +18,9 @@ called again and handed the object it replaces, so that state carries over (a
 breaker starts afresh; a bulkhead updates itself in place, so the calls in flight
 keep counting against the new limit).
 
-This module imports nothing else of ``resilient`` but the errors: the runtime
-(:mod:`resilient.runtime`) passes the backend in and sets tables aside as a whole.
+This module imports nothing else of ``resilient`` but the errors and the backend
+protocol (a leaf): the runtime (:mod:`resilient.runtime`) passes the backend in and
+sets tables aside as a whole.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
+from resilient.backends.protocol import same_backend
 from resilient.errors import PolicyError
 
 __all__ = ["TABLES", "SharedByName"]
@@ -91,11 +93,11 @@ class SharedByName(Generic[T]):
             known = self.items.get(name)
             claims = self.claims.setdefault(name, {})
             if known is not None:
-                same_backend = not self.uses_backend or _same_backend(
+                kept_backend = not self.uses_backend or same_backend(
                     getattr(known, "backend", None), backend
                 )
                 if known.config == config:
-                    if same_backend:
+                    if kept_backend:
                         claims[claimant] = generation
                         return known
                 else:
@@ -163,11 +165,6 @@ class SharedByName(Generic[T]):
             self.items = dict(items)
             self.owners = dict(owners)
             self.claims = {name: dict(c) for name, c in claims.items()}
-
-
-def _same_backend(a: Any, b: Any) -> bool:
-    """Whether state made for backend *a* can be kept under *b* (same object, or both memory)."""
-    return a is b or (a is not None and b is not None and a.name == b.name == "memory")
 
 
 def _short(config: Any) -> str:

@@ -1092,20 +1092,6 @@ class BulkheadManager:
         """The bulkheads by name (:mod:`resilient._shared`)."""
         return self._bulkheads
 
-    def bulkhead_for(
-        self, key: str, config: BulkheadConfig, *, claimant: str | None = None
-    ) -> Bulkhead:
-        """
-        The shared bulkhead for *key*, made (or remade, if *config* changed) on demand.
-
-        Raises:
-            PolicyError: Another claimant uses *key* with another configuration.
-        """
-        owner = claimant if claimant is not None else f"policy {key!r}"
-        from resilient.runtime import runtime
-
-        return runtime.claim(self._bulkheads, key, config, owner)
-
     def get(self, name: str) -> Bulkhead:
         """
         The bulkhead of policy (or ``name=``) *name*.

@@ -238,12 +238,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     from resilient._health_http import asgi_app
 
-    monitor = _load_monitor(args.app)
+    monitor, owner = _load_monitor(args.app)
     if monitor is None:
         return EXIT_INVALID
     app: Any = asgi_app(monitor, start_monitor=True)
-    owner = _OWNERS.get(id(monitor))
-    if owner is not None and not owner.initialized:
+    if owner is not None and getattr(owner, "initialized", True) is False:
         app = _ManagerLifespan(app, owner)  # a manager made but not initialised at import
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", log_level=args.log_level
@@ -251,9 +250,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     server.run()
     return EXIT_OK if server.started else EXIT_INVALID
-
-
-_OWNERS: dict[int, Any] = {}  # health monitor id -> the ResilienceManager it came from
 
 
 class _ManagerLifespan:
@@ -285,11 +281,11 @@ class _ManagerLifespan:
             await manager.close()
 
 
-def _load_monitor(spec: str) -> Any:
+def _load_monitor(spec: str) -> tuple[Any, Any]:
     """
-    The health monitor that ``module:attribute`` names: a health monitor itself, or
-    a ResilienceManager (its ``health_monitor``). ``None`` when there is none
-    (reported).
+    ``(monitor, manager)`` for what ``module:attribute`` names: a health monitor
+    itself (no manager), or a ResilienceManager and its ``health_monitor``.
+    ``(None, None)`` when there is none (reported).
     """
     import importlib
 
@@ -303,17 +299,17 @@ def _load_monitor(spec: str) -> Any:
             _err(f"resilient serve: --app {spec}: no module named {exc.name!r}")
         else:
             _err(f"resilient serve: --app {spec}: importing {module_name}: {exc}")
-        return None
+        return None, None
     except Exception as exc:
         _err(f"resilient serve: --app {spec}: importing {module_name}: {type(exc).__name__}: {exc}")
-        return None
+        return None, None
     where = module_name
     for part in attribute.split("."):
         if not hasattr(target, part):
             names = [n for n in dir(target) if not n.startswith("_")]
             hint = did_you_mean(part, names)
             _err(f"resilient serve: --app {spec}: {where} has no attribute {part!r}{hint}")
-            return None
+            return None, None
         target = getattr(target, part)
         where = f"{where}.{part}"
     if isinstance(target, type):
@@ -321,24 +317,22 @@ def _load_monitor(spec: str) -> Any:
             f"resilient serve: --app {spec}: the class {target.__name__}; name an instance "
             "(a HealthMonitor or a ResilienceManager created in the module)"
         )
-        return None
+        return None, None
     if callable(getattr(target, "get_system_health_summary", None)):
-        return target
+        return target, None
     if hasattr(target, "health_monitor"):
         monitor = target.health_monitor
-        if monitor is not None and callable(getattr(target, "initialize", None)):
-            _OWNERS[id(monitor)] = target
         if monitor is None:
             _err(
                 f"resilient serve: --app {spec}: the manager's health monitoring is off "
                 "(health_monitoring_enabled=False, or RESILIENCE_HEALTH_MONITORING_ENABLED)"
             )
-        return monitor
+        return monitor, (target if monitor is not None else None)
     _err(
         f"resilient serve: --app {spec}: a {type(target).__name__}, not a health monitor "
         "or a ResilienceManager"
     )
-    return None
+    return None, None
 
 
 # --------------------------------------------------------------------------- parser

@@ -32,6 +32,7 @@ __all__ = [
     "RateLimitedError",
     "RejectedError",
     "ResilienceError",
+    "ServiceNotFoundError",
 ]
 
 
@@ -209,3 +210,26 @@ class AttemptTimeoutError(ResilienceError, TimeoutError):
         super().__init__(message, policy=policy)
         self.timeout = timeout
         self.kind = kind
+
+
+class ServiceNotFoundError(ResilienceError, KeyError):
+    """
+    No service of that name is registered (with a ``ResilienceManager``, or with a
+    ``HealthMonitor``); the message lists the registered ones. A ``KeyError``, so
+    ``manager.circuit_breakers.get(name)`` and ``except KeyError`` work.
+
+    Attributes:
+        service: The name asked for.
+        registered: The names that are registered.
+    """
+
+    def __init__(self, service: str, registered: list[str], what: str = "service") -> None:
+        hint = did_you_mean(service, registered)
+        known = ", ".join(repr(n) for n in sorted(registered)) or "(none)"
+        super().__init__(f"no {what} {service!r}{hint}; registered: {known}")
+        self.service = service
+        self.registered = sorted(registered)
+
+    def __str__(self) -> str:
+        # KeyError would show the message in quotes.
+        return str(self.args[0])

@@ -42,7 +42,7 @@ from resilient import pipeline as _pipeline
 from resilient._health_http import asgi_app
 from resilient._models import MAX_SECONDS, HealthCheckConfig
 from resilient.breaker import CircuitBreaker
-from resilient.errors import RejectedError, ResilienceError, did_you_mean
+from resilient.errors import RejectedError, ServiceNotFoundError, did_you_mean
 from resilient.policy import registry
 from resilient.runtime import runtime
 
@@ -51,7 +51,6 @@ __all__ = [
     "HealthCheckConfig",
     "HealthMonitor",
     "HealthStatus",
-    "UnknownServiceError",
     "asgi_app",
     "health_score",
 ]
@@ -85,22 +84,6 @@ class HealthStatus(StrEnum):
     """``failure_threshold`` rounds in a row had a failing critical check."""
     UNKNOWN = "unknown"
     """No result yet."""
-
-
-class UnknownServiceError(ResilienceError, KeyError):
-    """The monitor knows no service of that name; the message lists those it knows."""
-
-    def __init__(self, service: str, known: Iterable[str]) -> None:
-        names = sorted(known)
-        listed = ", ".join(repr(n) for n in names) or "(none)"
-        super().__init__(
-            f"no health-monitored service {service!r}{did_you_mean(service, names)}; "
-            f"known: {listed}"
-        )
-        self.service = service
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def health_score(
@@ -396,7 +379,7 @@ class HealthMonitor:
             TypeError: *fn* is not callable, or a bad type of argument.
             ValueError: Unknown *kind*, an interval or timeout not above 0, or a
                 check of that name already exists for the service.
-            UnknownServiceError: The source does not know *service* (the manager:
+            ServiceNotFoundError: The source does not know *service* (the manager:
                 ``ServiceNotFoundError``).
         """
         if not isinstance(service, str) or not service:
@@ -551,7 +534,7 @@ class HealthMonitor:
         if svc is not None:
             return svc
         if name not in self._source.names():
-            raise UnknownServiceError(name, self.services)
+            raise ServiceNotFoundError(name, self.services, "health-monitored service")
         with self._lock:
             return self._services.setdefault(name, _Service(name))
 
@@ -589,7 +572,7 @@ class HealthMonitor:
         one service share one run.
 
         Raises:
-            UnknownServiceError: No such service (the manager: ``ServiceNotFoundError``).
+            ServiceNotFoundError: No such service.
         """
         self._source.require(service)
         svc = self._service(service)
@@ -1085,7 +1068,7 @@ class HealthMonitor:
         and ``checked_at``. Reads the last results; runs nothing.
 
         Raises:
-            UnknownServiceError: No such service (the manager: ``ServiceNotFoundError``).
+            ServiceNotFoundError: No such service.
         """
         self._source.require(service)
         svc = self._service(service)

@@ -47,7 +47,7 @@ from resilient.backends._config import RedisUrl
 from resilient.breaker import CircuitBreaker
 from resilient.bulkhead import BulkheadManager, bulkhead_manager
 from resilient.decorator import AttemptIterator, _Handle, _run_sync
-from resilient.errors import PolicyError, ResilienceError, did_you_mean
+from resilient.errors import PolicyError, ResilienceError, ServiceNotFoundError, did_you_mean
 from resilient.health import HealthMonitor
 from resilient.policy import parse_env_value, registry
 from resilient.runtime import runtime
@@ -66,29 +66,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class ServiceNotFoundError(ResilienceError, KeyError):
-    """
-    No service of that name is registered with the manager; the message lists
-    the registered ones. A ``KeyError``, so ``manager.circuit_breakers.get(name)``
-    and ``except KeyError`` work.
-
-    Attributes:
-        service: The name asked for.
-        registered: The names that are registered.
-    """
-
-    def __init__(self, service: str, registered: list[str], what: str = "service") -> None:
-        hint = did_you_mean(service, registered)
-        known = ", ".join(repr(n) for n in sorted(registered)) or "(none)"
-        super().__init__(f"no {what} {service!r}{hint}; registered: {known}")
-        self.service = service
-        self.registered = sorted(registered)
-
-    def __str__(self) -> str:
-        # KeyError would show the message in quotes.
-        return str(self.args[0])
 
 
 class ServiceExistsError(ResilienceError, ValueError):
@@ -568,12 +545,6 @@ class _GuardedBlock:
 
 # --------------------------------------------------------------------------- the manager
 
-# Managers given a redis_url, in the order they started: the newest one's backend is in
-# use; the application's own choice (before the first one) comes back after the last.
-_backend_lock = threading.Lock()
-_backend_claims: list[tuple[ResilienceManager, Any]] = []
-_application_backend: list[Any] = [None]
-
 
 class ResilienceManager:
     """
@@ -678,12 +649,7 @@ class ResilienceManager:
     def _connect_backend(self, url: str) -> None:
         from resilient.backends._config import BackendConfig
 
-        config = BackendConfig(redis_url=url)
-        with _backend_lock:
-            if not _backend_claims:  # the application's own choice, given back at the end
-                _application_backend[0] = runtime.explicit_backend
-            _backend_claims.append((self, config))
-            runtime.configure_backend(config)
+        runtime.claim_backend(self, BackendConfig(redis_url=url))
         runtime.backend()  # connect now: a bad URL or a missing extra fails here
         self._owns_backend = True
 
@@ -715,11 +681,7 @@ class ResilienceManager:
         if self._owns_backend:
             # Never reset what we did not set: the newest running manager's backend
             # stays in use, and the last one gives back the application's own choice.
-            with _backend_lock:
-                _backend_claims[:] = [c for c in _backend_claims if c[0] is not self]
-                runtime.configure_backend(
-                    _backend_claims[-1][1] if _backend_claims else _application_backend[0]
-                )
+            runtime.release_backend(self)
             runtime.backend()  # switch now, so a Redis link no one uses closes
             self._owns_backend = False
         self._services.clear()

@@ -121,10 +121,6 @@ def observe(
         _log.exception("call observer %r raised; ignoring it", observer)
 
 
-_outcome = outcome_of
-_observe = observe
-
-
 class _BusListener:
     """
     pybreaker-style listener that puts breaker transitions on the event bus.
@@ -223,7 +219,6 @@ class Pipeline:
         "budget",
         "bulkhead",
         "callable_name",
-        "factory",
         "failure_rate",
         "fallback",
         "fallback_async",
@@ -323,9 +318,6 @@ class Pipeline:
             self.fallback = None
             self.fallback_on = ()
         self.fallback_async = self.fallback is not None and _is_async_callable(self.fallback)
-        # The factory is remembered so that a handle rebuilding after
-        # set_observer_factory() makes a new pipeline instead of reusing this one.
-        self.factory = runtime.observer_factory
         self.observer: CallObserver | None = runtime.observer_for(self)
         # Fast lanes, chosen once here and read by the decorator's wrappers:
         # DIRECT calls the function with no wrapping at all and only enters the

@@ -22,10 +22,11 @@ put it back; the testing kit and the pytest plugin isolate tests with them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -55,6 +56,7 @@ class RuntimeSnapshot:
     source: str
     fleet: BackendConfig | None
     explicit_backend: BackendConfig | None
+    backend_claims: tuple[tuple[object, BackendConfig], ...]
     observer_factory: Any
     observers: tuple[tuple[str, Any], ...]
     tables: tuple[tuple[_shared.SharedByName[Any], Any], ...]
@@ -73,6 +75,7 @@ class Runtime:
 
     __slots__ = (
         "_backend",
+        "_backend_claims",
         "_explicit_backend",
         "_lock",
         "generation",
@@ -90,6 +93,8 @@ class Runtime:
         #: further observer factories by key (health monitoring watches calls with one)
         self.observers: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
         self._explicit_backend: BackendConfig | None = None
+        # owners (managers given a redis_url) and their settings, newest last
+        self._backend_claims: tuple[tuple[object, BackendConfig], ...] = ()
         self._backend: Backend | None = None
 
     def __repr__(self) -> str:
@@ -129,6 +134,21 @@ class Runtime:
             self.observers = tuple(item for item in self.observers if item[0] != key)
             self.generation += 1
 
+    @contextlib.contextmanager
+    def observers_paused(self) -> Iterator[None]:
+        """No call observer for pipelines built in the block (the simulator's calls are
+        not the process's: metrics and passive health must not count them)."""
+        with self._lock:
+            saved = self.observer_factory, self.observers
+            self.observer_factory, self.observers = None, ()
+            self.generation += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.observer_factory, self.observers = saved
+                self.generation += 1
+
     def observer_for(self, pipeline: Any) -> Any:
         """The call observer of *pipeline*: ``None``, one observer, or a fan-out to several."""
         found = []
@@ -155,6 +175,9 @@ class Runtime:
         later, it is logged (once per value, never the password) and ignored here:
         a setting never fails a call.
         """
+        claims = self._backend_claims
+        if claims:
+            return claims[-1][1]
         explicit = self._explicit_backend
         if explicit is not None:
             return explicit
@@ -202,10 +225,28 @@ class Runtime:
             self._explicit_backend = config
             self.generation += 1
 
+    def claim_backend(self, owner: object, config: BackendConfig) -> None:
+        """
+        *owner* (a manager given a ``redis_url``) needs *config* while it runs: the
+        newest claim wins over :meth:`configure_backend`, and when the last claim
+        is released the application's own choice is back.
+        """
+        with self._lock:
+            others = tuple(c for c in self._backend_claims if c[0] is not owner)
+            self._backend_claims = (*others, (owner, config))
+            self.generation += 1
+
+    def release_backend(self, owner: object) -> None:
+        """Drop *owner*'s claim (no error if it has none)."""
+        with self._lock:
+            self._backend_claims = tuple(c for c in self._backend_claims if c[0] is not owner)
+            self.generation += 1
+
     def reset_backend(self) -> None:
         """Forget :meth:`configure_backend` and stop the active backend's threads."""
         with self._lock:
             self._explicit_backend = None
+            self._backend_claims = ()
             active, self._backend = self._backend, None
             self.generation += 1
         if active is not None:
@@ -213,8 +254,9 @@ class Runtime:
 
     @property
     def explicit_backend(self) -> BackendConfig | None:
-        """What :meth:`configure_backend` set, if anything."""
-        return self._explicit_backend
+        """The settings chosen in code: the newest claim, else :meth:`configure_backend`'s."""
+        claims = self._backend_claims
+        return claims[-1][1] if claims else self._explicit_backend
 
     # ------------------------------------------------------------ shared objects
 
@@ -260,6 +302,7 @@ class Runtime:
                 source=source,
                 fleet=fleet,
                 explicit_backend=self._explicit_backend,
+                backend_claims=self._backend_claims,
                 observer_factory=self.observer_factory,
                 observers=self.observers,
                 tables=tuple((table, table.snapshot()) for table in _shared.TABLES),
@@ -270,6 +313,7 @@ class Runtime:
         with self._lock:
             self.registry.set_contents(snapshot.policies, snapshot.source, snapshot.fleet)
             self._explicit_backend = snapshot.explicit_backend
+            self._backend_claims = snapshot.backend_claims
             self.observer_factory = snapshot.observer_factory
             self.observers = snapshot.observers
             saved = dict(snapshot.tables)

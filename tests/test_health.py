@@ -15,8 +15,9 @@ from pydantic import ValidationError
 
 import resilient
 from resilient import HealthCheckConfig, PolicyError
+from resilient.errors import ServiceNotFoundError
 from resilient.events import HealthChanged
-from resilient.health import HealthMonitor, HealthStatus, UnknownServiceError, health_score
+from resilient.health import HealthMonitor, HealthStatus, health_score
 
 FAST = HealthCheckConfig(
     check_interval=0.02, timeout=0.5, failure_threshold=3, recovery_threshold=2
@@ -379,7 +380,7 @@ class TestBadInput:
         monitor.add_check("db", lambda: True, name="ping")
         with pytest.raises(ValueError, match="already has a health check named 'ping'"):
             monitor.add_check("db", lambda: True, name="ping")
-        with pytest.raises(UnknownServiceError, match="'db'"):
+        with pytest.raises(ServiceNotFoundError, match="'db'"):
             monitor.get_service_health("bd")
 
     @pytest.mark.parametrize(

@@ -772,3 +772,26 @@ def _test_names(path: Path) -> list[str]:
         for line in path.read_text().splitlines()
         if line.startswith("def test_")
     ]
+
+
+def test_simulated_calls_reach_no_call_observer() -> None:
+    """Metrics and passive health watch the process's calls, not the simulator's."""
+    from resilient.runtime import runtime
+    from resilient.testing import outage
+
+    seen: list[str] = []
+
+    class Recorder:
+        def record(self, outcome: str, duration: float) -> None:
+            seen.append(outcome)
+
+    runtime.add_observer_factory("test-recorder", lambda pipeline: Recorder())
+    try:
+        policy = resilient.Policy(
+            circuit_breaker=resilient.CircuitBreakerConfig(), health=resilient.HealthCheckConfig()
+        )
+        result = simulate(policy, outage(start=1, duration=2), duration=5, rate=20, seed=1)
+        assert result.attempted > 0
+        assert seen == []
+    finally:
+        runtime.remove_observer_factory("test-recorder")

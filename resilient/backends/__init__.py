@@ -30,6 +30,7 @@ from resilient.backends.protocol import (
     LeaseSource,
     LimiterMember,
     SharedState,
+    same_backend,
 )
 
 __all__ = [
@@ -51,11 +52,6 @@ __all__ = [
     "reset",
     "same_backend",
 ]
-
-
-def same_backend(a: BreakerBackend | None, b: BreakerBackend) -> bool:
-    """Whether state made for backend *a* can be kept under *b* (same object, or both memory)."""
-    return a is b or (a is not None and a.name == b.name == "memory")
 
 
 def configure(

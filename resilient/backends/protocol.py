@@ -48,6 +48,7 @@ __all__ = [
     "OnBackendFailure",
     "RateSettings",
     "SharedState",
+    "same_backend",
 ]
 
 # pybreaker's state names (tests/test_breaker.py checks they still match).
@@ -336,3 +337,8 @@ class Backend(Protocol):
 
 #: The earlier name of :class:`Backend`.
 BreakerBackend = Backend
+
+
+def same_backend(a: Backend | None, b: Backend | None) -> bool:
+    """Whether state made for backend *a* can be kept under *b* (same object, or both memory)."""
+    return a is b or (a is not None and b is not None and a.name == b.name == "memory")

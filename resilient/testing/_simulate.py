@@ -275,18 +275,11 @@ def _seeded_global_random(seed: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _no_observer() -> Iterator[None]:
-    # Metrics observers (if any are installed) must not count simulated calls.
+    # Call observers (metrics, passive health) must not count simulated calls.
     from resilient.runtime import runtime
 
-    factory = runtime.observer_factory
-    if factory is None:
+    with runtime.observers_paused():
         yield
-        return
-    runtime.set_observer_factory(None)
-    try:
-        yield
-    finally:
-        runtime.set_observer_factory(factory)
 
 
 class _Run:
