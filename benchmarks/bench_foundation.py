@@ -45,34 +45,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import gc
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import textwrap
-import threading
 import time
-import tracemalloc
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from importlib import metadata
-from itertools import repeat
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiobreaker  # not a project dependency: pip install aiobreaker
 import nopanic
 import pybreaker
 import stamina
 import tenacity
+from _blocks import Config, Runner, Variant, environment, retained_bytes, threads_wall_ns
+from _runner import Context
+from _runner import Row as TableRow
 
 import resilient
-
-PERF = time.perf_counter_ns
-ASYNC_CHUNK = 100  # async loops yield to the event loop every ASYNC_CHUNK calls
 
 # --------------------------------------------------------------------------- policies
 
@@ -203,191 +196,6 @@ def _timeout_wrapper(fn: Callable[[], Any]) -> Callable[[], Any]:
             return await fn()
 
     return wrapped
-
-
-# --------------------------------------------------------------------------- timing machinery
-
-_SYNC_TEMPLATE = """
-def _loop(_n, _perf=_perf, _repeat=_repeat):
-    _t0 = _perf()
-    for _ in _repeat(None, _n):
-{stmt}
-    return _perf() - _t0
-"""
-
-_ASYNC_TEMPLATE = """
-async def _loop(_n, _perf=_perf, _repeat=_repeat, _yield=_yield):
-    _t0 = _perf()
-    for _ in _repeat(None, _n // {chunk}):
-        for _ in _repeat(None, {chunk}):
-{stmt}
-        await _yield(0)
-    return _perf() - _t0
-"""
-
-
-def compile_loop(stmt: str, ns: dict[str, Any], is_async: bool) -> Callable[[int], Any]:
-    """A function running *stmt* ``n`` times, returning the elapsed ns (a coroutine if async)."""
-    if is_async:
-        src = _ASYNC_TEMPLATE.format(stmt=textwrap.indent(stmt, " " * 12), chunk=ASYNC_CHUNK)
-    else:
-        src = _SYNC_TEMPLATE.format(stmt=textwrap.indent(stmt, " " * 8))
-    scope = {**ns, "_perf": PERF, "_repeat": repeat, "_yield": asyncio.sleep}
-    exec(compile(src, f"<bench {stmt!r}>", "exec"), scope)
-    return scope["_loop"]  # type: ignore[no-any-return]
-
-
-@dataclass
-class Variant:
-    key: str
-    label: str
-    stmt: str
-    calls_per_stmt: int = 1  # attempts per call for the failure path (ns per attempt)
-    samples: list[float] = field(default_factory=list)
-    n: int = 0
-
-    @property
-    def best(self) -> float:
-        return min(self.samples)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-
-@dataclass
-class Config:
-    block_ms: float
-    rounds: int
-    thread_runs: int
-    rejections: int
-
-
-class Runner:
-    """Measures groups of variants, interleaved round by round (see the module docstring)."""
-
-    def __init__(self, cfg: Config, ns: dict[str, Any]) -> None:
-        self.cfg = cfg
-        self.ns = ns
-        self.results: dict[str, Variant] = {}
-
-    # -- sync
-    def group_sync(self, variants: list[Variant]) -> None:
-        loops = [compile_loop(v.stmt, self.ns, False) for v in variants]
-        for v, loop in zip(variants, loops, strict=True):
-            loop(2000)  # warm-up (and first-call compilation of the pipeline)
-            v.n = self._calibrate(lambda n, loop=loop: loop(n), 1)
-        for r in range(self.cfg.rounds):
-            gc.collect()
-            for i in _rotation(len(variants), r):
-                v = variants[i]
-                gc.disable()
-                try:
-                    elapsed = loops[i](v.n)
-                finally:
-                    gc.enable()
-                v.samples.append(elapsed / v.n)
-        self._store(variants)
-
-    # -- async
-    def group_async(self, variants: list[Variant]) -> None:
-        asyncio.run(self._group_async(variants))
-        self._store(variants)
-
-    async def _group_async(self, variants: list[Variant]) -> None:
-        loops = [compile_loop(v.stmt, self.ns, True) for v in variants]
-        for v, loop in zip(variants, loops, strict=True):
-            await loop(2000)
-            v.n = await self._acalibrate(loop)
-        for r in range(self.cfg.rounds):
-            gc.collect()
-            for i in _rotation(len(variants), r):
-                v = variants[i]
-                gc.disable()
-                try:
-                    elapsed = await loops[i](v.n)
-                finally:
-                    gc.enable()
-                v.samples.append(elapsed / v.n)
-
-    def _calibrate(self, run: Callable[[int], int], step: int) -> int:
-        target = self.cfg.block_ms * 1e6
-        n = 1000
-        while True:
-            elapsed = run(n)
-            if elapsed >= target / 4:
-                return max(step, int(n * target / elapsed) // step * step)
-            n *= 4
-
-    async def _acalibrate(self, loop: Callable[[int], Any]) -> int:
-        target = self.cfg.block_ms * 1e6
-        n = 1000
-        while True:
-            elapsed = await loop(n)
-            if elapsed >= target / 4:
-                return max(ASYNC_CHUNK, int(n * target / elapsed) // ASYNC_CHUNK * ASYNC_CHUNK)
-            n *= 4
-
-    def _store(self, variants: list[Variant]) -> None:
-        for v in variants:
-            self.results[v.key] = v
-
-
-def _rotation(count: int, r: int) -> list[int]:
-    return [(r + i) % count for i in range(count)]
-
-
-# --------------------------------------------------------------------------- non-loop scenarios
-
-
-def retained_bytes(stmt: str, ns: dict[str, Any], count: int) -> tuple[int, int, float]:
-    """
-    Bytes still allocated after *count* runs of *stmt* (after gc), the peak above
-    the start (tracemalloc), and the objects per run that only the cyclic gc can
-    free (reference cycles, e.g. exception -> traceback -> frame -> exception).
-    """
-    loop = compile_loop(stmt, ns, False)
-    loop(2000)  # warm: caches, interned strings, lazily built objects
-    gc.collect()
-    gc.disable()
-    try:
-        loop(1000)
-        cyclic = gc.collect() / 1000
-    finally:
-        gc.enable()
-    tracemalloc.start()
-    try:
-        loop(1000)
-        gc.collect()
-        before, _ = tracemalloc.get_traced_memory()
-        tracemalloc.reset_peak()
-        loop(count)
-        gc.collect()
-        after, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return after - before, peak - before, cyclic
-
-
-def threads_wall_ns(call: Callable[[], Any], threads: int, runs: int) -> float:
-    """Best wall time for *threads* threads each making one *call*, released together."""
-    best = float("inf")
-    for _ in range(runs):
-        barrier = threading.Barrier(threads + 1)
-
-        def worker(barrier: threading.Barrier = barrier) -> None:
-            barrier.wait()
-            call()
-
-        pool = [threading.Thread(target=worker) for _ in range(threads)]
-        for t in pool:
-            t.start()
-        barrier.wait()
-        t0 = PERF()
-        for t in pool:
-            t.join()
-        best = min(best, PERF() - t0)
-    return best
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -632,57 +440,29 @@ def render(data: dict[str, Any], rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _git_state() -> str:
-    """Commit of the working tree, and whether resilient/ differs from it (best effort)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--", "resilient"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head}{' + uncommitted changes in resilient/' if dirty else ''}"
-
-
-def environment() -> dict[str, Any]:
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), ""
-            )
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("resilient-policies", "tenacity", "pybreaker", "stamina", "nopanic", "aiobreaker"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "source" if dist == "resilient-policies" else "missing"
-    return {
-        "git": _git_state(),
-        "loadavg_1min_before": round(os.getloadavg()[0], 2),
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "nproc": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "versions": versions,
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
+def run_benchmark(ctx: Context) -> list[TableRow]:
+    """The rows of ``python -m benchmarks`` (benchmarks/README.md)."""
+    cfg = ctx.pick(
+        Config(block_ms=20, rounds=15, thread_runs=5, rejections=100_000),
+        Config(block_ms=5, rounds=5, thread_runs=2, rejections=100_000),
+        Config(block_ms=1, rounds=1, thread_runs=1, rejections=2_000),
+    )
+    data = run_all(cfg)
+    units = {"ns": "ns/call overhead", "B": "B", "ms": "ms"}
+    out = [
+        TableRow(r.target, r.ours, units[r.unit], r.peer_name, r.peer, max_ratio=r.limit)
+        for r in build_rows(data)
+    ]
+    n = data["memory"]["rejections"]
+    out.append(
+        TableRow(f"4. memory retained after {n:,} rejections", data["memory"]["ours"][0], "B",
+                 max_value=16 * 1024)
+    )  # fmt: skip
+    out.append(
+        TableRow("6. 8 threads x 50 ms, one breaker, wall", data["threads"]["ours"] / 1e6, "ms",
+                 max_value=60.0, note="target 1.2 x 50 ms")
+    )  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -701,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds:
         cfg.rounds = args.rounds
 
-    env = environment()
+    env = environment(("tenacity", "pybreaker", "stamina", "nopanic", "aiobreaker"))
     started = time.monotonic()
     data = run_all(cfg)
     rows = build_rows(data)

@@ -33,6 +33,8 @@ from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
 
+from _runner import Context, Row
+
 import resilient
 from resilient import BulkheadConfig, RateLimitConfig
 from resilient.bulkhead import Bulkhead
@@ -198,6 +200,28 @@ def render(samples: dict[str, list[float]]) -> str:
         f"| rate-limit layer / aiolimiter `await acquire()` | {ratio(rl, al_acq)} | (info) |",
     ]
     return "\n".join(lines)
+
+
+def run_benchmark(ctx: Context) -> list[Row]:
+    """The rows of ``python -m benchmarks`` (benchmarks/README.md)."""
+    if ctx.peer("hyx") is None or ctx.peer("aiolimiter") is None:
+        return [Row.missing("isolation: bulkhead and rate-limit layers", "hyx or aiolimiter")]
+    rounds, calls = ctx.pick((15, 20000), (5, 5000), (1, 500))
+    samples = asyncio.run(measure(rounds, calls))
+    best = {name: min(values) for name, values in samples.items()}
+    over = {name: best[name] - best["bare"] for name in best}
+    unit = "ns/call overhead"
+    hyx, sem = "hyx bulkhead `async with`", "asyncio.Semaphore `async with`"
+    al = "aiolimiter `async with`"
+    rows = []
+    for layer in ("bulkhead layer (fixed limit)", "bulkhead layer (auto-scaling)"):
+        rows.append(Row(layer, over[layer], unit, "hyx bulkhead", over[hyx], max_ratio=0.5))
+        rows.append(Row(layer, over[layer], unit, "asyncio.Semaphore", over[sem], max_ratio=1.0))
+    rows.append(Row("rate-limit layer", over["rate-limit layer"], unit, "aiolimiter", over[al],
+                    max_ratio=1.0))  # fmt: skip
+    for name in ("@resilient, bulkhead only (fixed)", "@resilient, rate limit only"):
+        rows.append(Row(name, over[name], unit))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from _blocks import async_block, calls_per_block, sync_block
+from _runner import Context, Row
 from prometheus_client import CollectorRegistry
 
 import resilient
@@ -112,14 +113,8 @@ async def _measure_async(
     return best[False], best[True]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 20 ms blocks")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--block-ms", type=float, default=50.0)
-    args = parser.parse_args(argv)
-    rounds, block_ms = (3, 20.0) if args.quick else (args.rounds, args.block_ms)
-
+def measure(rounds: int, block_ms: float) -> list[tuple[str, float, float, bool]]:
+    """(stack, ns/call metrics off, ns/call metrics on, held to the target) per stack."""
     resilient.load_policies(POLICIES)
 
     @resilient.resilient("full")
@@ -138,12 +133,32 @@ def main(argv: list[str] | None = None) -> int:
     async def lean_async() -> int:
         return 1
 
-    rows = [
+    return [
         ("full stack, sync", *_measure_sync(full_sync, rounds, block_ms), True),
         ("full stack, async", *asyncio.run(_measure_async(full_async, rounds, block_ms)), True),
         ("breaker only, sync", *_measure_sync(lean_sync, rounds, block_ms), False),
         ("breaker only, async", *asyncio.run(_measure_async(lean_async, rounds, block_ms)), False),
     ]
+
+
+def run_benchmark(ctx: Context) -> list[Row]:
+    """The rows of ``python -m benchmarks`` (benchmarks/README.md)."""
+    rounds, block_ms = ctx.pick((15, 50.0), (3, 20.0), (1, 2.0))
+    return [
+        Row(f"metrics on, {name}", on, "ns/call", "metrics off", off,
+            max_ratio=TARGET if gated else None)
+        for name, off, on, gated in measure(rounds, block_ms)
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 20 ms blocks")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--block-ms", type=float, default=50.0)
+    args = parser.parse_args(argv)
+    rounds, block_ms = (3, 20.0) if args.quick else (args.rounds, args.block_ms)
+    rows = measure(rounds, block_ms)
     print(
         f"Python {platform.python_version()} on {platform.machine()} "
         f"({platform.system()}), {rounds} rounds of {block_ms:g} ms blocks, min per variant\n"

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import pybreaker
 import redis
+from _runner import Context, Row
 from redis_support import RedisServer, start_workers
 
 import resilient
@@ -149,6 +150,59 @@ def convergence(url: str, processes: int, rounds: int) -> tuple[list[float], int
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+def run_benchmark(ctx: Context) -> list[Row]:
+    """The rows of ``python -m benchmarks`` (benchmarks/README.md)."""
+    n = ctx.pick(200_000, 50_000, 2_000)
+    rounds = ctx.pick(50, 15, 3)
+    try:
+        server = RedisServer()
+        server.start()
+    except RuntimeError as exc:
+        return [Row.missing("Redis backend", f"redis-server ({exc})")]
+    rows = []
+    try:
+        costs = success_path(server.url, n)
+        rows.append(
+            Row(
+                "Redis backend, closed breaker, success path",
+                costs["redis"] * 1e9,
+                "ns/call",
+                "in-memory backend",
+                costs["memory"] * 1e9,
+                max_ratio=1.2,
+            )
+        )
+        rows.append(
+            Row(
+                "Redis backend, closed breaker, success path",
+                costs["redis"] * 1e9,
+                "ns/call",
+                "pybreaker + CircuitRedisStorage",
+                costs["pybreaker_redis"] * 1e9,
+            )
+        )
+        costs = limiter_budget_path(server.url, n)
+        for mode in ("sync", "async"):
+            rows.append(
+                Row(
+                    f"Redis backend, breaker + rate limit + budget, {mode}",
+                    costs[f"{mode} redis"] * 1e9,
+                    "ns/call",
+                    "in-memory backend",
+                    costs[f"{mode} memory"] * 1e9,
+                    max_ratio=1.2,
+                )
+            )
+        for processes in ctx.pick((2, 4), (2, 4), (2,)):
+            lat, missed = convergence(server.url, processes, rounds)
+            note = f"{len(lat)} trips seen, {missed} not seen in 3 s"
+            p99 = _pct(lat, 0.99) * 1e3 if lat else None
+            rows.append(Row(f"fleet convergence p99, {processes} processes", p99, "ms", note=note))
+    finally:
+        server.stop()
+    return rows  # fmt: skip
 
 
 def main() -> None:

@@ -12,9 +12,45 @@ p99 latency. docs/bulkheads.md quotes this table.
 
 from __future__ import annotations
 
+from typing import Any
+
+from _runner import Context, Row
+
 import resilient
 from resilient import BulkheadConfig
 from resilient.testing import healthy, healthy_noisy, simulate
+
+
+def run(duration: float, seeds: tuple[int, ...]) -> list[tuple[str, int, Any, Any]]:
+    """(scenario, seed, result with auto-scaling, result with a fixed limit)."""
+    out = []
+    for label, scenario in (("healthy", healthy), ("healthy_noisy", healthy_noisy)):
+        for seed in seeds:
+            rows = []
+            for auto in (True, False):
+                section = BulkheadConfig(max_concurrent_requests=10, enable_auto_scaling=auto)
+                policy = resilient.Policy(bulkhead=section)
+                rows.append(simulate(policy, scenario(), duration=duration, rate=200, seed=seed))
+            out.append((label, seed, rows[0], rows[1]))
+    return out
+
+
+def run_benchmark(ctx: Context) -> list[Row]:
+    """The rows of ``python -m benchmarks`` (benchmarks/README.md)."""
+    duration, seeds = ctx.pick((60.0, (0, 1, 2)), (20.0, (0,)), (2.0, (0,)))
+    rows = []
+    for label, seed, scaled, fixed in run(duration, seeds):
+        rows.append(
+            Row(
+                f"auto-scaling bulkhead, {label}, seed {seed}, share rejected",
+                100 * scaled.rejected_bulkhead / scaled.attempted,
+                "% of calls",
+                "fixed limit",
+                100 * fixed.rejected_bulkhead / fixed.attempted,
+                note=f"virtual time, {duration:g} s at 200/s",
+            )
+        )
+    return rows
 
 
 def main() -> None:

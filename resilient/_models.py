@@ -12,6 +12,7 @@ import builtins
 import functools
 import importlib
 import importlib.util
+import re
 from collections.abc import Callable, Mapping
 from enum import Enum, StrEnum
 from typing import Annotated, Any, Literal
@@ -35,10 +36,14 @@ __all__ = [
     "MAX_SECONDS",
     "PRIORITIES",
     "TRANSIENT_ERRORS",
+    "AdaptiveConfig",
     "BulkheadConfig",
+    "ChaosConfig",
     "CircuitBreakerConfig",
     "FallbackConfig",
     "HealthCheckConfig",
+    "HedgeConfig",
+    "HttpConfig",
     "Policy",
     "RateLimitConfig",
     "RetryBudgetConfig",
@@ -298,6 +303,62 @@ def _jitter(value: object) -> object:
 _DEFAULT_MAX_OPEN = 600.0
 
 
+def _one_of(*options: str) -> BeforeValidator:
+    """A value that must be one of *options*; a misspelling gets a did-you-mean."""
+
+    def check(value: object) -> object:
+        if isinstance(value, str) and value not in options:
+            hint = did_you_mean(value, options)
+            msg = f"{value!r} is not one of {', '.join(options)}{hint}"
+            raise ValueError(msg)
+        return value
+
+    return BeforeValidator(check)
+
+
+class AdaptiveConfig(_Model):
+    """
+    The ``circuit_breaker.adaptive`` block: how the adaptive breaker (``type: adaptive``)
+    predicts and acts. The basic breaker ignores it.
+    """
+
+    mode: Annotated[
+        Literal["shadow", "active", "throttle"], _one_of("shadow", "active", "throttle")
+    ] = "shadow"
+    """``shadow``: predict and report, never act; ``active``: act on the prediction;
+    ``throttle``: Google SRE client-side adaptive throttling (no model)."""
+    action: Annotated[Literal["open", "shed"], _one_of("open", "shed")] = "open"
+    """What ``active`` does above ``prediction_threshold``: ``open`` opens the breaker
+    early (a normal trip, then the usual half-open); ``shed`` refuses a share of the calls
+    that grows with the predicted risk. docs/adaptive.md measures both."""
+    max_shed: Fraction = 0.9
+    """The largest share of calls that ``shed`` refuses (at a predicted risk of 1)."""
+    bucket_seconds: Annotated[float, _Num, Field(ge=0.05, le=3600, allow_inf_nan=False)] = 1.0
+    """Width of one time bucket: features are computed, and the model asked, once per bucket."""
+    horizon_seconds: PositiveFloat = 5.0
+    """The label of a bucket: whether the service fails within this many seconds after it."""
+    min_samples: PositiveInt = 300
+    """Buckets the model must have been trained on before it may predict; below that
+    the adaptive breaker is exactly the basic breaker."""
+    retrain_seconds: PositiveFloat = 300.0
+    """How often the model is retrained (in a background thread) from the process's history."""
+    history_buckets: Annotated[int, _Num, Field(ge=10, le=1_000_000)] = 20_000
+    """Most buckets of history kept for training (the oldest are dropped)."""
+    model_path: str | None = None
+    """A model saved with joblib (``resilient.adaptive.save_model``) to start from."""
+    n_estimators: Annotated[int, _Num, Field(ge=1, le=1000)] = 30
+    """Trees in the random forest."""
+    k: Annotated[float, _Num, Field(ge=1, le=100, allow_inf_nan=False)] = 2.0
+    """``throttle``: the SRE multiplier K (2 = let through until requests are twice the
+    accepts)."""
+    throttle_window: PositiveFloat = 120.0
+    """``throttle``: seconds of requests and accepts the rejection probability is computed over."""
+
+
+def _sklearn_missing() -> bool:
+    return importlib.util.find_spec("sklearn") is None
+
+
 class CircuitBreakerConfig(_Model):
     """
     The circuit breaker section of a policy (``circuit_breaker:``).
@@ -324,10 +385,14 @@ class CircuitBreakerConfig(_Model):
     min_requests_threshold: PositiveInt = 10
     """Calls the window must hold before its failure or slow-call rate can trip the breaker."""
     enable_ml_prediction: bool = True
-    """Stored for the adaptive (learning) breaker, which is not part of this release: the
-    basic breaker ignores it, and nothing predicts."""
+    """``type: adaptive``: predict failures with a random forest (needs the ``ml`` extra).
+    The basic breaker ignores it."""
     prediction_threshold: Fraction = 0.7
-    """Failure probability above which the adaptive breaker opens early (see above)."""
+    """``type: adaptive``: predicted failure probability above which the breaker acts."""
+    type: Annotated[Literal["basic", "adaptive"], _one_of("basic", "adaptive")] = "basic"
+    """``adaptive``: a breaker that also learns to predict failures (docs/adaptive.md)."""
+    adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
+    """``type: adaptive``: mode, buckets, horizon, training; the basic breaker ignores it."""
 
     failure_rate_threshold: Fraction | None = 0.5
     """Failure rate (0-1] over the window that opens the breaker. ``null``: rate tripping off."""
@@ -404,7 +469,23 @@ class CircuitBreakerConfig(_Model):
                 f"timeout_seconds ({self.timeout_seconds})"
             )
             raise ValueError(msg)
+        if self.uses_model and _sklearn_missing():
+            msg = (
+                "type: adaptive with enable_ml_prediction needs scikit-learn: "
+                "pip install 'resilient-policies[ml]' (or set enable_ml_prediction: false, "
+                "or adaptive.mode: throttle, which need no model)"
+            )
+            raise ValueError(msg)
         return self
+
+    @property
+    def uses_model(self) -> bool:
+        """Whether this breaker predicts with a learned model (adaptive, ML on, not throttle)."""
+        return (
+            self.type == "adaptive"
+            and self.enable_ml_prediction
+            and self.adaptive.mode != "throttle"
+        )
 
     @property
     def trial_calls(self) -> int:
@@ -657,6 +738,392 @@ class FallbackConfig(_Model):
     """Which exceptions are replaced by the value."""
 
 
+#: Statuses that count as failures of an HTTP call by default (``http.failure_statuses``).
+DEFAULT_FAILURE_STATUSES: tuple[int, ...] = (429, 502, 503, 504)
+#: Methods retried (and hedged) by default: the idempotent ones (RFC 9110, 9.2.2).
+IDEMPOTENT_METHODS: tuple[str, ...] = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")
+_TOKEN_CHARS = frozenset(
+    "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+
+
+def _one_or_many(value: object) -> object:
+    if isinstance(value, list | tuple | set | frozenset):
+        return tuple(value)
+    return (value,)
+
+
+def _http_status(value: object) -> int:
+    """An HTTP status from ``503``, ``"503"`` or a name such as ``service_unavailable``."""
+    from http import HTTPStatus
+
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        msg = f"expected an HTTP status code (100-599) or its name, got {value!r}"
+        raise ValueError(msg)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            value = int(text)
+        else:
+            key = text.upper().replace(" ", "_").replace("-", "_")
+            if key not in HTTPStatus.__members__:
+                hint = did_you_mean(text.lower(), [m.lower() for m in HTTPStatus.__members__])
+                msg = f"unknown HTTP status name {text!r}{hint}"
+                raise ValueError(msg)
+            return int(HTTPStatus[key])
+    if not 100 <= value <= 599:
+        msg = f"{value} is not an HTTP status code (100-599)"
+        raise ValueError(msg)
+    return value
+
+
+def _http_method(value: object) -> str:
+    if not isinstance(value, str) or not value or not set(value) <= _TOKEN_CHARS:
+        msg = f"expected an HTTP method name such as POST, got {value!r}"
+        raise ValueError(msg)
+    return value.upper()
+
+
+_STATUS_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "integer", "minimum": 100, "maximum": 599}, {"type": "string"}]
+}
+HttpStatuses = Annotated[
+    tuple[Annotated[int, BeforeValidator(_http_status)], ...],
+    BeforeValidator(_one_or_many),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "array", "items": _STATUS_SCHEMA},
+                _STATUS_SCHEMA,
+            ],
+            "description": "HTTP status codes (100-599) or their names (service_unavailable); "
+            "one or a list.",
+        }
+    ),
+]
+HttpMethods = Annotated[
+    tuple[Annotated[str, BeforeValidator(_http_method)], ...],
+    BeforeValidator(_one_or_many),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}],
+            "description": "HTTP method names (GET, POST ...); one or a list.",
+        }
+    ),
+]
+
+
+class HttpConfig(_Model):
+    """
+    The ``http:`` section: how ``resilient.httpx`` transports judge and retry HTTP
+    calls. A transport whose policy has no ``http:`` section uses these defaults.
+    """
+
+    failure_statuses: HttpStatuses = DEFAULT_FAILURE_STATUSES
+    """Response statuses that count as failures: the circuit breaker counts them and
+    the retry section retries them (codes, or names such as ``service_unavailable``)."""
+    retry_methods: HttpMethods = IDEMPOTENT_METHODS
+    """Methods whose requests are retried (and hedged); others get one attempt. Default:
+    the idempotent methods GET, HEAD, OPTIONS, PUT, DELETE, TRACE."""
+    respect_retry_after: bool = True
+    """Wait what a failure response's ``Retry-After`` header says (seconds or an HTTP
+    date) before the next attempt, capped by ``retry.max_delay``."""
+    raise_on_exhausted: bool = False
+    """When the last attempt ends on a failure status: ``false`` returns that response to
+    the caller, ``true`` raises ``httpx.HTTPStatusError``."""
+    key: Literal["policy", "host"] = "policy"
+    """``policy``: one circuit breaker (and one set of metrics) for every host;
+    ``host``: one per host and port."""
+    max_keys: PositiveInt = 100
+    """``key: host``: most hosts with their own breaker; further hosts share one."""
+
+
+# --------------------------------------------------------------------------- chaos (issue 12)
+
+#: The failure modes chaos injection knows (``chaos.failure_modes``).
+CHAOS_MODES = ("network_delay", "timeout", "exception", "error_result", "latency_spike")
+ChaosMode = Literal["network_delay", "timeout", "exception", "error_result", "latency_spike"]
+_DISTRIBUTIONS = ("fixed", "uniform", "normal", "exponential")
+
+
+def _chaos_choice(options: tuple[str, ...], what: str) -> BeforeValidator:
+    # pydantic's own Literal error names the options but suggests none
+    def check(value: object) -> object:
+        if isinstance(value, str) and value not in options:
+            hint = did_you_mean(value, options)
+            msg = f"unknown {what} {value!r}{hint}; valid: {', '.join(options)}"
+            raise ValueError(msg)
+        return value
+
+    return BeforeValidator(check)
+
+
+ChaosModeName = Annotated[ChaosMode, _chaos_choice(CHAOS_MODES, "failure mode")]
+Intensity = Annotated[float, _Num, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+def _modes_list(value: object) -> object:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _delay_shorthand(value: object) -> object:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return {"delay": value}
+    return value
+
+
+def _operations(value: object) -> object:
+    if isinstance(value, Mapping):
+        return tuple(value.items())
+    return value
+
+
+def _or_seconds(schema: dict[str, Any]) -> None:
+    # the schema accepts the shorthand the loader accepts: a number of seconds
+    schema.setdefault("anyOf", []).insert(1, {"type": "number", "minimum": 0})
+
+
+_MODE_NAMES_SCHEMA = {"type": "string", "enum": list(CHAOS_MODES)}
+
+
+class ChaosDelayConfig(_Model):
+    """
+    A delay of ``network_delay`` or ``latency_spike``: a number of seconds, or a
+    distribution to draw each delay from.
+    """
+
+    distribution: Annotated[
+        Literal["fixed", "uniform", "normal", "exponential"],
+        _chaos_choice(_DISTRIBUTIONS, "distribution"),
+    ] = "fixed"
+    """``fixed`` (always ``delay``), ``uniform`` (between ``min`` and ``max``), ``normal``
+    (mean ``delay``, ``stddev``) or ``exponential`` (mean ``delay``)."""
+    delay: NonNegativeFloat = 0.1
+    """Seconds: the fixed delay, or the mean of ``normal`` and ``exponential``."""
+    min: NonNegativeFloat | None = None
+    """Shortest delay drawn (``uniform``: default 0)."""
+    max: NonNegativeFloat | None = None
+    """Longest delay drawn (``uniform``: default twice ``delay``)."""
+    stddev: NonNegativeFloat | None = None
+    """Standard deviation of ``normal`` (default a quarter of ``delay``)."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ChaosDelayConfig:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            msg = f"min ({self.min}) is larger than max ({self.max})"
+            raise ValueError(msg)
+        return self
+
+
+class LatencySpikeConfig(ChaosDelayConfig):
+    """The ``latency_spike`` delay: like ``network_delay``, rarer and longer."""
+
+    delay: NonNegativeFloat = 2.0
+    """Seconds: the fixed spike, or the mean of ``normal`` and ``exponential``."""
+
+
+class ChaosTimeoutConfig(_Model):
+    """Mode ``timeout``: the attempt hangs until its per-attempt timeout fires."""
+
+    hang: PositiveFloat | None = None
+    """Seconds the attempt hangs when no per-attempt timeout ends it first (then it
+    raises ``ChaosTimeoutError``); default 30."""
+
+
+class ChaosExceptionConfig(_Model):
+    """Mode ``exception``: the attempt raises instead of calling the function."""
+
+    error: Annotated[
+        ExceptionType,
+        PlainSerializer(_exception_name, return_type=str),
+        WithJsonSchema({"type": "string", "default": "ChaosError"}),
+    ] = Field(default_factory=lambda: _chaos_error())
+    """The exception class (a name, as in ``retry_on``); default ``ChaosError``, a
+    ``ConnectionError``."""
+    message: str = "fault injected by chaos"
+    """The exception's message."""
+
+    @model_validator(mode="after")
+    def _makeable(self) -> ChaosExceptionConfig:
+        if not issubclass(self.error, Exception):
+            msg = f"{self.error.__name__} is not an Exception subclass: it cannot be injected"
+            raise ValueError(msg)
+        try:
+            self.error(self.message)
+        except Exception as exc:
+            msg = (
+                f"{self.error.__name__}({self.message!r}) cannot be created "
+                f"({type(exc).__name__}: {exc}); name an exception that takes a message"
+            )
+            raise ValueError(msg) from None
+        return self
+
+
+def _chaos_error() -> type[BaseException]:
+    from resilient.errors import ChaosError
+
+    return ChaosError
+
+
+class ChaosErrorResultConfig(_Model):
+    """Mode ``error_result``: the attempt returns ``value`` instead of calling the function."""
+
+    value: Any = None
+    """What the attempt returns."""
+
+
+class ChaosConfig(_Model):
+    """
+    The ``chaos:`` section: faults injected into this policy's attempts, innermost,
+    while chaos is allowed (``resilient.chaos.enable()`` or
+    ``RESILIENCE_CHAOS_ENGINEERING_ENABLED``) and the environment is not production.
+    """
+
+    failure_modes: Annotated[
+        tuple[ChaosModeName, ...],
+        BeforeValidator(_modes_list),
+        WithJsonSchema(
+            {"anyOf": [{"type": "array", "items": _MODE_NAMES_SCHEMA}, _MODE_NAMES_SCHEMA]}
+        ),
+    ] = ()
+    """Failure modes to inject (one is drawn per injected attempt); default: those whose
+    parameters are given below."""
+    rate: Intensity = 0.1
+    """Share of attempts that get a fault, 0 to 1."""
+    network_delay: Annotated[ChaosDelayConfig | None, BeforeValidator(_delay_shorthand)] = Field(
+        default=None, json_schema_extra=_or_seconds
+    )
+    """Delay before the real call: seconds, or a distribution (default 0.1 s)."""
+    latency_spike: Annotated[LatencySpikeConfig | None, BeforeValidator(_delay_shorthand)] = Field(
+        default=None, json_schema_extra=_or_seconds
+    )
+    """A long delay before the real call (default 2 s)."""
+    timeout: ChaosTimeoutConfig | None = None
+    """Parameters of mode ``timeout``."""
+    exception: ChaosExceptionConfig | None = None
+    """Parameters of mode ``exception``."""
+    error_result: ChaosErrorResultConfig | None = None
+    """Parameters of mode ``error_result``."""
+    operations: Annotated[
+        tuple[tuple[str, Intensity], ...],
+        BeforeValidator(_operations),
+        PlainSerializer(dict, return_type=dict[str, float]),
+        WithJsonSchema(
+            {
+                "type": "object",
+                "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1},
+                "description": "Rate per function: its qualified name or last part -> 0..1.",
+            }
+        ),
+    ] = Field(default=(), json_schema_extra={"default": {}})
+    """Rate per function (its qualified name, or the last part of it), instead of ``rate``."""
+
+    @model_validator(mode="after")
+    def _modes(self) -> ChaosConfig:
+        given = [mode for mode in CHAOS_MODES if getattr(self, mode) is not None]
+        if not self.failure_modes:
+            if not given:
+                msg = f"name at least one failure mode in failure_modes ({', '.join(CHAOS_MODES)})"
+                raise ValueError(msg)
+            object.__setattr__(self, "failure_modes", tuple(given))
+        unused = [mode for mode in given if mode not in self.failure_modes]
+        if unused:
+            msg = (
+                f"parameters given for {', '.join(unused)}, which failure_modes does not list "
+                f"({', '.join(self.failure_modes)})"
+            )
+            raise ValueError(msg)
+        object.__setattr__(self, "failure_modes", tuple(dict.fromkeys(self.failure_modes)))
+        return self
+
+
+#: ``hedge.delay`` as a quantile: ``p95``, ``p99``, ``p99.9`` (1 to 99.99).
+_QUANTILE = re.compile(r"p(\d{1,2}(?:\.\d{1,2})?)")
+
+
+def _hedge_delay(value: object) -> object:
+    """A delay in seconds, or ``pNN``: the policy's own observed latency quantile."""
+    expected = "seconds (a number >= 0) or a latency quantile 'pNN' such as 'p95' or 'p99.9'"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        match = _QUANTILE.fullmatch(text)
+        if match is not None and 1 <= float(match.group(1)) <= 99.99:
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            msg = f"delay must be {expected}, got {value!r}"
+            raise ValueError(msg) from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        msg = f"delay must be {expected}, got {value!r}"
+        raise ValueError(msg)
+    if not 0 <= value <= MAX_SECONDS:  # NaN fails too
+        msg = f"delay must be {expected}; {value!r} is out of 0..{MAX_SECONDS}"
+        raise ValueError(msg)
+    return float(value)
+
+
+HedgeDelay = Annotated[
+    float | str,
+    BeforeValidator(_hedge_delay),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": MAX_SECONDS},
+                {"type": "string", "pattern": "^p[0-9]{1,2}(\\.[0-9]{1,2})?$"},
+            ],
+            "description": "Seconds before the next hedged attempt starts, or 'pNN': the "
+            "policy's own observed latency quantile (e.g. 'p95').",
+        }
+    ),
+]
+
+
+class HedgeConfig(_Model):
+    """
+    The ``hedge:`` section: when an attempt has not answered after ``delay``, start
+    another one in parallel; the first acceptable answer wins, the others are
+    cancelled (docs/hedging.md). Hedging resends the call: idempotent operations only.
+    """
+
+    max_hedged_attempts: PositiveInt = 1
+    """Extra attempts a call may start in parallel (besides the first one)."""
+    delay: HedgeDelay = "p95"
+    """Seconds without an answer before the next hedge starts (0: all at once), or
+    ``pNN``: the policy's observed latency quantile, kept within ``min_delay``..``max_delay``."""
+    min_delay: NonNegativeFloat = 0.0
+    """``delay: pNN``: the floor of the delay, in seconds."""
+    max_delay: PositiveFloat = 1.0
+    """``delay: pNN``: the cap of the delay, in seconds; also the delay until enough
+    latencies have been seen (20)."""
+    on_failure: bool = False
+    """A failed attempt starts the next hedge at once (Polly's fallback mode), instead
+    of leaving the failure to the retry loop."""
+    max_load_amplification: (
+        Annotated[float, _Num, Field(gt=1, le=1000, allow_inf_nan=False)] | None
+    ) = 1.5
+    """Ceiling on attempts per call over the recent calls (1.5: hedges add at most 50 %
+    to the load, after a burst allowance); ``null``: only ``max_hedged_attempts`` bounds it."""
+
+    @model_validator(mode="after")
+    def _check(self) -> HedgeConfig:
+        if self.min_delay > self.max_delay:
+            msg = f"min_delay ({self.min_delay}) must not exceed max_delay ({self.max_delay})"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def quantile(self) -> float | None:
+        """``delay: p95`` -> 0.95; ``None`` for a fixed delay."""
+        if isinstance(self.delay, str):
+            return float(self.delay[1:]) / 100.0
+        return None
+
+
 class Policy(_Model):
     """
     A named composition of strategies. A section that is absent (``None``)
@@ -672,6 +1139,9 @@ class Policy(_Model):
     bulkhead: BulkheadConfig | None = None
     rate_limit: RateLimitConfig | None = None
     health: HealthCheckConfig | None = None
+    hedge: HedgeConfig | None = None
+    chaos: ChaosConfig | None = None
+    http: HttpConfig | None = None
 
     @property
     def per_attempt_timeout(self) -> float | None:

@@ -8,6 +8,7 @@ The ``resilient`` command.
     resilient status --redis redis://host:6379  # the fleet's shared breaker state
     resilient simulate resilience.yaml --policy broker --scenario outage
     resilient serve --app myapp:monitor     # /health, /health/live, /health/ready, /metrics
+    resilient chaos run experiment.yaml --report run.html --plot run.png
 
 Exit codes: 0 ok, 1 an invalid policy file or input, 2 usage error.
 """
@@ -490,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     from resilient.testing._cli import add_simulate_parser  # stdlib-only module
 
     add_simulate_parser(commands)
+
+    # ---- chaos command group (resilient/chaos/_cli.py; stdlib-only at import) ----
+    from resilient.chaos._cli import add_chaos_parser
+
+    add_chaos_parser(commands)
     return parser
 
 

@@ -492,6 +492,7 @@ class AttemptIterator:
         "_failed",
         "_last",
         "_total_entry",
+        "_treated",
         "delay",
         "finished",
         "is_async",
@@ -515,8 +516,26 @@ class AttemptIterator:
         self._began = 0.0
         if pipeline.budget is not None:
             pipeline.budget.deposit()
+        # chaos: the call's cohorts (resilient.chaos), faults injected as attempts begin
+        self._treated = pipeline.chaos.begin() if pipeline.chaos is not None else ()
 
     # ------------------------------------------------------------ decisions
+
+    def _injected(self, ticket: list[Any], outcome: BaseException | object) -> BaseException | None:
+        """
+        Chaos ended an admitted attempt before its block ran (an injected exception
+        or timeout, or ``error_result``: a success): settle it as the block's outcome.
+        Returns what to raise from the loop, or ``None`` to go on (a retry, or done).
+        """
+        exc = outcome if isinstance(outcome, BaseException) else None
+        error = _settle(self.pipeline, ticket, exc, self._total_entry)
+        spent = self.total_expired(error)
+        if spent is not error:
+            self._finish(spent)
+            return spent
+        if self.after(self.number, error):
+            return None
+        return error
 
     def after(self, number: int, error: BaseException | None) -> bool:
         """Attempt *number* ended with *error*: ``True`` to run the block again."""
@@ -597,6 +616,13 @@ class AttemptIterator:
                 if self.finished:
                     raise error
                 continue
+            if p.chaos is not None:
+                fault = p.chaos.enter_sync(self._treated)
+                if fault is not None:
+                    error = self._injected(ticket, fault)
+                    if error is not None:
+                        raise error
+                    continue
             attempt = Attempt(self, self.number, ticket)
             try:
                 yield attempt
@@ -636,6 +662,16 @@ class AttemptIterator:
                 if self.finished:
                     raise error
                 continue
+            if p.chaos is not None:
+                try:
+                    fault = await p.chaos.enter_async(self._treated)
+                except BaseException as exc:  # a deadline (or the caller) cancelled the hang
+                    fault = exc
+                if fault is not None:
+                    error = self._injected(ticket, fault)
+                    if error is not None:
+                        raise error
+                    continue
             attempt = Attempt(self, self.number, ticket)
             try:
                 yield attempt

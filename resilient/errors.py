@@ -27,6 +27,9 @@ from typing import Any
 __all__ = [
     "AttemptTimeoutError",
     "BulkheadFullError",
+    "ChaosError",
+    "ChaosRefusedError",
+    "ChaosTimeoutError",
     "CircuitOpenError",
     "PolicyError",
     "RateLimitedError",
@@ -233,3 +236,50 @@ class ServiceNotFoundError(ResilienceError, KeyError):
     def __str__(self) -> str:
         # KeyError would show the message in quotes.
         return str(self.args[0])
+
+
+# --------------------------------------------------------------------------- chaos (issue 12)
+
+
+class ChaosError(ResilienceError, ConnectionError):
+    """
+    The fault that chaos injection raises by default (mode ``exception``).
+
+    A ``ConnectionError``, so the default ``retry_on`` retries it and breakers count
+    it, as they would a real transport error.
+
+    Attributes:
+        fault: The failure mode that raised it (``"exception"`` or ``"timeout"``).
+    """
+
+    fault: str
+
+    def __init__(
+        self,
+        message: str = "fault injected by chaos",
+        *,
+        policy: str | None = None,
+        fault: str = "exception",
+    ) -> None:
+        super().__init__(message, policy=policy)
+        self.fault = fault
+
+
+class ChaosTimeoutError(ChaosError, TimeoutError):
+    """The configured hang of an injected ``timeout`` ended before any per-attempt deadline."""
+
+
+class ChaosRefusedError(ResilienceError, RuntimeError):
+    """
+    Chaos injection was refused: it is switched off, stopped, the environment is
+    production, or the target is unknown. The message says which and how to allow it.
+
+    Attributes:
+        reason: ``"disabled"``, ``"stopped"``, ``"production"`` or ``"unknown_target"``.
+    """
+
+    reason: str
+
+    def __init__(self, message: str, *, reason: str, policy: str | None = None) -> None:
+        super().__init__(message, policy=policy)
+        self.reason = reason

@@ -30,6 +30,8 @@ __all__ = [
     "EventBus",
     "FallbackUsed",
     "HealthChanged",
+    "HedgeStarted",
+    "PredictionCrossed",
     "RetriesExhausted",
     "RetryBudgetExhausted",
     "RetryScheduled",
@@ -155,6 +157,36 @@ class BackendUp:
     """Seconds it was down, or ``None`` on the first connection."""
 
 
+@dataclass(frozen=True, slots=True)
+class PredictionCrossed:
+    """
+    An adaptive breaker's predicted failure probability crossed its threshold
+    (*above*: it went over; otherwise it came back under). In ``active`` mode the
+    breaker acts from now on (or stops acting); in ``shadow`` mode it only reports.
+    """
+
+    policy: str
+    risk: float
+    threshold: float
+    above: bool
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeStarted:
+    """A call of *callable* started another attempt in parallel (the ``hedge:`` section)."""
+
+    policy: str
+    callable: str
+    hedge: int
+    """Which extra attempt of the call this is (1 = the first hedge)."""
+    after: float
+    """Seconds since the call's first attempt started."""
+    reason: str
+    """``"delay"``: no answer within the hedge delay; ``"failure"``: an attempt failed
+    (``on_failure: true``)."""
+
+
 Event: TypeAlias = (
     RetryScheduled
     | RetriesExhausted
@@ -166,6 +198,8 @@ Event: TypeAlias = (
     | ChaosInjected
     | BackendDown
     | BackendUp
+    | PredictionCrossed
+    | HedgeStarted
 )
 Subscriber: TypeAlias = Callable[[Any], Any]
 

@@ -46,6 +46,7 @@ from resilient._models import (
 from resilient.backends._config import RedisUrl
 from resilient.breaker import CircuitBreaker
 from resilient.bulkhead import BulkheadManager, bulkhead_manager
+from resilient.chaos import _inject as _chaos
 from resilient.decorator import AttemptIterator, _Handle, _run_sync
 from resilient.errors import PolicyError, ResilienceError, ServiceNotFoundError, did_you_mean
 from resilient.health import HealthMonitor
@@ -120,8 +121,9 @@ class ResilienceConfig(BaseModel):
     circuit_breaker_enabled: bool = True
     """Give every service a circuit breaker."""
     adaptive_circuit_breaker_enabled: bool = False
-    """Ask for the learning breaker. Not part of this version: the basic breaker is used
-    and the status lists it under ``unavailable``."""
+    """Give services the adaptive (learning) breaker: ``type: adaptive`` in their breaker
+    section, in the mode of ``circuit_breaker_config.adaptive`` (``shadow`` unless set;
+    see docs/adaptive.md). Needs the ``ml`` extra unless ML prediction is off."""
     retry_enabled: bool = True
     """Give every service retries (the ``attempts`` and ``call`` forms use them)."""
     max_retry_attempts: PositiveInt | None = None
@@ -138,7 +140,9 @@ class ResilienceConfig(BaseModel):
     """Bulkhead size for services whose ``service_config`` has no ``max_concurrent``.
     ``None``: ``bulkhead_config.max_concurrent_requests``."""
     chaos_engineering_enabled: bool = False
-    """Allow chaos experiments (experiments land with the chaos issue)."""
+    """Allow chaos engineering: while the manager runs, fault injection is allowed in the
+    process (``resilient.chaos.allow``) and :meth:`ResilienceManager.run_chaos_experiment`
+    works (docs/chaos.md)."""
     metrics_enabled: bool = True
     """Keep per-service call counts (in the status dicts)."""
     prometheus_enabled: bool = False
@@ -226,6 +230,8 @@ def _flat_policy(
         "bulkhead": config.bulkhead_config,
     }
     cb = updates["circuit_breaker"]
+    if config.adaptive_circuit_breaker_enabled:
+        cb.setdefault("type", "adaptive")
     if "timeout_seconds" in cb:
         # a long open period must not trip the "max_open_duration >= timeout_seconds" rule
         cb.setdefault(
@@ -250,7 +256,10 @@ def _flat_policy(
     if isinstance(modes, str) or not all(isinstance(m, str) for m in modes):
         msg = f"service {service!r}: service_config['failure_modes'] must be a list of names"
         raise PolicyError(msg, policy=service, key="service_config.failure_modes")
-    return Policy(description=f"service {service}", **sections), tuple(modes)
+    # the modes its chaos experiments may inject: a misspelt one is a did-you-mean error
+    where = f"service {service!r}: service_config['failure_modes']"
+    checked = _chaos.check_modes(modes, where=where)
+    return Policy(description=f"service {service}", **sections), checked
 
 
 def _max_float(a: float, b: Any) -> Any:
@@ -518,6 +527,18 @@ class _GuardedBlock:
             self._finish(exc)
             raise
         _attempt.arm_single(p, ticket)
+        stage = p.chaos
+        if stage is not None:  # an injected fault is the attempt's outcome (docs/chaos.md)
+            treated = stage.begin()
+            try:
+                fault = await stage.enter_async(treated)
+            except BaseException as exc:  # the armed deadline cancelled an injected hang
+                fault = exc
+            if isinstance(fault, BaseException):  # SKIPPED (error_result): run the block
+                error = _attempt.settle(p, ticket, fault)
+                self._finish(error)
+                assert error is not None
+                raise error
         self._ticket = ticket
         return self
 
@@ -580,6 +601,8 @@ class ResilienceManager:
         self._owns_statistics = False
         self._owns_logging = False
         self._owns_backend = False
+        self._experiments: dict[str, Any] = {}  # register_experiment(): name -> Experiment
+        self._last_experiment: dict[str, Any] | None = None
         cfg = self.config
         self.circuit_breakers: Mapping[str, CircuitBreaker] = _ServiceView(
             self, lambda s: _breaker_of(self, s), "circuit breaker"
@@ -642,6 +665,9 @@ class ResilienceManager:
             _log_events._retain()
             self._owns_logging = True
         self._unsubscribe = _events.subscribe(self._on_event)
+        _chaos.set_environment(cfg.environment, owner=self)  # the production guard reads it
+        if cfg.chaos_engineering_enabled:
+            _chaos.allow(self)  # injection allowed while this manager runs
         if self.health_monitor is not None:
             await self.health_monitor.start()
         self._initialized = True
@@ -669,6 +695,8 @@ class ResilienceManager:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        _chaos.disallow(self)
+        _chaos.set_environment(None, owner=self)
         if self._owns_metrics:
             _metrics._release()
             self._owns_metrics = False
@@ -774,6 +802,7 @@ class ResilienceManager:
             else:
                 monitor.remove_service(service_name)
         self._services[service_name] = service
+        _chaos.register_target(service_name)  # an experiment may name it before its first call
         if monitor is not None:
             probe = getattr(service_instance, "health_check", None)
             if service_instance is not None and callable(probe):
@@ -952,12 +981,6 @@ class ResilienceManager:
         cfg = self.config
         services = {name: self.get_service_status(name) for name in list(self._services)}
         unavailable: dict[str, str] = {}
-        if cfg.adaptive_circuit_breaker_enabled:
-            unavailable["adaptive_circuit_breaker"] = (
-                "not in this version; services use the basic circuit breaker"
-            )
-        if cfg.chaos_engineering_enabled:
-            unavailable["chaos_experiments"] = "not in this version"
         state = "closed" if self._closed else ("running" if self._initialized else "created")
         backend = runtime.backend()  # the one really in use, whoever chose it
         backend_name, backend_status = backend.name, backend.status()
@@ -977,7 +1000,8 @@ class ResilienceManager:
             "uptime_seconds": round(time.monotonic() - self._started, 3),
             "features": {
                 "circuit_breaker": cfg.circuit_breaker_enabled,
-                "adaptive_circuit_breaker": False,
+                "adaptive_circuit_breaker": cfg.circuit_breaker_enabled
+                and cfg.adaptive_circuit_breaker_enabled,
                 "retry": cfg.retry_enabled,
                 "bulkhead": cfg.bulkhead_enabled,
                 "health_monitoring": cfg.health_monitoring_enabled,
@@ -999,7 +1023,29 @@ class ResilienceManager:
             health = self.health_monitor.get_system_health_summary()
             status["health"] = health
             status["summary"]["health"] = health["status"]
+        if cfg.chaos_engineering_enabled:
+            status["chaos"] = self._chaos_status()
         return status
+
+    def _chaos_status(self) -> dict[str, Any]:
+        """The ``chaos`` block of the system status."""
+        return {
+            "injection_allowed": _chaos.enabled(),
+            "environment": _chaos.environment(),
+            "stopped": _chaos.is_stopped(),
+            "stop_reason": _chaos.stop_reason(),
+            "active_injections": [
+                {
+                    "target": inj.target,
+                    "experiment": inj.experiment,
+                    "rate": inj.rate,
+                    "faults": inj.faults,
+                }
+                for inj in _chaos.active_injections()
+            ],
+            "experiments": sorted(self._experiments),
+            "last_experiment": self._last_experiment,
+        }
 
     # ------------------------------------------------------------ health and chaos
 
@@ -1020,17 +1066,66 @@ class ResilienceManager:
         self._check_open()
         return await self.health_monitor.run_check(service_name)
 
-    async def run_chaos_experiment(self, experiment_name: str, service_name: str) -> dict[str, Any]:
+    def register_experiment(self, experiment: Any, *, name: str | None = None) -> str:
         """
-        Run a chaos experiment against a service.
+        Make an experiment runnable by name with :meth:`run_chaos_experiment`.
 
-        Not in this version: it raises ``NotImplementedError`` (the chaos
-        engineering issue completes it).
+        Args:
+            experiment: A :class:`resilient.chaos.Experiment`, or the path of an
+                experiment file (its services may be this manager's services).
+            name: The name to run it by (default: its title).
+
+        Returns:
+            The name it was registered under.
+
+        Raises:
+            resilient.PolicyError: The file is invalid or names an unknown service.
+        """
+        from resilient.chaos._experiment import Experiment, load_experiment
+
+        if isinstance(experiment, str | os.PathLike):
+            experiment = load_experiment(experiment, services=self._services)
+        if not isinstance(experiment, Experiment):
+            msg = f"experiment must be a resilient.chaos.Experiment or a path, not {experiment!r}"
+            raise TypeError(msg)
+        key = name if name is not None else experiment.title
+        self._experiments[key] = experiment
+        return key
+
+    async def run_chaos_experiment(
+        self,
+        experiment_name: str,
+        service_name: str,
+        *,
+        target: Callable[..., Any] | None = None,
+        duration: float | None = None,
+        intensity: float | None = None,
+        dry_run: bool = False,
+        now: Any = None,
+        seed: int | None = None,
+    ) -> dict[str, Any]:
+        """
+        Run a chaos experiment against a service and return its journal (a
+        JSON-serialisable dict, as ``ExperimentResult.to_dict()``; docs/chaos.md).
+
+        *experiment_name* is an experiment given to :meth:`register_experiment`,
+        or a built-in template ``<failure_mode>_test`` (``network_delay_test``,
+        ``timeout_test``, ``exception_test``, ``error_result_test``,
+        ``latency_spike_test``): inject that mode into *service_name* (which must
+        list it in its ``failure_modes`` when it has any) at *intensity* (default
+        0.5) for *duration* seconds (default 30), with the steady state "at least
+        80 % of calls succeed and the breaker is closed" checked before and after.
+        The template drives load by calling the service's ``health_check()``
+        through the service's policy 5 times a second (or *target*, or observes
+        real traffic when there is neither).
 
         Raises:
             FeatureDisabledError: ``chaos_engineering_enabled`` is false.
             ServiceNotFoundError: No such service.
-            NotImplementedError: Always, for a known service, in this version.
+            ValueError: No experiment and no template of that name, or the service
+                does not allow the template's failure mode.
+            resilient.ChaosRefusedError: A guard refused the run (production,
+                emergency stop, business hours, minimum interval).
         """
         if not self.config.chaos_engineering_enabled:
             msg = (
@@ -1039,9 +1134,95 @@ class ResilienceManager:
                 "RESILIENCE_CHAOS_ENGINEERING_ENABLED)"
             )
             raise FeatureDisabledError(msg)
-        self._service(service_name)
-        msg = f"chaos experiments are not in this version of resilient ({experiment_name!r})"
-        raise NotImplementedError(msg)
+        self._check_open()
+        service = self._service(service_name)
+        from resilient.chaos._runner import run_experiment
+
+        experiment = self._experiments.get(experiment_name)
+        if experiment is None:
+            experiment = self._template(experiment_name, service, duration, intensity)
+            if target is None:
+                target = self._template_target(service)
+        elif duration is not None or intensity is not None:
+            msg = "duration and intensity apply to the built-in templates only"
+            raise ValueError(msg)
+        result = await run_experiment(
+            experiment,
+            target=target,
+            dry_run=dry_run,
+            now=now,
+            monitor=self.health_monitor,
+            services=self._services,
+            seed=seed,
+        )
+        journal = result.to_dict()
+        self._last_experiment = {
+            "name": experiment_name,
+            "service": service_name,
+            "status": journal["status"],
+            "held": journal["held"],
+            "started_at": journal["started_at"],
+        }
+        return journal
+
+    def _template(
+        self, name: str, service: _Service, duration: float | None, intensity: float | None
+    ) -> Any:
+        """The built-in experiment ``<failure_mode>_test`` against *service*."""
+        from resilient.chaos._experiment import FAILURE_MODES, Experiment
+
+        mode = name.removesuffix("_test") if name.endswith("_test") else None
+        if mode not in FAILURE_MODES:
+            options = [*self._experiments, *(f"{m}_test" for m in FAILURE_MODES)]
+            hint = did_you_mean(name, options)
+            msg = (
+                f"no chaos experiment {name!r}{hint}: register one with "
+                f"register_experiment(), or use a template: {', '.join(options)}"
+            )
+            raise ValueError(msg)
+        if service.failure_modes and mode not in service.failure_modes:
+            msg = (
+                f"service {service.name!r} does not allow the failure mode {mode!r}: its "
+                f"failure_modes are {', '.join(service.failure_modes)}"
+            )
+            raise ValueError(msg)
+        has_breaker = self._pipeline(service).breaker is not None
+        probes: list[dict[str, Any]] = [{"type": "success_rate", "tolerance": 0.8}]
+        if has_breaker:
+            probes.append({"type": "breaker_state", "service": service.name, "tolerance": "closed"})
+        driven = callable(getattr(service.instance, "health_check", None))
+        if not driven:
+            probes = probes[1:]  # no traffic of our own: the rate is not ours to judge
+        return Experiment.model_validate(
+            {
+                "title": name,
+                "description": f"built-in template: {mode} into service {service.name!r}",
+                "steady_state_hypothesis": (
+                    {"title": "the service answers", "probes": probes} if probes else None
+                ),
+                "method": [
+                    {
+                        "service": service.name,
+                        "mode": mode,
+                        "intensity": 0.5 if intensity is None else intensity,
+                        "duration": 30.0 if duration is None else duration,
+                    }
+                ],
+                "load": {"rate": 5},
+                "allow_production": False,
+            }
+        )
+
+    def _template_target(self, service: _Service) -> Callable[..., Any] | None:
+        """The load of a template: the service's ``health_check()`` through its policy."""
+        if not callable(getattr(service.instance, "health_check", None)):
+            return None
+        name = service.name
+
+        async def call_health_check() -> Any:
+            return await self.call(name, "health_check")
+
+        return call_health_check
 
     # ------------------------------------------------------------ events
 

@@ -557,6 +557,12 @@ class PrometheusMetrics:
             ["policy", "fault"],
             registry=None,
         )
+        self.hedges = c(
+            "resilient_hedges",
+            "Hedged attempts started (the hedge: section).",
+            ["policy"],
+            registry=None,
+        )
         self.backend_up = g(
             "resilient_backend_up",
             "1 while the shared state backend is reachable, 0 while it is not.",
@@ -564,19 +570,23 @@ class PrometheusMetrics:
             registry=None,
         )
         self._state = _StateCollector()
+        self._risk = _RiskCollector()
         self._collectors: tuple[Any, ...] = (
             self._counts,
             self.breaker_transitions,
             self.health_status,
             self.health_score,
             self.chaos_injections,
+            self.hedges,
             self.backend_up,
             self._state,
+            self._risk,
         )
         self._handlers: dict[type, Callable[[Any], None]] = {
             _events.BreakerStateChanged: self._on_transition,
             _events.HealthChanged: self._on_health,
             _events.ChaosInjected: self._on_chaos,
+            _events.HedgeStarted: self._on_hedge,
             _events.BackendDown: self._on_backend_down,
             _events.BackendUp: self._on_backend_up,
         }
@@ -654,6 +664,9 @@ class PrometheusMetrics:
     def _on_chaos(self, event: _events.ChaosInjected) -> None:
         self.chaos_injections.labels(event.policy, event.fault).inc()
 
+    def _on_hedge(self, event: _events.HedgeStarted) -> None:
+        self.hedges.labels(event.policy).inc()
+
     def _on_backend_down(self, event: _events.BackendDown) -> None:
         self.backend_up.labels(event.backend).set(0.0)
 
@@ -714,6 +727,34 @@ class _StateCollector:
                 "Current concurrency limit of a bulkhead (moves with auto-scaling).",
                 labels=["policy"],
             ),
+        )
+
+
+class _RiskCollector:
+    """
+    The adaptive breakers' predicted failure probability, read at scrape time from
+    the live breakers (only those predicting now: nothing without a model).
+    """
+
+    def describe(self) -> Iterator[Any]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Any]:
+        family = self._family()
+        for name, breaker in sorted(_pipeline.breakers().items()):
+            risk = getattr(breaker, "predicted_risk", None)
+            if risk is not None:
+                family.add_metric([name], float(risk))
+        yield family
+
+    @staticmethod
+    def _family() -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        return GaugeMetricFamily(
+            "resilient_circuit_breaker_predicted_risk",
+            "Failure probability predicted by an adaptive circuit breaker (0-1).",
+            labels=["policy"],
         )
 
 

@@ -36,6 +36,7 @@ from resilient._shared import SharedByName
 from resilient.breaker import CircuitBreaker
 from resilient.budget import _BUDGETS, RetryBudget
 from resilient.bulkhead import Bulkhead, bulkhead_manager, priority_level
+from resilient.chaos import _inject as _chaos
 from resilient.errors import (
     AttemptTimeoutError,
     BulkheadFullError,
@@ -51,6 +52,8 @@ from resilient.events import (
     RetryScheduled,
     bus,
 )
+from resilient.hedge import _HEDGERS, Hedger
+from resilient.hedge import sync_error as _hedge_sync_error
 from resilient.ratelimit import _LIMITERS, RateLimiter
 from resilient.retry import FailureRate, RetryPlan
 from resilient.runtime import runtime
@@ -145,6 +148,12 @@ def _make_breaker(
 ) -> CircuitBreaker:
     # The clock is read from the seam when the breaker is made, so a breaker
     # built under a virtual clock (resilient.testing) lives in virtual time.
+    if config.type == "adaptive":
+        from resilient import adaptive  # scikit-learn only when a model is trained or loaded
+
+        return adaptive.make(
+            name, config, clock=_clock.monotonic, listeners=[_BusListener(name)], backend=backend
+        )
     return CircuitBreaker(
         name, config, clock=_clock.monotonic, listeners=[_BusListener(name)], backend=backend
     )
@@ -219,10 +228,12 @@ class Pipeline:
         "budget",
         "bulkhead",
         "callable_name",
+        "chaos",
         "failure_rate",
         "fallback",
         "fallback_async",
         "fallback_on",
+        "hedge",
         "lane",
         "limiter",
         "max_delay",
@@ -281,6 +292,13 @@ class Pipeline:
             self.max_delay = rc.max_delay
         cb = policy.circuit_breaker
         self.breaker = runtime.claim(_BREAKERS, name, cb, owner) if cb is not None else None
+        # hedging: None when off, so the loops below take their usual path
+        hc = policy.hedge
+        self.hedge: Hedger | None = None
+        if hc is not None:
+            self.hedge = runtime.claim(_HEDGERS, name, hc, owner)
+            if self.budget is None and rc is not None and rc.budget is not None:
+                self.budget = runtime.claim(_BUDGETS, name, rc.budget, owner)  # hedges draw on it
         self.per_attempt = policy.per_attempt_timeout
         self.total = policy.total_timeout
         self.per_attempt_queues: _QueueCache | None = (
@@ -318,6 +336,9 @@ class Pipeline:
             self.fallback = None
             self.fallback_on = ()
         self.fallback_async = self.fallback is not None and _is_async_callable(self.fallback)
+        # fault injection (resilient.chaos): None unless something asks for it and
+        # the guards allow it; then the function is wrapped per call (full lane)
+        self.chaos: _chaos.ChaosStage | None = _chaos.stage_for(self)
         self.observer: CallObserver | None = runtime.observer_for(self)
         # Fast lanes, chosen once here and read by the decorator's wrappers:
         # DIRECT calls the function with no wrapping at all and only enters the
@@ -326,8 +347,9 @@ class Pipeline:
         # Both fast lanes are white lists: a policy section they do not know
         # about (a later strategy) sends the call down the FULL path.
         known = {"retry", "fallback", "circuit_breaker", "timeout", "bulkhead", "rate_limit"}
+        known.add("chaos")  # a chaos: section is inert unless self.chaos (checked below)
         others = _sections_other_than(policy, known)
-        plain = self.observer is None and self.total is None and not others
+        plain = self.observer is None and self.total is None and not others and self.chaos is None
         if (
             plain
             and self.breaker is None
@@ -366,6 +388,10 @@ class Pipeline:
             self.slot_timed,
         )
         self.admit_step, self.settle_step = _attempt.compile_steps(self)
+        if self.chaos is not None:
+            # decided here, not per call: only a pipeline with faults to inject
+            # runs the wrapping run_* of _ChaosPipeline (same slots, no cost otherwise)
+            self.__class__ = _ChaosPipeline
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r} of {self.callable_name}>"
@@ -502,6 +528,7 @@ class Pipeline:
         rate = self.failure_rate
         retry = self.retry
         staged = self.staged
+        hedge = self.hedge
         admit, settle = self.admit_step, self.settle_step
         ticket: list[Any] = _NO_TICKET
         if self.budget is not None:
@@ -530,7 +557,12 @@ class Pipeline:
                         failed = refusal
                 if failed is None:
                     try:
-                        result = await fn(*args, **kwargs)
+                        if hedge is None:
+                            result = await fn(*args, **kwargs)
+                        else:  # a hedged group in place of the attempt (resilient.hedge)
+                            result = await hedge.run_async(
+                                self, fn, args, kwargs, ticket, total_entry, task
+                            )
                     except BaseException as exc:
                         error = settle(ticket, exc, total_entry) if staged else exc
                         if not isinstance(error, Exception):
@@ -612,6 +644,9 @@ class Pipeline:
         staged = self.staged
         admit, settle = self.admit_step, self.settle_step
         pooled = self.pooled
+        hedge = self.hedge
+        if hedge is not None and not pooled:
+            raise _hedge_sync_error(self)
         ticket: list[Any] = _NO_TICKET
         if self.budget is not None:
             self.budget.deposit()
@@ -630,7 +665,9 @@ class Pipeline:
                         failed = refusal
                 if failed is None:
                     try:
-                        if pooled:
+                        if hedge is not None:  # a hedged group, in the thread pool
+                            result = hedge.run_sync(self, fn, args, kwargs, ticket)
+                        elif pooled:
                             result = _call_sync(self, fn, args, kwargs)
                         else:
                             result = fn(*args, **kwargs)
@@ -693,6 +730,37 @@ class Pipeline:
             except Exception:
                 _log.exception("call observer %r raised; ignoring it", observer)
         return result
+
+
+class _ChaosPipeline(Pipeline):
+    """
+    A pipeline with a chaos stage (resilient.chaos): the function is wrapped once per
+    call, so faults are injected innermost, inside every attempt of the loop.
+    """
+
+    __slots__ = ()
+
+    async def run_async(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        failed: BaseException | None = None,
+    ) -> Any:
+        chaos = self.chaos
+        assert chaos is not None
+        return await Pipeline.run_async(self, chaos.wrap_async(fn), args, kwargs, failed)
+
+    def run_sync(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        failed: BaseException | None = None,
+    ) -> Any:
+        chaos = self.chaos
+        assert chaos is not None
+        return Pipeline.run_sync(self, chaos.wrap_sync(fn), args, kwargs, failed)
 
 
 def _note_once(exc: BaseException, note: str) -> None:

@@ -58,7 +58,9 @@ __all__ = [
     "parse_env_value",
     "parse_policies",
     "policy_names",
+    "read_yaml_file",
     "registry",
+    "validate_model",
 ]
 
 SUPPORTED_VERSIONS = (1,)
@@ -302,8 +304,9 @@ def _collect_lines(
 class _Problems:
     """Collects every problem of a load, so one error reports them all."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, noun: str = "policies") -> None:
         self.source = source
+        self.noun = noun
         self.items: list[tuple[str, int | None, str, str]] = []  # source, line, key, text
         self._reported: set[tuple[str, int, str, str]] = set()
 
@@ -331,7 +334,7 @@ class _Problems:
         if len(rendered) == 1:
             message = rendered[0]
         else:
-            message = f"{len(rendered)} problems in policies:\n  " + "\n  ".join(rendered)
+            message = f"{len(rendered)} problems in {self.noun}:\n  " + "\n  ".join(rendered)
         raise PolicyError(
             message,
             source=source,
@@ -366,6 +369,8 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     for part in loc:
         if current is None:
             return None
+        if isinstance(part, int):  # an item of a list of models: same model
+            continue
         field = current.model_fields.get(str(part))
         if field is None:
             return None
@@ -1008,12 +1013,7 @@ def load_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None) ->
     """Read and validate one policy file (YAML, or ``pyproject.toml``)."""
     file = Path(path)
     source = str(path)
-    try:
-        content = file.read_bytes()
-    except OSError as exc:
-        msg = f"{source}: cannot read policy file: {exc.strerror or exc}"
-        raise PolicyError(msg, source=source) from None
-    text = _decode(content, source)
+    text = _read_text(path, "policy file")
     if file.name == "pyproject.toml" or file.suffix == ".toml":
         import tomllib
 
@@ -1035,6 +1035,17 @@ def load_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None) ->
     if data is None:
         data = {"version": 1, "policies": {}}
     return parse_policies(data, source=source, lines=lines, env=env)
+
+
+def _read_text(path: str | os.PathLike[str], what: str) -> str:
+    """The text of the file *path*; unreadable or not UTF-8: a PolicyError naming it."""
+    source = str(path)
+    try:
+        content = Path(path).read_bytes()
+    except OSError as exc:
+        msg = f"{source}: cannot read {what}: {exc.strerror or exc}"
+        raise PolicyError(msg, source=source) from None
+    return _decode(content, source)
 
 
 def _decode(content: bytes, source: str) -> str:
@@ -1117,6 +1128,68 @@ def load_policies(
         policies, where = load_file(source, env=environ), str(source)
     registry.replace(policies, where)
     return policies
+
+
+M = typing.TypeVar("M", bound=BaseModel)
+
+
+def validate_model(
+    model: type[M],
+    data: Any,
+    *,
+    source: str = "<python>",
+    lines: Mapping[Path_, int] | None = None,
+    check: Callable[[M], typing.Iterable[tuple[Path_, str]]] | None = None,
+    what: str = "document",
+) -> M:
+    """
+    Validate *data* as *model* the way policy files are validated: every problem
+    at once, each with ``source:line``, its key and a did-you-mean for unknown keys.
+
+    Other documents than policy files (chaos experiments) use it so they report
+    errors exactly like policy files do.
+
+    Args:
+        model: The pydantic model of the document.
+        data: The parsed document (``lines`` maps its key paths to lines).
+        source: The file name shown in messages.
+        lines: Line of every key path, as :func:`read_yaml_file` returns it.
+        check: Called with the valid document; yields ``(key path, problem)`` for
+            what the model cannot judge alone (names that must exist elsewhere).
+        what: What the document is, for the message of a document that is not a mapping.
+
+    Raises:
+        PolicyError: Every problem found, reported at once.
+    """
+    doc = _Document(data, source, lines or {})
+    problems = _Problems(source, f"the {what}")
+    if not isinstance(data, Mapping):
+        problems.add(f"a {what} must be a mapping of keys")
+        problems.raise_if_any()
+    try:
+        result = model.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            loc, text = _explain(err, model)
+            problems.add(text, key=loc, origin=doc.origin(loc))
+        problems.raise_if_any()
+        raise  # pragma: no cover - errors() is never empty
+    if check is not None:
+        for loc, text in check(result):
+            problems.add(text, key=loc, origin=doc.origin(loc))
+        problems.raise_if_any()
+    return result
+
+
+def read_yaml_file(path: str | os.PathLike[str]) -> tuple[Any, dict[Path_, int]]:
+    """
+    Read a YAML file with the policy loader's safety bounds; returns the data and
+    the line of every key path (for :func:`validate_model`).
+
+    Raises:
+        PolicyError: The file cannot be read, is not UTF-8 or not valid YAML (file:line).
+    """
+    return _read_yaml(_read_text(path, "file"), str(path))
 
 
 def get_policy(name: str) -> Policy:

@@ -9,6 +9,7 @@ import pytest
 
 import resilient
 from resilient import _clock
+from resilient.chaos import _inject as _chaos
 from resilient.events import bus
 from resilient.policy import registry
 from resilient.runtime import runtime
@@ -26,7 +27,9 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[None]:
     monkeypatch.chdir(tmp_path)
     registry.clear()
     runtime.clear_shared()
+    _chaos._reset_for_tests()
     yield
+    _chaos._reset_for_tests()
     registry.clear()
     runtime.clear_shared()
     bus.replace(())

@@ -496,3 +496,252 @@ async def test_an_empty_fleet_rate_limit_refuses_every_form(server: Any, form_na
         await _MANAGER[0].close()
     finally:
         backends.reset()
+
+
+# --------------------------------------------------------------------------- hedging
+
+# The call forms that can hedge: those that hold the function (a block cannot be
+# run twice at once, so `attempts()` and the manager's block run one attempt).
+HEDGE_FORMS = {name: ASYNC_FORMS[name] for name in ("decorator", "acall", "manager.call")}
+_SLOTS = {"max_concurrent_requests": 5, "max_queue": 0, "enable_auto_scaling": False}
+
+
+class HedgeWins(Situation):
+    name = "hedge overtakes a slow first attempt"
+    sections = {"hedge": {"delay": 0.02}, "bulkhead": _SLOTS}  # noqa: RUF012
+
+    async def body_async(self, seen: Seen) -> Any:
+        seen.calls += 1
+        if seen.calls == 1:
+            await asyncio.sleep(5)
+            return "late"
+        return "ok"
+
+
+class AnswerBeforeDelay(Situation):
+    name = "answer before the hedge delay"
+    sections = {"hedge": {"delay": 5}, "bulkhead": _SLOTS}  # noqa: RUF012
+
+
+class EveryAttemptFails(Situation):
+    name = "every hedged attempt fails"
+    sections = {"hedge": {"delay": 0.02}, "bulkhead": _SLOTS}  # noqa: RUF012
+
+    async def body_async(self, seen: Seen) -> Any:
+        seen.calls += 1
+        if seen.calls == 1:
+            await asyncio.sleep(0.08)
+        raise ConnectionError("down")
+
+
+class FailureStartsHedge(Situation):
+    name = "on_failure starts the hedge"
+    sections = {"hedge": {"delay": 5, "on_failure": True}, "bulkhead": _SLOTS}  # noqa: RUF012
+
+    async def body_async(self, seen: Seen) -> Any:
+        seen.calls += 1
+        if seen.calls == 1:
+            raise ConnectionError("down")
+        return "ok"
+
+
+class HedgeFindsBulkheadFull(Situation):
+    name = "hedge refused by a full bulkhead"
+    sections = {  # noqa: RUF012
+        "hedge": {"delay": 0.02},
+        "bulkhead": {**_SLOTS, "max_concurrent_requests": 1},
+    }
+
+    async def body_async(self, seen: Seen) -> Any:
+        seen.calls += 1
+        await asyncio.sleep(0.08)
+        return "ok"
+
+
+class HedgedOpen(Open):
+    name = "hedged, open breaker"
+    sections = {"hedge": {"delay": 0.02}}  # noqa: RUF012
+
+
+class HedgedTimeouts(Situation):
+    name = "hedged, every attempt times out"
+    sections = {"hedge": {"delay": 0.02}, "timeout": {"per_attempt": 0.06}}  # noqa: RUF012
+
+    async def body_async(self, seen: Seen) -> Any:
+        seen.calls += 1
+        await asyncio.sleep(5)
+        return "late"
+
+
+HEDGE_SITUATIONS = [
+    HedgeWins(),
+    AnswerBeforeDelay(),
+    EveryAttemptFails(),
+    FailureStartsHedge(),
+    HedgeFindsBulkheadFull(),
+    HedgedOpen(),
+    HedgedTimeouts(),
+]
+HEDGE_EXPECTED = {
+    # outcome, calls, events, breaker (successes, failures)
+    "hedge overtakes a slow first attempt": (
+        "returned 'ok'",
+        2,
+        [("HedgeStarted", "delay")],
+        (1, 0),
+    ),
+    "answer before the hedge delay": ("returned 'ok'", 1, [], (1, 0)),
+    "every hedged attempt fails": ("ConnectionError", 2, [("HedgeStarted", "delay")], (0, 2)),
+    "on_failure starts the hedge": ("returned 'ok'", 2, [("HedgeStarted", "failure")], (1, 1)),
+    "hedge refused by a full bulkhead": (  # started, then refused as any attempt would be
+        "returned 'ok'",
+        1,
+        [("HedgeStarted", "delay"), ("CallRejected", "bulkhead_full")],
+        (1, 0),
+    ),
+    "hedged, open breaker": ("CircuitOpenError", 0, [("CallRejected", "circuit_open")], (0, 0)),
+    "hedged, every attempt times out": (
+        "AttemptTimeoutError(per_attempt)",
+        2,
+        [("HedgeStarted", "delay")],
+        (0, 2),
+    ),
+}
+
+
+@pytest.mark.parametrize("situation", HEDGE_SITUATIONS, ids=lambda s: s.name)
+async def test_hedging_forms_agree_and_leave_nothing_behind(situation: Situation) -> None:
+    results = {}
+    for name, form in HEDGE_FORMS.items():
+        results[name] = await _run_async_form(form, situation, body_sync=False)
+    reference = results["decorator"]
+    for name, seen in results.items():
+        assert seen == reference, f"{name} differs from the decorator in {situation.name!r}"
+    outcome, calls, events, counted = HEDGE_EXPECTED[situation.name]
+    assert (reference.outcome, reference.calls, reference.events) == (outcome, calls, events)
+    assert reference.state["breaker"][1:3] == counted  # a cancelled loser counts nothing
+    assert reference.state.get("bulkhead_in_use", 0) == 0  # every slot is back
+
+
+# --------------------------------------------------------------------------- chaos injection
+
+# Faults injected by resilient.chaos are innermost: every form must see them as it
+# would see the real fault (same outcome, events, calls of the body, breaker counts).
+
+
+class _Chaos(Situation):
+    fault: Any = "exception"
+    blocks = True  # whether the block forms take part (error_result skips a block)
+
+    def prepare(self) -> None:
+        from resilient import chaos
+
+        chaos.enable()
+        chaos.inject("p", self.fault)
+
+    def cleanup(self) -> None:
+        from resilient.chaos import _inject
+
+        _inject._reset_for_tests()
+
+
+class ChaosException(_Chaos):
+    name = "chaos: exception"
+
+
+class ChaosErrorResult(_Chaos):
+    name = "chaos: error_result"
+    blocks = False
+
+    @property
+    def fault(self) -> Any:  # type: ignore[override]
+        from resilient import chaos
+
+        return chaos.Fault("error_result", value="injected")
+
+
+class ChaosDelay(_Chaos):
+    name = "chaos: network_delay"
+
+    @property
+    def fault(self) -> Any:  # type: ignore[override]
+        from resilient import chaos
+
+        return chaos.Fault("network_delay", delay=0.01)
+
+
+class ChaosTimeout(_Chaos):
+    name = "chaos: timeout"
+    sections = {"timeout": {"per_attempt": 0.02}}  # noqa: RUF012
+    fault = "timeout"
+
+
+class ChaosStopped(_Chaos):
+    name = "chaos: emergency stop"
+
+    def prepare(self) -> None:
+        super().prepare()
+        from resilient import chaos
+
+        chaos.emergency_stop("conformance")
+
+
+CHAOS_SITUATIONS = [
+    ChaosException(),
+    ChaosErrorResult(),
+    ChaosDelay(),
+    ChaosTimeout(),
+    ChaosStopped(),
+]
+CHAOS_EXPECTED = {
+    "chaos: exception": ("ChaosError", 0, [("ChaosInjected", "")], (0, 1)),
+    "chaos: error_result": ("returned 'injected'", 0, [("ChaosInjected", "")], (1, 0)),
+    "chaos: network_delay": ("returned 'ok'", 1, [("ChaosInjected", "")], (1, 0)),
+    "chaos: timeout": ("AttemptTimeoutError(per_attempt)", 0, [("ChaosInjected", "")], (0, 1)),
+    "chaos: emergency stop": ("returned 'ok'", 1, [], (1, 0)),
+}
+_BLOCK_FORMS = ("attempts", "manager.resilient_call")
+
+
+@pytest.fixture(name="chaos_reset")
+def _chaos_reset() -> Any:
+    from resilient.chaos import _inject
+
+    _inject._reset_for_tests()
+    yield
+    _inject._reset_for_tests()
+
+
+@pytest.mark.usefixtures("chaos_reset")
+@pytest.mark.parametrize("situation", CHAOS_SITUATIONS, ids=lambda s: s.name)
+async def test_async_forms_agree_under_chaos(situation: _Chaos) -> None:
+    results = {}
+    for name, form in ASYNC_FORMS.items():
+        if situation.blocks or name not in _BLOCK_FORMS:
+            results[name] = await _run_async_form(form, situation, body_sync=False)
+    reference = results["decorator"]
+    for name, seen in results.items():
+        assert seen == reference, f"{name} differs from the decorator in {situation.name!r}"
+    outcome, calls, events, counted = CHAOS_EXPECTED[situation.name]
+    assert (reference.outcome, reference.calls, reference.events) == (outcome, calls, events)
+    assert reference.state["breaker"][1:3] == counted
+
+
+@pytest.mark.usefixtures("chaos_reset")
+@pytest.mark.parametrize("situation", CHAOS_SITUATIONS, ids=lambda s: s.name)
+async def test_sync_forms_agree_under_chaos(situation: _Chaos) -> None:
+    """Sync code cannot be interrupted: an injected timeout sleeps out the per-attempt
+    budget and ends as AttemptTimeoutError, as in the thread-pool bulkhead."""
+    results = {
+        name: _run_sync_form(form, situation)
+        for name, form in SYNC_FORMS.items()
+        if situation.blocks or name not in _BLOCK_FORMS
+    }
+    for name, form in THREAD_FORMS.items():
+        results[name] = await _run_async_form(form, situation, body_sync=True)
+    reference = results["decorator"]
+    for name, seen in results.items():
+        assert seen == reference, f"{name} differs from the decorator in {situation.name!r}"
+    outcome, calls, events, counted = CHAOS_EXPECTED[situation.name]
+    assert (reference.outcome, reference.calls, reference.events) == (outcome, calls, events)
+    assert reference.state["breaker"][1:3] == counted

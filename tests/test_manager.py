@@ -133,16 +133,6 @@ class TestSeedCodeBlock:
             assert list(manager3.services) == ["database"]
         assert manager3.get_system_status()["state"] == "closed"
 
-    async def test_chaos_enabled_is_not_implemented(self) -> None:
-        """With chaos switched on, experiments say they are not in this version."""
-        async with ResilienceManager(
-            ResilienceConfig(chaos_engineering_enabled=True, logging_enabled=False)
-        ) as manager:
-            await manager.register_service("database", DB())
-            with pytest.raises(NotImplementedError, match="chaos experiments"):
-                await manager.run_chaos_experiment("network_delay_test", "database")
-            assert "chaos_experiments" in manager.get_system_status()["unavailable"]
-
     async def test_unreachable_redis_never_fails_calls(self) -> None:
         """With Redis down, the manager's calls run on local state; the URL is not echoed."""
         import socket

@@ -52,5 +52,12 @@ class MemoryBackend:
     def close(self) -> None:
         """Nothing to stop."""
 
+    def chaos_stop(self, reason: str | None) -> None:
+        """No fleet: a chaos emergency stop stays in this process."""
+
+    def chaos_stopped(self) -> str | None:
+        """No fleet: never stopped from outside."""
+        return None
+
     def __repr__(self) -> str:
         return "<MemoryBackend>"

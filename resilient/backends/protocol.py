@@ -334,6 +334,14 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    def chaos_stop(self, reason: str | None) -> None:
+        """Raise the fleet's chaos emergency stop with *reason* (``None``: lift it)."""
+        ...
+
+    def chaos_stopped(self) -> str | None:
+        """The reason of the fleet's chaos emergency stop, or ``None`` (one read)."""
+        ...
+
 
 #: The earlier name of :class:`Backend`.
 BreakerBackend = Backend

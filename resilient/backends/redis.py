@@ -911,6 +911,37 @@ class RedisBackend:
         with contextlib.suppress(*_BACKEND_ERRORS):
             self._client.close()
 
+    # ---- chaos emergency stop (resilient.chaos): one key, read by a poller, never per call
+
+    @property
+    def chaos_key(self) -> str:
+        """The key that holds the fleet's chaos emergency stop (its reason)."""
+        return f"{self.config.key_prefix}:chaos:stop"
+
+    def chaos_stop(self, reason: str | None) -> None:
+        """
+        Raise (or, with ``None``, lift) the chaos emergency stop for the whole fleet.
+        Redis being down is logged: the stop still holds in this process.
+        """
+        try:
+            if reason is None:
+                self._client.delete(self.chaos_key)
+            else:
+                self._client.set(self.chaos_key, reason)
+        except _BACKEND_ERRORS as exc:
+            _log.error("chaos emergency stop not shared with the fleet (%s): %s", self.url, exc)
+
+    def chaos_stopped(self) -> str | None:
+        """The fleet's chaos emergency stop reason, or ``None`` (also when Redis is down)."""
+        try:
+            value = self._client.get(self.chaos_key)
+        except _BACKEND_ERRORS as exc:
+            _log.warning("chaos stop key not readable (%s): %s", self.url, exc)
+            return None
+        if value is None:
+            return None
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
     def _buckets(self) -> list[_BudgetLink | _RateLink]:
         with self._lock:
             return [*self._budgets.values(), *self._rates.values()]

@@ -22,10 +22,12 @@ __all__ = [
     "SimulatedError",
     "brownout",
     "compose",
+    "errors_ramp",
     "flapping",
     "healthy",
     "healthy_noisy",
     "latency_creep",
+    "load_spike",
     "outage",
 ]
 
@@ -331,6 +333,51 @@ def flapping(
     return Scenario("flapping", baseline, tuple(phases))
 
 
+def errors_ramp(
+    *,
+    start: float = 30.0,
+    duration: float = 40.0,
+    hold: float = 30.0,
+    to: float = 1.0,
+    baseline: Conditions = HEALTHY,
+) -> Scenario:
+    """
+    The error rate climbs linearly from the baseline's to *to* over
+    ``[start, start + duration)`` (a leak, a failing disk), then stays at *to*
+    for *hold* seconds before the backend recovers.
+    """
+    if not 0.0 <= to <= 1.0:
+        msg = f"errors_ramp needs 0 <= to <= 1, got {to!r}"
+        raise ValueError(msg)
+    top = replace(baseline, error_rate=to)
+    phases = [Phase(start, start + duration, baseline, top, "ramp")]
+    if hold > 0:
+        phases.append(Phase(start + duration, start + duration + hold, top, label="failing"))
+    return Scenario("errors_ramp", baseline, tuple(phases))
+
+
+def load_spike(
+    *,
+    start: float = 30.0,
+    rise: float = 8.0,
+    duration: float = 25.0,
+    error_rate: float = 0.7,
+    latency: Latency | None = None,
+    baseline: Conditions = HEALTHY,
+) -> Scenario:
+    """
+    What a caller sees of a load spike on a shared backend: over *rise* seconds
+    latency climbs to *latency* (default 400 ms median, 1.5 s p99) and the
+    error rate to *error_rate* as the backend saturates and sheds; it stays
+    there for *duration* seconds, then recovers at once. (The simulator's
+    arrival rate is constant: the load comes from the backend's other clients.)
+    """
+    peak = Conditions(error_rate, latency or Latency(0.4, 1.5), baseline.hang, baseline.hang_for)
+    ramp = Phase(start, start + rise, baseline, peak, "rising")
+    top = Phase(start + rise, start + rise + duration, peak, label="saturated")
+    return Scenario("load_spike", baseline, (ramp, top))
+
+
 BUILTINS = {
     "healthy": healthy,
     "healthy_noisy": healthy_noisy,
@@ -338,4 +385,6 @@ BUILTINS = {
     "brownout": brownout,
     "latency_creep": latency_creep,
     "flapping": flapping,
+    "errors_ramp": errors_ramp,
+    "load_spike": load_spike,
 }

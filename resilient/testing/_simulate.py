@@ -37,7 +37,7 @@ from resilient.errors import (
     RateLimitedError,
     RejectedError,
 )
-from resilient.events import BreakerStateChanged, FallbackUsed, RetryScheduled, bus
+from resilient.events import BreakerStateChanged, FallbackUsed, HedgeStarted, RetryScheduled, bus
 from resilient.testing._helpers import isolated_registry
 from resilient.testing._scenario import Scenario, SimulatedError
 from resilient.testing._virtual import VirtualClock
@@ -162,6 +162,8 @@ class SimulationResult:
     warnings: tuple[str, ...] = ()
     """What may make the run misleading, e.g. a ``retry_on`` that does not cover the
     simulated error (each is also issued as a ``UserWarning``)."""
+    hedged: int = 0
+    """Hedged attempts started (``HedgeStarted`` events; the ``hedge:`` section)."""
 
     @property
     def rejected(self) -> int:
@@ -226,6 +228,8 @@ class SimulationResult:
                 f"  {'answered by fallback':<24}{self.fallback:>9}  "
                 f"{100 * self.fallback / n:6.2f}%  (of the failed and rejected calls)"
             )
+        if self.hedged:
+            lines.append(f"  {'hedges started':<24}{self.hedged:>9}")
         lines += [
             f"  {'retries scheduled':<24}{self.retried:>9}",
             f"  {'backend calls':<24}{self.backend_calls:>9}  "
@@ -299,6 +303,7 @@ class _Run:
         self.timed_out = 0
         self.backend_failures = 0
         self.retried = 0
+        self.hedged = 0
         self.latencies: list[float] = []
         self.state: str | None = None
         self.by_state: dict[str, int] = {}
@@ -319,6 +324,8 @@ class _Run:
     def on_event(self, event: object) -> None:
         if isinstance(event, RetryScheduled):
             self.retried += 1
+        elif isinstance(event, HedgeStarted):
+            self.hedged += 1
         elif isinstance(event, FallbackUsed):
             cause = _fallback_cause.get()
             if cause is not None:  # emitted inside one of the run's calls
@@ -624,4 +631,5 @@ def _result(
         latency=latency,
         ended_at=round(run.ended, 9),
         warnings=notes,
+        hedged=run.hedged,
     )

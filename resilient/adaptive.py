@@ -1,0 +1,786 @@
+"""
+The adaptive circuit breaker: a basic breaker that also learns to predict failures.
+
+``circuit_breaker: {type: adaptive}`` builds an :class:`AdaptiveCircuitBreaker`
+instead of a :class:`~resilient.breaker.CircuitBreaker`. It *is* the basic breaker
+(same trips, same half-open, same tokens), plus:
+
+* **Per call**, a few O(1) counter updates: requests, settled calls, failures,
+  timeouts, rejections, calls in flight, and one latency histogram bin.
+* **Per time bucket** (``adaptive.bucket_seconds``, 1 s by default), on the first
+  call after the bucket ends: one feature row (:data:`FEATURES`), and, when a
+  model trained on at least ``min_samples`` buckets is there, one prediction of
+  the probability that the service fails within ``horizon_seconds``.
+* **Per retrain period**, in a background thread: a scikit-learn
+  ``RandomForestClassifier`` fitted on the process's own history (warm-started
+  from a saved model, see :func:`save_model`, or one trained on simulated
+  histories by ``resilient._adaptive_bootstrap.bootstrap_model``).
+
+What it does with the prediction (``adaptive.mode``): ``shadow`` reports it and
+never acts; ``active`` sheds a share of the calls that grows with the risk
+(``action: shed``) or opens the breaker early (``action: open``) while the risk
+is above ``prediction_threshold``, and is the basic breaker below it.
+``throttle`` needs no model: it is Google SRE's client-side adaptive
+throttling (:class:`ThrottlingCircuitBreaker`).
+
+Counters are updated without a lock: from many threads at once an update may be
+lost now and then, which moves a statistic by a call and never a decision of the
+basic breaker (those stay under its lock). With a shared (Redis) backend the
+breaker's state is the fleet's, but the prediction and the shedding are this
+process's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from resilient._models import CircuitBreakerConfig
+from resilient.breaker import STATE_CLOSED, STATE_OPEN, CircuitBreaker
+from resilient.errors import AttemptTimeoutError, CircuitOpenError
+from resilient.events import PredictionCrossed, bus
+
+if TYPE_CHECKING:
+    from resilient.backends.protocol import Backend
+
+__all__ = [
+    "FEATURES",
+    "AdaptiveCircuitBreaker",
+    "Forest",
+    "ThrottlingCircuitBreaker",
+    "load_model",
+    "make",
+    "recording",
+    "save_model",
+    "train",
+]
+
+_log = logging.getLogger("resilient.adaptive")
+
+#: The features of one time bucket, in the order of a row.
+FEATURES: Final = (
+    "error_rate",  # failures / settled calls in the bucket
+    "error_rate_3",  # the same over the last 3 buckets
+    "error_trend",  # error rate now minus its mean over the 10 buckets before
+    "timeout_share",  # AttemptTimeoutError / settled calls
+    "rejection_share",  # refused / requested (breaker open, shedding, half-open full)
+    "latency_p50",  # log2(p50 / the healthy baseline p50)
+    "latency_p90",  # log2(p90 / the healthy baseline p50)
+    "latency_p50_trend",  # latency_p50 now minus 5 buckets ago
+    "latency_p90_trend",  # latency_p90 now minus 5 buckets ago
+    "concurrency",  # log2(peak calls in flight / its healthy baseline)
+    "throughput",  # log2(requests / its healthy baseline)
+    "not_closed",  # 1 while the breaker is open or half-open
+)
+_N: Final = len(FEATURES)
+_FORMAT: Final = 1  # version of what save_model writes
+
+# Latency histogram: bin i holds durations in [1e-4 * 2**(i/2), 1e-4 * 2**((i+1)/2)),
+# 100 us to ~ 1e-4 * 2**24 s = 28 min; two bins per octave is enough for ratios.
+_BINS: Final = 48
+_BIN0: Final = 1e-4
+_HIST_EMPTY: Final = (0,) * _BINS
+
+_TRAINING_SYNC = False  # tests and benchmarks: train on the calling thread
+_recorders: list[list[AdaptiveCircuitBreaker]] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[AdaptiveCircuitBreaker]]:
+    """
+    Collect every adaptive breaker built inside the block (and train synchronously).
+
+    ``resilient.testing.simulate`` builds its breaker inside an isolated
+    registry; this is how a benchmark or a test reaches it afterwards, e.g. for
+    its :meth:`AdaptiveCircuitBreaker.dataset`. Training inside the block runs
+    on the calling thread, so a run in virtual time stays deterministic.
+    """
+    global _TRAINING_SYNC
+    made: list[AdaptiveCircuitBreaker] = []
+    _recorders.append(made)
+    before = _TRAINING_SYNC
+    _TRAINING_SYNC = True
+    try:
+        yield made
+    finally:
+        _TRAINING_SYNC = before
+        _recorders.remove(made)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class Forest:
+    """
+    A fitted ``RandomForestClassifier`` and what it was trained on.
+
+    :meth:`risk` walks the fitted trees' arrays in pure Python instead of calling
+    ``predict_proba``: scikit-learn's prediction has a fixed cost of about a
+    millisecond per call (input validation, a joblib dispatch), too much for a
+    call path, while walking 30 trees of depth 10 for one row costs tens of
+    microseconds. A test checks both give the same probabilities.
+    """
+
+    __slots__ = ("_trees", "classifier", "samples", "trained_at")
+
+    def __init__(self, classifier: Any, samples: int, trained_at: float) -> None:
+        self.classifier = classifier
+        self.samples = samples
+        self.trained_at = trained_at  # wall-clock time (time.time())
+        classes = [int(c) for c in classifier.classes_]
+        self._trees: list[tuple[list[int], list[int], list[int], list[float], list[float]]] = []
+        if 1 not in classes:
+            return  # never saw a failure: risk 0 (no trees)
+        col = classes.index(1)
+        for est in classifier.estimators_:
+            t = est.tree_
+            values = t.value[:, 0, :]
+            totals = values.sum(axis=1)
+            totals[totals == 0] = 1.0
+            probs = (values[:, col] / totals).tolist()
+            self._trees.append(
+                (
+                    t.children_left.tolist(),
+                    t.children_right.tolist(),
+                    t.feature.tolist(),
+                    t.threshold.tolist(),
+                    probs,
+                )
+            )
+
+    def risk(self, row: Sequence[float]) -> float:
+        """Probability (0..1) that the service fails within the horizon, given *row*."""
+        trees = self._trees
+        if not trees:
+            return 0.0 if 0 in self.classifier.classes_ else 1.0
+        total = 0.0
+        for left, right, feature, threshold, probs in trees:
+            node = 0
+            while left[node] != -1:
+                node = left[node] if row[feature[node]] <= threshold[node] else right[node]
+            total += probs[node]
+        return total / len(trees)
+
+
+def train(
+    rows: Sequence[Sequence[float]],
+    labels: Sequence[int],
+    *,
+    n_estimators: int = 30,
+    seed: int = 0,
+) -> Forest:
+    """
+    Fit a random forest on feature *rows* (see :data:`FEATURES`) and 0/1 *labels*.
+
+    Raises:
+        ImportError: scikit-learn is not installed (the ``ml`` extra).
+        ValueError: No rows, or rows of the wrong width.
+    """
+    if not rows:
+        msg = "train() needs at least one row"
+        raise ValueError(msg)
+    if any(len(r) != _N for r in rows):
+        msg = f"every row needs {_N} features ({', '.join(FEATURES)})"
+        raise ValueError(msg)
+    from sklearn.ensemble import RandomForestClassifier  # type: ignore[import-untyped]
+
+    clf = RandomForestClassifier(
+        n_estimators=n_estimators,
+        max_depth=10,
+        min_samples_leaf=3,
+        class_weight="balanced",
+        random_state=seed,
+        n_jobs=1,
+    )
+    clf.fit([list(r) for r in rows], list(labels))
+    return Forest(clf, len(rows), time.time())
+
+
+def save_model(model: Forest, path: str) -> None:
+    """Save *model* with joblib, to start adaptive breakers from (``adaptive.model_path``)."""
+    import joblib  # type: ignore[import-untyped]
+
+    joblib.dump(
+        {
+            "format": _FORMAT,
+            "features": FEATURES,
+            "classifier": model.classifier,
+            "samples": model.samples,
+            "trained_at": model.trained_at,
+        },
+        path,
+    )
+
+
+def load_model(path: str) -> Forest:
+    """
+    Load a model written by :func:`save_model`.
+
+    Raises:
+        OSError: The file cannot be read.
+        ValueError: It is not such a model, or was made for other features.
+    """
+    import joblib
+
+    data = joblib.load(path)
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        msg = f"{path}: not a model saved by resilient.adaptive.save_model"
+        raise ValueError(msg)
+    if tuple(data.get("features", ())) != FEATURES:
+        msg = f"{path}: the model was trained on other features; train it again"
+        raise ValueError(msg)
+    return Forest(data["classifier"], int(data["samples"]), float(data["trained_at"]))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _quantile(hist: Sequence[int], n: int, q: float) -> float:
+    """The *q* quantile of *n* durations in *hist* (the geometric middle of its bin)."""
+    rank = q * n
+    seen = 0
+    for i, count in enumerate(hist):
+        seen += count
+        if seen >= rank and count:
+            return _BIN0 * 2 ** ((i + 0.5) / 2)
+    return _BIN0 * 2 ** ((_BINS - 0.5) / 2)
+
+
+def _log2_ratio(value: float, base: float) -> float:
+    if value <= 0 or base <= 0:
+        return 0.0
+    return math.log2(value / base)
+
+
+class _Bucket:
+    """The counters of the current bucket, plus what a row needs from the ones before."""
+
+    __slots__ = ("base_conc", "base_p50", "base_req", "recent")
+
+    def __init__(self) -> None:
+        self.base_p50 = 0.0  # healthy baselines: moving averages over buckets without failures
+        self.base_req = 0.0
+        self.base_conc = 0.0
+        self.recent: deque[tuple[float, float, float]] = deque(maxlen=11)  # err, l50, l90
+
+
+# --------------------------------------------------------------------------- the breaker
+
+
+class AdaptiveCircuitBreaker(CircuitBreaker):
+    """
+    A :class:`~resilient.breaker.CircuitBreaker` that predicts failures (``type: adaptive``).
+
+    Below ``prediction_threshold``, or without a model trained on ``min_samples``
+    buckets, it behaves exactly as the basic breaker. See the module docstring
+    and docs/adaptive.md.
+    """
+
+    __slots__ = (
+        "_acting",
+        "_adaptive",
+        "_bucket",
+        "_c_fail",
+        "_c_ok",
+        "_c_rej",
+        "_c_req",
+        "_c_timeout",
+        "_crossings",
+        "_edge",
+        "_flags",
+        "_hist",
+        "_idx",
+        "_inflight",
+        "_label_rate",
+        "_last_train",
+        "_model",
+        "_model_error",
+        "_opened_by_model",
+        "_peak",
+        "_predictions",
+        "_risk",
+        "_roll_lock",
+        "_rows",
+        "_shed",
+        "_training",
+        "_uses_model",
+        "_width",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        config: CircuitBreakerConfig,
+        *,
+        clock: Callable[[], float] | None = None,
+        listeners: Iterable[Any] = (),
+        backend: Backend | None = None,
+        model: Forest | None = None,
+    ) -> None:
+        """
+        Create a closed adaptive breaker.
+
+        Args:
+            name, config, clock, listeners, backend: As for ``CircuitBreaker``.
+            model: A model to start from; default: ``adaptive.model_path``, if given.
+        """
+        super().__init__(name, config, clock=clock, listeners=listeners, backend=backend)
+        a = config.adaptive
+        self._adaptive = a
+        self.needs_duration = True  # latency features; the base's slow-call test stays off
+        self._uses_model = config.uses_model
+        self._width = a.bucket_seconds
+        rate = config.failure_rate_threshold if config.failure_rate_threshold is not None else 0.5
+        # A bucket "fails" at half the breaker's own failure-rate threshold: the
+        # label should fire before the breaker would trip, not with it.
+        self._label_rate = rate / 2
+        self._edge = -math.inf
+        self._idx = -1  # absolute index of the current bucket (-1: none yet)
+        self._c_req = self._c_ok = self._c_fail = self._c_timeout = self._c_rej = 0
+        self._inflight = self._peak = 0
+        self._hist = list(_HIST_EMPTY)
+        self._bucket = _Bucket()
+        self._rows: deque[tuple[int, tuple[float, ...]]] = deque(maxlen=a.history_buckets)
+        self._flags: dict[int, bool] = {}  # bucket index -> it failed
+        self._risk: float | None = None
+        self._acting = False
+        self._shed = 0.0
+        self._opened_by_model = False
+        self._predictions = 0
+        self._crossings: deque[tuple[float, float, bool]] = deque(maxlen=100)
+        self._roll_lock = threading.Lock()
+        self._training: threading.Thread | None = None
+        self._last_train = self._clock()
+        self._model_error: str | None = None
+        if model is None and a.model_path is not None and self._uses_model:
+            try:
+                model = load_model(a.model_path)
+            except Exception as exc:  # a bad file must not break the calls: report it
+                self._model_error = f"{type(exc).__name__}: {exc}"
+                _log.error(
+                    "adaptive breaker %r: cannot load model %r (%s); learning from scratch",
+                    name,
+                    a.model_path,
+                    self._model_error,
+                )
+        self._model: Forest | None = model
+        for made in _recorders:
+            made.append(self)
+
+    # ------------------------------------------------------------------ hot path
+
+    def acquire(self) -> int:
+        """As :meth:`CircuitBreaker.acquire`, plus the counters and the shedding."""
+        if self._clock() >= self._edge:
+            self._roll()
+        self._c_req += 1
+        shed = self._shed
+        if shed and random.random() < shed:
+            # not in _c_rej: the rejection_share feature must not feed on the shedding
+            next(self._rejections)
+            raise CircuitOpenError.fast(
+                self.name, self._width, "shedding calls on a predicted failure"
+            )
+        token = self._fast_token  # the base's closed fast path, inlined (one call less)
+        if token < 0:
+            try:
+                token = CircuitBreaker.acquire(self)
+            except CircuitOpenError:
+                self._c_rej += 1
+                raise
+        n = self._inflight + 1
+        self._inflight = n
+        if n > self._peak:
+            self._peak = n
+        return token
+
+    def on_success(self, token: int, duration: float) -> None:
+        """As :meth:`CircuitBreaker.on_success`, plus the counters."""
+        CircuitBreaker.on_success(self, token, duration)
+        self._inflight -= 1
+        self._c_ok += 1
+        if duration > _BIN0:
+            i = int(math.log2(duration / _BIN0) * 2)
+            self._hist[i if i < _BINS else _BINS - 1] += 1
+        else:
+            self._hist[0] += 1
+
+    def on_failure(self, token: int, exc: BaseException, duration: float) -> None:
+        """As :meth:`CircuitBreaker.on_failure`, plus the counters."""
+        ignore = self._ignore
+        if ignore and isinstance(exc, ignore):
+            CircuitBreaker.on_failure(self, token, exc, duration)
+            self._inflight -= 1
+            return
+        if not isinstance(exc, self._record):
+            self.on_success(token, duration)  # not a failure: a success, counted once
+            return
+        CircuitBreaker.on_failure(self, token, exc, duration)
+        self._inflight -= 1
+        self._c_fail += 1
+        if isinstance(exc, AttemptTimeoutError):
+            self._c_timeout += 1
+        if duration > _BIN0:
+            i = int(math.log2(duration / _BIN0) * 2)
+            self._hist[i if i < _BINS else _BINS - 1] += 1
+        else:
+            self._hist[0] += 1
+
+    def on_cancel(self, token: int) -> None:
+        """As :meth:`CircuitBreaker.on_cancel`; the call leaves the in-flight count."""
+        CircuitBreaker.on_cancel(self, token)
+        self._inflight -= 1
+
+    # ------------------------------------------------------------- per bucket
+
+    def _roll(self) -> None:
+        """The current bucket is over: one feature row, one prediction (once per bucket)."""
+        if not self._roll_lock.acquire(blocking=False):
+            return  # another thread is rolling; this call counts in the old bucket
+        crossed: PredictionCrossed | None = None
+        try:
+            now = self._clock()
+            if now < self._edge:
+                return
+            idx = int(now // self._width)
+            if self._idx >= 0:
+                crossed = self._close_bucket(idx - self._idx > 1)
+            self._idx = idx
+            self._edge = (idx + 1) * self._width
+        finally:
+            self._roll_lock.release()
+        if crossed is not None and bus.active:
+            bus.emit(crossed)
+        self._maybe_train(now)  # outside the lock: training reads the history under it
+
+    def _close_bucket(self, gap: bool) -> PredictionCrossed | None:
+        req, ok, fail = self._c_req, self._c_ok, self._c_fail
+        timeouts, rej, peak = self._c_timeout, self._c_rej, self._peak
+        hist = self._hist
+        self._c_req = self._c_ok = self._c_fail = self._c_timeout = self._c_rej = 0
+        self._peak = self._inflight
+        self._hist = list(_HIST_EMPTY)
+        calls = ok + fail
+        b = self._bucket
+        err = fail / calls if calls else 0.0
+        p50 = _quantile(hist, calls, 0.5) if calls else 0.0
+        p90 = _quantile(hist, calls, 0.9) if calls else 0.0
+        state = self._state
+        healthy = calls >= 3 and err < self._label_rate / 2 and state == STATE_CLOSED
+        if healthy:
+            # moving averages of the healthy service (about the last 30 healthy buckets)
+            if b.base_p50 == 0.0:
+                b.base_p50, b.base_req, b.base_conc = p50, float(req), float(max(peak, 1))
+            else:
+                b.base_p50 += (p50 - b.base_p50) / 30
+                b.base_req += (req - b.base_req) / 30
+                b.base_conc += (max(peak, 1) - b.base_conc) / 30
+        l50 = _log2_ratio(p50, b.base_p50) if calls else 0.0
+        l90 = _log2_ratio(p90, b.base_p50) if calls else 0.0
+        recent = b.recent
+        errs = [e for e, _, _ in recent]
+        err3 = (err + sum(errs[-2:])) / (1 + len(errs[-2:]))
+        err_trend = err - (sum(errs) / len(errs) if errs else err)
+        l50_old, l90_old = (recent[-5][1], recent[-5][2]) if len(recent) >= 5 else (l50, l90)
+        row = (
+            err,
+            err3,
+            err_trend,
+            timeouts / calls if calls else 0.0,
+            rej / req if req else 0.0,
+            l50,
+            l90,
+            l50 - l50_old,
+            l90 - l90_old,
+            _log2_ratio(max(peak, 1), b.base_conc),
+            _log2_ratio(req, b.base_req) if req else -8.0,
+            0.0 if state == STATE_CLOSED else 1.0,
+        )
+        recent.append((err, l50, l90))
+        idx = self._idx
+        # The label source: did this bucket fail? Failures seen, or the basic breaker
+        # open after its own trip (its rejections stand for the failures it spares).
+        failed = (calls >= 3 and err >= self._label_rate) or (
+            state == STATE_OPEN and not self._opened_by_model and rej >= max(req // 2, 1)
+        )
+        self._flags[idx] = failed
+        self._rows.append((idx, row))
+        if len(self._flags) > 2 * self._rows.maxlen:  # type: ignore[operator]
+            oldest = self._rows[0][0]
+            self._flags = {k: v for k, v in self._flags.items() if k >= oldest}
+        if gap:
+            recent.clear()
+        return self._predict(row)
+
+    def _predict(self, row: tuple[float, ...]) -> PredictionCrossed | None:
+        model = self._model
+        if (
+            not self._uses_model
+            or model is None
+            or model.samples < self._adaptive.min_samples
+            or len(self._bucket.recent) < 3
+        ):
+            self._stand_down()
+            return None
+        risk = model.risk(row)
+        self._risk = risk
+        self._predictions += 1
+        thr = self.config.prediction_threshold
+        above = risk > thr
+        crossed = None
+        if above != self._acting:
+            crossed = PredictionCrossed(self.name, risk, thr, above, self._adaptive.mode)
+            self._crossings.append((self._clock(), risk, above))
+        self._acting = above
+        if self._adaptive.mode != "active":
+            return crossed
+        if not above:
+            self._shed = 0.0
+            return crossed
+        if self._adaptive.action == "shed":
+            # a share of the calls growing with the risk: a quarter of max_shed at the
+            # threshold, all of it at risk 1; only while closed (half-open is the trials')
+            grow = (risk - thr) / (1.0 - thr) if thr < 1.0 else 1.0
+            share = self._adaptive.max_shed * (0.25 + 0.75 * grow)
+            self._shed = share if self._state == STATE_CLOSED else 0.0
+        elif self._state == STATE_CLOSED:
+            self._open_early()
+        return crossed
+
+    def _stand_down(self) -> None:
+        self._risk = None
+        self._shed = 0.0
+        self._acting = False
+
+    def _open_early(self) -> None:
+        with self._lock:
+            if self._state != STATE_CLOSED or self._mode != "normal":
+                return
+            event = self._transition(STATE_OPEN, self._clock())
+            self._opened_by_model = True
+        self._notify((event,))
+
+    def _transition(self, new: str, now: float, *, remote: bool = False) -> tuple[str, str]:
+        self._opened_by_model = False
+        self._shed = 0.0
+        return CircuitBreaker._transition(self, new, now, remote=remote)
+
+    # ------------------------------------------------------------- training
+
+    def dataset(self) -> tuple[list[tuple[float, ...]], list[int]]:
+        """
+        The labelled history: one feature row per bucket whose horizon is over, and
+        whether the service failed in the ``horizon_seconds`` after it (1) or not (0).
+        """
+        h = max(1, math.ceil(self._adaptive.horizon_seconds / self._width))
+        with self._roll_lock:
+            rows = list(self._rows)
+            flags = dict(self._flags)
+            last = self._idx
+        xs: list[tuple[float, ...]] = []
+        ys: list[int] = []
+        for idx, row in rows:
+            if idx + h >= last:
+                break  # the horizon is not over yet
+            xs.append(row)
+            ys.append(int(any(flags.get(j, False) for j in range(idx + 1, idx + h + 1))))
+        return xs, ys
+
+    def train_now(self) -> bool:
+        """
+        Retrain the model from the history now, on this thread (tests, benchmarks).
+
+        Returns:
+            Whether a model was trained (it needs ``min_samples`` labelled buckets).
+        """
+        xs, ys = self.dataset()
+        if len(xs) < self._adaptive.min_samples or not self._uses_model:
+            return False
+        previous = self._model
+        if previous is not None and previous.samples > len(xs):
+            # warm start: the saved model's samples are not here; keep it until the
+            # process's own history is larger
+            return False
+        self._model = train(xs, ys, n_estimators=self._adaptive.n_estimators)
+        return True
+
+    def _maybe_train(self, now: float) -> None:
+        if (
+            not self._uses_model
+            or now - self._last_train < self._adaptive.retrain_seconds
+            or (self._training is not None and self._training.is_alive())
+        ):
+            return
+        self._last_train = now
+        if _TRAINING_SYNC:
+            self._train_quietly()
+            return
+        thread = threading.Thread(
+            target=self._train_quietly, name=f"resilient-adaptive-{self.name}", daemon=True
+        )
+        self._training = thread
+        thread.start()
+
+    def _train_quietly(self) -> None:
+        try:
+            self.train_now()
+        except Exception:
+            _log.exception("adaptive breaker %r: training failed; keeping the model", self.name)
+
+    # ------------------------------------------------------------- status
+
+    @property
+    def predicted_risk(self) -> float | None:
+        """The last predicted failure probability (``None``: not predicting)."""
+        return self._risk
+
+    @property
+    def crossings(self) -> list[tuple[float, float, bool]]:
+        """The last 100 threshold crossings: (clock time, risk, went above)."""
+        return list(self._crossings)
+
+    @property
+    def model(self) -> Forest | None:
+        """The model predicting now (``None``: none yet)."""
+        return self._model
+
+    @property
+    def shed_share(self) -> float:
+        """Share of calls refused by shedding now (0 unless ``active`` and at risk)."""
+        return self._shed
+
+    def get_status(self) -> dict[str, Any]:
+        """:meth:`CircuitBreaker.get_status`, plus an ``adaptive`` entry."""
+        status = super().get_status()
+        a = self._adaptive
+        model = self._model
+        status["adaptive"] = {
+            "type": "adaptive",
+            "mode": a.mode,
+            "action": a.action if a.mode == "active" else None,
+            "ml": self._uses_model,
+            "predicting": self._risk is not None,
+            "predicted_risk": self._risk,
+            "prediction_threshold": self.config.prediction_threshold,
+            "acting": self._acting and a.mode == "active",
+            "shed_share": self._shed,
+            "model_age_seconds": (
+                round(max(time.time() - model.trained_at, 0.0), 3) if model is not None else None
+            ),
+            "model_samples": model.samples if model is not None else 0,
+            "min_samples": a.min_samples,
+            "history_buckets": len(self._rows),
+            "predictions": self._predictions,
+            "model_error": self._model_error,
+        }
+        return status
+
+    def __repr__(self) -> str:
+        return (
+            f"<AdaptiveCircuitBreaker {self.name!r} {self._state} "
+            f"mode={self._adaptive.mode} risk={self._risk}>"
+        )
+
+
+class ThrottlingCircuitBreaker(AdaptiveCircuitBreaker):
+    """
+    ``adaptive: {mode: throttle}``: Google SRE client-side adaptive throttling on
+    top of the basic breaker.
+
+    Each call is refused locally with probability
+    ``max(0, (requests - K * accepts) / (requests + 1))`` over the last
+    ``throttle_window`` seconds, where *requests* counts every call asked for
+    (refused ones included) and *accepts* the calls that succeeded. No model.
+    """
+
+    __slots__ = ("_k", "_ring", "_w_acc", "_w_req")
+
+    def __init__(
+        self,
+        name: str,
+        config: CircuitBreakerConfig,
+        *,
+        clock: Callable[[], float] | None = None,
+        listeners: Iterable[Any] = (),
+        backend: Backend | None = None,
+    ) -> None:
+        super().__init__(name, config, clock=clock, listeners=listeners, backend=backend)
+        a = config.adaptive
+        self._k = a.k
+        n = max(1, math.ceil(a.throttle_window / a.bucket_seconds))
+        self._ring: deque[tuple[int, int]] = deque(maxlen=n - 1 if n > 1 else 1)
+        self._w_req = 0  # the window's finished buckets
+        self._w_acc = 0
+
+    def throttle_probability(self) -> float:
+        """The probability that the next call is refused locally."""
+        req = self._w_req + self._c_req
+        return max(0.0, (req - self._k * (self._w_acc + self._c_ok)) / (req + 1))
+
+    def acquire(self) -> int:
+        """As :meth:`CircuitBreaker.acquire`, plus SRE adaptive throttling."""
+        if self._clock() >= self._edge:
+            self._roll()
+        req = self._w_req + self._c_req
+        self._c_req += 1
+        p = (req - self._k * (self._w_acc + self._c_ok)) / (req + 1)
+        if p > 0.0 and random.random() < p:
+            next(self._rejections)
+            raise CircuitOpenError.fast(self.name, self._width, "throttling calls client-side")
+        try:
+            token = CircuitBreaker.acquire(self)
+        except CircuitOpenError:
+            self._c_rej += 1
+            raise
+        n = self._inflight + 1
+        self._inflight = n
+        if n > self._peak:
+            self._peak = n
+        return token
+
+    def _close_bucket(self, gap: bool) -> PredictionCrossed | None:
+        ring = self._ring
+        if gap:
+            ring.clear()
+            self._w_req = self._w_acc = 0
+        else:
+            if len(ring) == ring.maxlen:
+                old_req, old_acc = ring[0]
+                self._w_req -= old_req
+                self._w_acc -= old_acc
+            ring.append((self._c_req, self._c_ok))
+            self._w_req += self._c_req
+            self._w_acc += self._c_ok
+        return super()._close_bucket(gap)
+
+    def get_status(self) -> dict[str, Any]:
+        """:meth:`AdaptiveCircuitBreaker.get_status`, plus the throttling figures."""
+        status = super().get_status()
+        status["adaptive"]["throttle"] = {
+            "k": self._k,
+            "window_seconds": self._adaptive.throttle_window,
+            "requests": self._w_req + self._c_req,
+            "accepts": self._w_acc + self._c_ok,
+            "probability": round(self.throttle_probability(), 6),
+        }
+        return status
+
+
+def make(
+    name: str,
+    config: CircuitBreakerConfig,
+    *,
+    clock: Callable[[], float] | None = None,
+    listeners: Iterable[Any] = (),
+    backend: Backend | None = None,
+) -> AdaptiveCircuitBreaker:
+    """The adaptive breaker for *config* (``type: adaptive``): throttling or predicting."""
+    cls = ThrottlingCircuitBreaker if config.adaptive.mode == "throttle" else AdaptiveCircuitBreaker
+    return cls(name, config, clock=clock, listeners=listeners, backend=backend)

@@ -1,0 +1,525 @@
+"""The adaptive circuit breaker (issue #13): policy, behaviour, model, throttling, status."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import resilient
+from resilient import Policy, PolicyError
+from resilient._adaptive_bootstrap import bootstrap_model, suite
+from resilient._models import CircuitBreakerConfig, TimeoutConfig
+from resilient.adaptive import (
+    FEATURES,
+    AdaptiveCircuitBreaker,
+    Forest,
+    ThrottlingCircuitBreaker,
+    load_model,
+    recording,
+    save_model,
+    train,
+)
+from resilient.cli import main
+from resilient.errors import CircuitOpenError
+from resilient.events import PredictionCrossed
+from resilient.manager import ResilienceManager
+from resilient.pipeline import get_breaker
+from resilient.testing import capture_events, simulate
+from resilient.testing._scenario import errors_ramp, healthy_noisy, load_spike, outage
+
+BASE: dict[str, Any] = {
+    "failure_threshold": 5,
+    "timeout_seconds": 10.0,
+    "failure_rate_window": 10,
+    "min_requests_threshold": 10,
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _policy(**cb: Any) -> Policy:
+    return Policy(
+        circuit_breaker=CircuitBreakerConfig(**BASE, **cb),
+        timeout=TimeoutConfig(per_attempt=1.0),
+    )
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small model trained on simulated histories (training seeds only)."""
+    path = str(tmp_path_factory.mktemp("model") / "model.joblib")
+    cfg = CircuitBreakerConfig(**BASE, type="adaptive", adaptive={"n_estimators": 8})
+    bootstrap_model(path, seeds=(101,), duration=120, rate=40, config=cfg)
+    return path
+
+
+def _outcomes(policy: Policy, scenario: Any, seed: int) -> tuple[Any, ...]:
+    r = simulate(policy, scenario, duration=120, rate=40, seed=seed)
+    return (r.succeeded, r.failed, r.rejected_breaker, r.backend_calls, r.transitions, r.timeline)
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def test_basic_is_the_default_and_ignores_the_adaptive_fields() -> None:
+    cfg = CircuitBreakerConfig(adaptive={"mode": "active"})
+    assert cfg.type == "basic"
+    resilient.load_policies(
+        {"policies": {"db": {"circuit_breaker": {"prediction_threshold": 0.9}}}}
+    )
+
+    @resilient.resilient(policy="db")
+    def f() -> int:
+        return 1
+
+    assert f() == 1
+    assert type(get_breaker("db")) is resilient.CircuitBreaker
+
+
+def test_unknown_mode_is_a_policy_error_with_file_line_and_did_you_mean(tmp_path: Path) -> None:
+    path = tmp_path / "resilience.yaml"
+    path.write_text(
+        "version: 1\npolicies:\n  db:\n    circuit_breaker:\n      type: adaptive\n"
+        "      adaptive:\n        mode: activ\n"
+    )
+    with pytest.raises(PolicyError) as info:
+        resilient.load_policies(str(path))
+    text = str(info.value)
+    assert f"{path}:7" in text
+    assert "did you mean 'active'" in text
+
+
+def test_unknown_type_and_adaptive_key(tmp_path: Path) -> None:
+    path = tmp_path / "resilience.yaml"
+    path.write_text(
+        "version: 1\npolicies:\n  db:\n    circuit_breaker:\n      type: adaptiv\n"
+        "      adaptive:\n        horizon_second: 5\n"
+    )
+    with pytest.raises(PolicyError) as info:
+        resilient.load_policies(str(path))
+    text = str(info.value)
+    assert "did you mean 'adaptive'" in text
+    assert "did you mean 'horizon_seconds'" in text
+
+
+def test_missing_scikit_learn_is_a_policy_error_naming_the_ml_extra(tmp_path: Path) -> None:
+    path = tmp_path / "resilience.yaml"
+    path.write_text(
+        "version: 1\npolicies:\n  db:\n    circuit_breaker:\n      type: adaptive\n"
+        "  throttled:\n    circuit_breaker:\n      type: adaptive\n"
+        "      adaptive: {mode: throttle}\n"
+    )
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["sklearn"] = None  # as if scikit-learn were not installed
+        import resilient
+        try:
+            resilient.load_policies({str(path)!r})
+        except resilient.PolicyError as exc:
+            print(exc)
+        else:
+            print("loaded")
+        resilient.load_policies({{"policies": {{
+            "t": {{"circuit_breaker": {{"type": "adaptive", "adaptive": {{"mode": "throttle"}}}}}},
+            "n": {{"circuit_breaker": {{"type": "adaptive", "enable_ml_prediction": False}}}},
+        }}}})
+        print("throttle and no-ML load")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"{path}:4" in out
+    assert "resilient-policies[ml]" in out
+    assert "throttled" not in out.splitlines()[0]  # only the ML policy is refused
+    assert "throttle and no-ML load" in out
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+def test_shadow_mode_never_changes_an_outcome(model_path: str) -> None:
+    basic = _policy()
+    shadow = _policy(
+        type="adaptive", adaptive={"mode": "shadow", "model_path": model_path, "min_samples": 10}
+    )
+    for scenario in (errors_ramp(start=30, duration=20, hold=20), load_spike(start=40)):
+        with recording() as made:
+            got = _outcomes(shadow, scenario, seed=11)
+        assert got == _outcomes(basic, scenario, seed=11)
+        # and it did predict, and crossed the threshold, all the same
+        status = made[0].get_status()["adaptive"]
+        assert status["predictions"] > 50
+        assert status["model_samples"] >= 10
+        assert any(above for _, _, above in made[0].crossings)
+
+
+def test_too_few_samples_is_exactly_the_basic_breaker(model_path: str) -> None:
+    scenario = errors_ramp(start=30, duration=20, hold=20)
+    active = _policy(
+        type="adaptive",
+        adaptive={"mode": "active", "model_path": model_path, "min_samples": 10**8},
+    )
+    with recording() as made:
+        got = _outcomes(active, scenario, seed=5)
+    assert got == _outcomes(_policy(), scenario, seed=5)
+    status = made[0].get_status()["adaptive"]
+    assert status["predicting"] is False
+    assert status["predicted_risk"] is None
+    assert status["predictions"] == 0
+
+
+@pytest.mark.parametrize("action", ["shed", "open"])
+def test_active_mode_acts_before_the_basic_breaker(model_path: str, action: str) -> None:
+    scenario = errors_ramp(start=30, duration=30, hold=20)
+    active = _policy(
+        type="adaptive",
+        adaptive={"mode": "active", "action": action, "model_path": model_path, "min_samples": 10},
+    )
+    basic = simulate(_policy(), scenario, duration=120, rate=40, seed=3)
+    with recording() as made:
+        got = simulate(active, scenario, duration=120, rate=40, seed=3)
+
+    def first_refusal(r: Any) -> int:
+        return next(s.second for s in r.timeline if s.rejected)
+
+    assert first_refusal(got) < first_refusal(basic)
+    assert got.failed < basic.failed
+    assert made[0].crossings
+
+
+def test_active_mode_leaves_a_healthy_noisy_service_alone(model_path: str) -> None:
+    active = _policy(
+        type="adaptive", adaptive={"mode": "active", "model_path": model_path, "min_samples": 10}
+    )
+    r = simulate(active, healthy_noisy(error_rate=0.05), duration=120, rate=40, seed=8)
+    assert r.rejected_breaker == 0
+
+
+def test_the_prediction_crossing_is_an_event(model_path: str) -> None:
+    clock = Clock()
+    cfg = CircuitBreakerConfig(
+        **BASE,
+        type="adaptive",
+        adaptive={"mode": "shadow", "model_path": model_path, "min_samples": 10},
+    )
+    breaker = AdaptiveCircuitBreaker("db", cfg, clock=clock)
+    with capture_events() as events:
+        for second in range(40):
+            failing = max(0, second - 20) * 2  # a ramp: 2 more failures each second
+            for k in range(40):
+                clock.now = second + k / 40
+                try:
+                    token = breaker.acquire()
+                except CircuitOpenError:
+                    continue
+                if k < failing and k % 2:  # spread, never 5 in a row
+                    breaker.on_failure(token, ConnectionError(), 0.002)
+                else:
+                    breaker.on_success(token, 0.02)
+    crossed = [e for e in events if isinstance(e, PredictionCrossed)]
+    assert crossed
+    assert crossed[0].above
+    assert crossed[0].policy == "db"
+    assert crossed[0].risk > crossed[0].threshold == 0.7
+    assert crossed[0].mode == "shadow"
+
+
+def test_counters_are_per_call_and_exceptions_pass_unchanged() -> None:
+    clock = Clock()
+    cfg = CircuitBreakerConfig(
+        **BASE,
+        type="adaptive",
+        ignore_exceptions=(KeyError,),
+        record_exceptions=(ConnectionError,),
+    )
+    breaker = AdaptiveCircuitBreaker("db", cfg, clock=clock)
+    t = breaker.acquire()
+    breaker.on_failure(t, KeyError("x"), 0.01)  # ignored
+    t = breaker.acquire()
+    breaker.on_failure(t, ValueError("x"), 0.01)  # not recorded: a success
+    t = breaker.acquire()
+    breaker.on_failure(t, ConnectionError("x"), 0.01)
+    t = breaker.acquire()
+    breaker.on_cancel(t)
+    status = breaker.get_status()
+    assert status["totals"] == {
+        "calls": 3,
+        "successes": 1,
+        "failures": 1,
+        "ignored": 1,
+        "rejections": 0,
+    }
+    assert breaker._inflight == 0  # every call left the in-flight count once
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def test_a_saved_model_loads_and_predicts_like_scikit_learn(
+    model_path: str, tmp_path: Path
+) -> None:
+    model = load_model(model_path)
+    assert isinstance(model, Forest)
+    assert model.samples > 100
+    rng = random.Random(0)
+    rows = [[rng.uniform(-1, 3) for _ in FEATURES] for _ in range(50)]
+    expected = model.classifier.predict_proba(rows)[:, 1]
+    for row, want in zip(rows, expected, strict=True):
+        assert model.risk(row) == pytest.approx(want, abs=1e-9)
+    copy = tmp_path / "copy.joblib"
+    save_model(model, str(copy))
+    assert load_model(str(copy)).samples == model.samples
+    cfg = CircuitBreakerConfig(**BASE, type="adaptive", adaptive={"model_path": str(copy)})
+    breaker = AdaptiveCircuitBreaker("db", cfg)
+    assert breaker.model is not None
+    assert breaker.get_status()["adaptive"]["model_samples"] == model.samples
+
+
+def test_a_bad_model_file_is_reported_not_raised(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.joblib"
+    bad.write_bytes(b"not a model")
+    cfg = CircuitBreakerConfig(**BASE, type="adaptive", adaptive={"model_path": str(bad)})
+    breaker = AdaptiveCircuitBreaker("db", cfg)
+    token = breaker.acquire()
+    breaker.on_success(token, 0.01)
+    status = breaker.get_status()["adaptive"]
+    assert status["model_error"]
+    assert status["model_samples"] == 0
+
+
+def test_other_files_are_refused_by_load_model(tmp_path: Path) -> None:
+    import joblib
+
+    path = tmp_path / "x.joblib"
+    joblib.dump({"format": 1, "features": ("a",), "classifier": None}, path)
+    with pytest.raises(ValueError, match="other features"):
+        load_model(str(path))
+    with pytest.raises(ValueError, match="needs 12 features"):
+        train([(1.0, 2.0)], [0])
+
+
+def test_it_learns_online_from_its_own_history() -> None:
+    """Without a saved model it is the basic breaker until min_samples, then predicts."""
+    policy = _policy(
+        type="adaptive",
+        adaptive={"mode": "shadow", "min_samples": 60, "retrain_seconds": 30, "n_estimators": 5},
+    )
+    scenario = errors_ramp(start=20, duration=10, hold=10).then(
+        errors_ramp(start=0, duration=10, hold=10), gap=30
+    )
+    with recording() as made:
+        simulate(policy, scenario, duration=150, rate=30, seed=2)
+    breaker = made[0]
+    assert breaker.model is not None
+    assert breaker.model.samples >= 60
+    assert breaker.get_status()["adaptive"]["predictions"] > 0
+    xs, ys = breaker.dataset()
+    assert len(xs) == len(ys) > 100
+    assert 0 < sum(ys) < len(ys)
+
+
+def test_training_runs_in_a_background_thread_outside_recording() -> None:
+    clock = Clock()
+    cfg = CircuitBreakerConfig(
+        **BASE,
+        type="adaptive",
+        adaptive={"min_samples": 20, "retrain_seconds": 50, "n_estimators": 3},
+    )
+    breaker = AdaptiveCircuitBreaker("db", cfg, clock=clock)
+    for second in range(60):
+        for k in range(10):
+            clock.now = second + k / 10
+            token = breaker.acquire()
+            if 30 <= second < 35 and k % 2:
+                breaker.on_failure(token, ConnectionError(), 0.01)
+            else:
+                breaker.on_success(token, 0.01)
+        if breaker.state != "closed":
+            breaker.reset()
+    thread = breaker._training
+    assert thread is not None
+    assert thread.name == "resilient-adaptive-db"
+    thread.join(30)
+    assert breaker.model is not None
+
+
+# --------------------------------------------------------------------------- throttle
+
+
+def test_throttle_probability_follows_the_sre_formula() -> None:
+    clock = Clock()
+    cfg = CircuitBreakerConfig(
+        failure_threshold=10**6,
+        failure_rate_threshold=None,
+        type="adaptive",
+        enable_ml_prediction=False,
+        adaptive={"mode": "throttle", "k": 2.0, "throttle_window": 60},
+    )
+    breaker = ThrottlingCircuitBreaker("db", cfg, clock=clock)
+    random.seed(1)
+    for i in range(100):
+        clock.now = i * 0.01
+        try:
+            token = breaker.acquire()  # a refused request counts as a request too
+        except CircuitOpenError:
+            continue
+        if i < 20:
+            breaker.on_success(token, 0.01)
+        else:
+            breaker.on_failure(token, ConnectionError(), 0.01)
+    # 100 requests, 20 accepts: p = (100 - 2 * 20) / 101
+    assert breaker.throttle_probability() == pytest.approx(60 / 101)
+    status = breaker.get_status()["adaptive"]["throttle"]
+    assert (status["requests"], status["accepts"], status["k"]) == (100, 20, 2.0)
+    refused = 0
+    for i in range(2000):
+        clock.now = 1.0 + i * 0.0001
+        try:
+            token = breaker.acquire()
+        except CircuitOpenError:
+            refused += 1
+        else:
+            breaker.on_failure(token, ConnectionError(), 0.01)
+    assert refused > 1000  # the probability grows towards 1 as nothing is accepted
+    # the window forgets: after throttle_window seconds the counts start again
+    clock.now = 100.0
+    breaker.acquire()
+    assert breaker.throttle_probability() == pytest.approx(0.5)  # (1 - 0) / 2
+
+
+# --------------------------------------------------------------------------- call forms
+
+
+def test_type_adaptive_works_in_resilient_simulate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "resilience.yaml"
+    path.write_text(
+        "version: 1\npolicies:\n  broker:\n"
+        "    circuit_breaker: {failure_threshold: 3, timeout_seconds: 5, type: adaptive,\n"
+        "                      adaptive: {mode: active, min_samples: 30, retrain_seconds: 20,\n"
+        "                                 n_estimators: 3}}\n"
+    )
+    code = main(
+        ["simulate", str(path), "--policy", "broker", "--scenario", "outage", "--duration", "60"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "closed -> open" in out
+
+
+async def test_type_adaptive_works_in_the_manager(model_path: str) -> None:
+    cfg = CircuitBreakerConfig(adaptive={"mode": "active", "model_path": model_path})
+    manager = ResilienceManager(
+        resilient.ResilienceConfig(
+            adaptive_circuit_breaker_enabled=True,
+            circuit_breaker_config=cfg,
+            health_monitoring_enabled=False,
+            logging_enabled=False,
+            metrics_enabled=False,
+        )
+    )
+    await manager.initialize()
+    try:
+
+        class DB:
+            async def query(self) -> int:
+                return 1
+
+        db = DB()
+        await manager.register_service("db", db, {"failure_threshold": 3})
+        async with manager.resilient_call("db", "query"):
+            assert await db.query() == 1
+        breaker = manager.circuit_breakers["db"]
+        assert isinstance(breaker, AdaptiveCircuitBreaker)
+        service = manager.get_service_status("db")["circuit_breaker"]
+        assert service["adaptive"]["mode"] == "active"
+        assert service["adaptive"]["model_samples"] > 0
+        system = manager.get_system_status()
+        assert system["features"]["adaptive_circuit_breaker"] is True
+        assert "adaptive_circuit_breaker" not in system["unavailable"]
+        json.dumps(system)
+    finally:
+        await manager.close()
+
+
+def test_manager_reads_the_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESILIENCE_ADAPTIVE_CIRCUIT_BREAKER_ENABLED", "true")
+    assert resilient.ResilienceConfig().adaptive_circuit_breaker_enabled is True
+
+
+def test_metrics_export_the_predicted_risk(model_path: str) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from resilient import metrics
+
+    registry = prometheus_client.CollectorRegistry()
+    metrics.enable(registry)
+    try:
+        clock = Clock()
+        resilient.load_policies(
+            {
+                "policies": {
+                    "db": {
+                        "circuit_breaker": {
+                            **BASE,
+                            "type": "adaptive",
+                            "adaptive": {"model_path": model_path, "min_samples": 10},
+                        }
+                    }
+                }
+            }
+        )
+        breaker = get_breaker("db")
+        assert isinstance(breaker, AdaptiveCircuitBreaker)
+        breaker._clock = clock  # drive it by hand
+        for second in range(6):
+            for k in range(20):
+                clock.now = second + k / 20
+                breaker.on_success(breaker.acquire(), 0.02)
+        risk = breaker.predicted_risk
+        assert risk is not None
+        text = prometheus_client.generate_latest(registry).decode()
+        assert f'resilient_circuit_breaker_predicted_risk{{policy="db"}} {risk}' in text
+    finally:
+        metrics.disable()
+
+
+def test_the_suite_never_shares_seeds_between_training_and_evaluation() -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "adaptive"))
+    try:
+        import suite as bench  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+    assert not set(bench.TRAIN_SEEDS) & set(bench.EVAL_SEEDS)
+    # and a seed changes the scenarios themselves, not only the random draws
+    assert [c.onset for c in suite(1)] != [c.onset for c in suite(2)]
+
+
+def test_errors_ramp_and_load_spike_scenarios() -> None:
+    ramp = errors_ramp(start=10, duration=10, hold=5, to=0.8)
+    assert ramp.conditions_at(5).error_rate == 0.0
+    assert ramp.conditions_at(15).error_rate == pytest.approx(0.4)
+    assert ramp.conditions_at(22).error_rate == pytest.approx(0.8)
+    assert ramp.conditions_at(26).error_rate == 0.0
+    spike = load_spike(start=10, rise=4, duration=10, error_rate=0.6)
+    assert spike.conditions_at(12).error_rate == pytest.approx(0.3)
+    assert spike.conditions_at(20).latency.median == pytest.approx(0.4)
+    assert spike.conditions_at(25).error_rate == 0.0
+    with pytest.raises(ValueError, match="0 <= to <= 1"):
+        errors_ramp(to=2.0)
+    assert outage(start=1, duration=1).name == "outage"

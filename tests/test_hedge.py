@@ -1,0 +1,538 @@
+"""Hedged requests (the ``hedge:`` section), through the public API, in virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from conftest import load
+
+import resilient
+from resilient.events import HedgeStarted, RetryScheduled
+from resilient.hedge import hedgers
+from resilient.pipeline import LANE_FULL, Pipeline
+from resilient.testing import VirtualClock, capture_events
+
+_CLOCK: list[VirtualClock] = []
+
+
+@pytest.fixture(autouse=True)
+def _virtual_time(virtual_clock: VirtualClock) -> None:
+    _CLOCK[:] = [virtual_clock]
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run *main* on a loop of the test's virtual clock (installed for the whole test)."""
+    return _CLOCK[0].run(main)
+
+
+class Backend:
+    """A dependency whose n-th request (from 1) takes ``latencies[n-1]`` seconds."""
+
+    def __init__(
+        self, *latencies: float, fail: Callable[[int], BaseException | None] = lambda n: None
+    ) -> None:
+        self.latencies = latencies
+        self.fail = fail
+        self.started: list[tuple[int, float]] = []  # (request, start time)
+        self.cancelled: list[int] = []
+        self.finished: list[int] = []
+
+    async def __call__(self) -> str:
+        loop = asyncio.get_running_loop()
+        n = len(self.started) + 1
+        self.started.append((n, loop.time()))
+        latency = self.latencies[min(n, len(self.latencies)) - 1]
+        try:
+            await asyncio.sleep(latency)
+        except asyncio.CancelledError:
+            self.cancelled.append(n)
+            raise
+        finally:
+            self.finished.append(n)
+        error = self.fail(n)
+        if error is not None:
+            raise error
+        return f"answer {n}"
+
+
+def hedged(backend: Backend, policy: str = "p") -> Callable[[], Awaitable[str]]:
+    @resilient.resilient(policy)
+    async def call() -> str:
+        return await backend()
+
+    return call
+
+
+T = TypeVar("T")
+NO_RETRY = {"max_attempts": 1, "timeout": None, "per_attempt_timeout": None}
+
+
+# --------------------------------------------------------------------------- the basics
+
+
+def test_a_slow_first_attempt_is_overtaken_by_the_hedge() -> None:
+    load(p={"hedge": {"delay": 0.1}})
+    backend = Backend(1.0, 0.05)
+    call = hedged(backend)
+
+    async def main() -> tuple[str, float]:
+        with capture_events() as events:
+            answer = await call()
+        assert [type(e) for e in events] == [HedgeStarted]
+        event = events[0]
+        assert (event.policy, event.hedge, event.reason) == ("p", 1, "delay")
+        assert event.after == pytest.approx(0.1)
+        return answer, asyncio.get_running_loop().time()
+
+    answer, ended = run(main())
+    assert answer == "answer 2"
+    assert ended == pytest.approx(0.15)
+    assert [start for _, start in backend.started] == pytest.approx([0.0, 0.1])
+    # the first attempt was cancelled, and its cancellation finished before the call returned
+    assert backend.cancelled == [1]
+    assert sorted(backend.finished) == [1, 2]
+
+
+def test_an_answer_before_the_delay_costs_no_hedge() -> None:
+    load(p={"hedge": {"delay": 0.1}})
+    backend = Backend(0.05)
+    call = hedged(backend)
+
+    async def main() -> str:
+        with capture_events() as events:
+            answer = await call()
+        assert list(events) == []
+        await asyncio.sleep(1)  # the hedge timer is gone: nothing starts later
+        return answer
+
+    assert run(main()) == "answer 1"
+    assert len(backend.started) == 1
+    assert hedgers()["p"].started == 0
+
+
+def test_delay_zero_starts_every_attempt_at_once() -> None:
+    load(p={"hedge": {"delay": 0, "max_hedged_attempts": 2}})
+    backend = Backend(0.3, 0.2, 0.1)
+    assert run(hedged(backend)()) == "answer 3"
+    assert [start for _, start in backend.started] == [0.0, 0.0, 0.0]
+    assert sorted(backend.cancelled) == [1, 2]
+
+
+def test_hedges_are_spaced_by_the_delay() -> None:
+    load(p={"hedge": {"delay": 0.1, "max_hedged_attempts": 3}})
+    backend = Backend(1.0, 1.0, 1.0, 0.01)
+    assert run(hedged(backend)()) == "answer 4"
+    assert [start for _, start in backend.started] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def test_max_hedged_attempts_bounds_a_call() -> None:
+    load(p={"hedge": {"delay": 0.1, "max_hedged_attempts": 1}})
+    backend = Backend(1.0, 2.0)
+    assert run(hedged(backend)()) == "answer 1"  # the first attempt ends first after all
+    assert len(backend.started) == 2
+    assert backend.cancelled == [2]
+
+
+def test_a_quantile_delay_follows_the_observed_latency() -> None:
+    load(p={"hedge": {"delay": "p50", "min_delay": 0.01, "max_delay": 1.0}})
+    backend = Backend(*([0.2] * 40 + [0.04] * 100))
+    call = hedged(backend)
+
+    async def main() -> list[float]:
+        delays = []
+        for _ in range(100):
+            await call()
+            delays.append(hedgers()["p"].current)
+        return delays
+
+    delays = run(main())
+    assert delays[0] == 1.0  # the cap until enough latencies were seen
+    assert delays[39] == pytest.approx(0.2)  # the median of what it saw
+    assert delays[-1] == pytest.approx(0.04)  # and it follows a change
+
+
+def test_a_quantile_delay_keeps_within_floor_and_cap() -> None:
+    load(p={"hedge": {"delay": "p99", "min_delay": 0.05, "max_delay": 0.5}})
+    backend = Backend(*([0.001] * 30))
+    call = hedged(backend)
+
+    async def main() -> float:
+        for _ in range(30):
+            await call()
+        return hedgers()["p"].current
+
+    assert run(main()) == 0.05
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_on_failure_starts_the_next_hedge_at_once() -> None:
+    load(p={"hedge": {"delay": 1.0, "on_failure": True}})
+    backend = Backend(0.01, 0.02, fail=lambda n: ConnectionError("down") if n == 1 else None)
+
+    async def main() -> tuple[str, float]:
+        with capture_events() as events:
+            answer = await hedged(backend)()
+        assert [(type(e), e.reason) for e in events] == [(HedgeStarted, "failure")]
+        return answer, asyncio.get_running_loop().time()
+
+    answer, ended = run(main())
+    assert answer == "answer 2"
+    assert ended == pytest.approx(0.03)
+
+
+def test_without_on_failure_a_failure_is_the_retry_loops_business() -> None:
+    load(p={"hedge": {"delay": 1.0}})
+    backend = Backend(0.01, fail=lambda n: ConnectionError("down"))
+    with pytest.raises(ConnectionError, match="down"):
+        run(hedged(backend)())
+    assert len(backend.started) == 1
+
+
+def test_a_failed_attempt_waits_for_the_hedge_still_running() -> None:
+    load(p={"hedge": {"delay": 0.1}})
+    # the first attempt fails at 0.3, the hedge (started at 0.1) answers at 0.5
+    backend = Backend(0.3, 0.4, fail=lambda n: ConnectionError("down") if n == 1 else None)
+    assert run(hedged(backend)()) == "answer 2"
+
+
+def test_when_every_attempt_fails_the_last_failure_is_raised() -> None:
+    load(p={"hedge": {"delay": 0.1}})
+    backend = Backend(0.3, 0.4, fail=lambda n: ConnectionError(f"down {n}"))
+    with pytest.raises(ConnectionError, match="down 2"):
+        run(hedged(backend)())
+
+
+def test_an_error_the_retry_policy_would_not_retry_is_an_answer() -> None:
+    load(
+        p={
+            "hedge": {"delay": 0.1},
+            "retry": {**NO_RETRY, "max_attempts": 3, "retry_on": ["ConnectionError"]},
+        }
+    )
+    backend = Backend(1.0, 0.05, fail=lambda n: KeyError("gone") if n == 2 else None)
+    with pytest.raises(KeyError, match="gone"):
+        run(hedged(backend)())
+    assert backend.cancelled == [1]
+
+
+def test_a_result_retry_if_result_rejects_is_not_an_answer() -> None:
+    policy = resilient.Policy.model_validate(
+        {
+            "hedge": {"delay": 0.1},
+            "retry": {**NO_RETRY, "max_attempts": 1, "retry_if_result": lambda r: r == "answer 2"},
+        }
+    )
+    backend = Backend(0.3, 0.05)
+
+    @resilient.resilient(policy)
+    async def call() -> str:
+        return await backend()
+
+    assert run(call()) == "answer 1"  # the hedge answered first, but not acceptably
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def test_retries_compose_a_failed_group_is_retried() -> None:
+    load(
+        p={
+            "hedge": {"delay": 0.1},
+            "retry": {**NO_RETRY, "max_attempts": 2, "base_delay": 0.5, "jitter": False},
+        }
+    )
+    backend = Backend(0.3, 0.05, 0.01, fail=lambda n: ConnectionError("down") if n < 3 else None)
+
+    async def main() -> str:
+        with capture_events() as events:
+            answer = await hedged(backend)()
+        assert [type(e) for e in events] == [HedgeStarted, RetryScheduled]
+        return answer
+
+    assert run(main()) == "answer 3"
+    assert [start for _, start in backend.started] == pytest.approx([0.0, 0.1, 0.8])
+
+
+def test_losers_give_back_their_slots_and_breaker_permits() -> None:
+    load(
+        p={
+            "hedge": {"delay": 0.1},
+            "circuit_breaker": {"failure_threshold": 5, "timeout_seconds": 30},
+            "bulkhead": {"max_concurrent_requests": 5, "enable_auto_scaling": False},
+        }
+    )
+    backend = Backend(1.0, 0.05)
+    assert run(hedged(backend)()) == "answer 2"
+    assert resilient.bulkhead_manager.bulkheads()["p"].get_status()["in_use"] == 0
+    totals = resilient.get_breaker("p").get_status()["totals"]
+    assert (totals["successes"], totals["failures"]) == (1, 0)  # the loser counted nothing
+
+
+def test_a_cancelled_caller_cancels_every_attempt() -> None:
+    load(
+        p={
+            "hedge": {"delay": 0.1},
+            "bulkhead": {"max_concurrent_requests": 5, "enable_auto_scaling": False},
+        }
+    )
+    backend = Backend(10.0, 10.0)
+    call = hedged(backend)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(call())
+        await asyncio.sleep(0.5)
+        assert resilient.bulkhead_manager.bulkheads()["p"].get_status()["in_use"] == 2
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sorted(backend.cancelled) == [1, 2]
+
+    run(main())
+    assert resilient.bulkhead_manager.bulkheads()["p"].get_status()["in_use"] == 0
+
+
+def test_each_attempt_has_its_own_deadline() -> None:
+    load(
+        p={
+            "hedge": {"delay": 0.1},
+            "timeout": {"per_attempt": 0.5},
+            "circuit_breaker": {"failure_threshold": 5, "timeout_seconds": 30},
+        }
+    )
+    backend = Backend(10.0, 10.0)
+
+    async def main() -> float:
+        with pytest.raises(resilient.AttemptTimeoutError):
+            await hedged(backend)()
+        return asyncio.get_running_loop().time()
+
+    assert run(main()) == pytest.approx(0.6)  # the hedge's own deadline: 0.1 + 0.5
+    assert resilient.get_breaker("p").get_status()["totals"]["failures"] == 2
+
+
+def test_the_total_timeout_ends_the_whole_group() -> None:
+    load(p={"hedge": {"delay": 0.1}, "timeout": {"total": 0.3}})
+    backend = Backend(10.0, 10.0)
+    with pytest.raises(resilient.AttemptTimeoutError) as caught:
+        run(hedged(backend)())
+    assert caught.value.kind == "total"
+    assert sorted(backend.cancelled) == [1, 2]
+
+
+def test_an_open_breaker_refuses_the_hedge_too() -> None:
+    load(
+        p={
+            "hedge": {"delay": 0.1},
+            "circuit_breaker": {"failure_threshold": 1, "timeout_seconds": 30},
+        }
+    )
+    backend = Backend(0.3)
+    call = hedged(backend)
+
+    async def main() -> str:
+        async def trip() -> None:
+            await asyncio.sleep(0.05)
+            resilient.get_breaker("p").open()
+
+        tripping = asyncio.ensure_future(trip())
+        answer = await call()
+        await tripping
+        return answer
+
+    assert run(main()) == "answer 1"  # the hedge was refused; the first attempt answered
+    assert len(backend.started) == 1
+
+
+# --------------------------------------------------------------------------- load guards
+
+
+def test_the_load_guard_stops_hedging_a_struggling_dependency() -> None:
+    load(p={"hedge": {"delay": 0.01, "max_load_amplification": 1.2}})
+    backend = Backend(0.1)  # every request is slower than the delay
+    call = hedged(backend)
+
+    async def main() -> None:
+        await asyncio.gather(*(call() for _ in range(30)))  # a burst
+        for _ in range(200):
+            await call()
+
+    run(main())
+    hedger = hedgers()["p"]
+    # the burst allowance (10 hedges) at once, then 0.2 hedge per call of the 200 after it
+    assert 10 + 39 <= hedger.started <= 10 + 40
+    assert hedger.started + hedger.refused == 230
+    assert len(backend.started) == 230 + hedger.started
+
+
+def test_hedges_draw_on_the_retry_budget() -> None:
+    load(
+        p={
+            "hedge": {"delay": 0.01, "max_load_amplification": None},
+            "retry": {
+                **NO_RETRY,
+                "budget": {"ratio": 0.1, "min_retries_per_second": 0, "max_tokens": 2},
+            },
+        }
+    )
+    backend = Backend(0.1)
+    call = hedged(backend)
+
+    async def main() -> None:
+        for _ in range(20):
+            await call()
+
+    run(main())
+    # the bucket starts with 2 tokens and each call deposits 0.1
+    assert hedgers()["p"].started == 3
+    assert resilient.retry_budgets()["p"].get_status()["retries"] == 3
+
+
+# --------------------------------------------------------------------------- observability
+
+
+def test_hedges_are_counted_in_prometheus() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from resilient.metrics import PrometheusMetrics
+
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry)
+    metrics.install()
+    try:
+        load(p={"hedge": {"delay": 0.1, "max_hedged_attempts": 2}})
+        assert run(hedged(Backend(1.0, 1.0, 0.01))()) == "answer 3"
+        assert registry.get_sample_value("resilient_hedges_total", {"policy": "p"}) == 2
+    finally:
+        metrics.uninstall()
+
+
+def test_a_hedged_policy_takes_the_full_lane_and_others_keep_theirs() -> None:
+    with_hedge = resilient.Policy.model_validate({"hedge": {"delay": 0.1}})
+    assert Pipeline(with_hedge, name="a").lane == LANE_FULL
+    plain = Pipeline(resilient.Policy.model_validate({}), name="b")
+    assert plain.hedge is None
+    assert plain.lane != LANE_FULL
+
+
+# --------------------------------------------------------------------------- sync and errors
+
+
+def test_a_sync_function_without_a_thread_pool_is_a_policy_error() -> None:
+    load(p={"hedge": {"delay": 0.1}})
+
+    @resilient.resilient("p")
+    def lookup() -> str:
+        return "x"
+
+    with pytest.raises(resilient.PolicyError, match=r"'p'.*isolation: thread_pool"):
+        lookup()
+    with pytest.raises(resilient.PolicyError, match="make the function async"):
+        resilient.call("p", lambda: "x")
+
+
+def test_a_sync_function_is_hedged_in_the_thread_pool() -> None:
+    load(
+        p={
+            "hedge": {"delay": 0.01},
+            "bulkhead": {"isolation": "thread_pool", "max_concurrent_requests": 4},
+            "circuit_breaker": {"failure_threshold": 5, "timeout_seconds": 30},
+        }
+    )
+    release = threading.Event()
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    @resilient.resilient("p")
+    def lookup() -> str:
+        with lock:
+            calls.append(len(calls) + 1)
+            n = len(calls)
+        if n == 1:
+            release.wait(10)  # the first attempt hangs until the test lets it go
+            return "late"
+        return "hedge"
+
+    with capture_events() as events:
+        assert lookup() == "hedge"
+    release.set()
+    assert [type(e) for e in events] == [HedgeStarted]
+    totals = resilient.get_breaker("p").get_status()["totals"]
+    assert (totals["successes"], totals["failures"]) == (1, 0)
+
+
+def test_a_delay_that_is_neither_seconds_nor_a_quantile_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "resilience.yaml"
+    path.write_text("version: 1\npolicies:\n  api:\n    hedge:\n      delay: fastest\n")
+    with pytest.raises(resilient.PolicyError) as caught:
+        resilient.load_policies(path)
+    message = str(caught.value)
+    assert "resilience.yaml:5" in message
+    assert "pNN" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "needle"),
+    [
+        ({"delay": -1}, "delay"),
+        ({"delay": "p100"}, "delay"),
+        ({"max_hedged_attempts": 0}, "max_hedged_attempts"),
+        ({"min_delay": 2, "max_delay": 1}, "min_delay"),
+        ({"max_load_amplification": 1}, "max_load_amplification"),
+        ({"dealy": 0.1}, "delay"),
+    ],
+)
+def test_bad_hedge_sections_are_refused(section: dict[str, Any], needle: str) -> None:
+    with pytest.raises(resilient.PolicyError, match=needle):
+        load(p={"hedge": section})
+
+
+def test_the_simulator_counts_hedges_and_shows_the_tail_cut() -> None:
+    from resilient.testing import Latency, Scenario, simulate
+    from resilient.testing._scenario import Conditions
+
+    heavy_tail = Scenario("heavy_tail", Conditions(0.0, Latency(0.01, 1.0)))
+    plain = simulate(resilient.Policy(), heavy_tail, duration=60, rate=100, seed=3)
+    hedged = simulate(
+        resilient.Policy.model_validate({"hedge": {"delay": "p95", "max_delay": 5}}),
+        heavy_tail,
+        duration=60,
+        rate=100,
+        seed=3,
+    )
+    assert plain.hedged == 0
+    assert 0 < hedged.hedged < 0.1 * hedged.attempted
+    assert hedged.backend_calls == hedged.attempted + hedged.hedged
+    assert hedged.latency.p99 < plain.latency.p99 / 2
+    assert "hedges started" in hedged.summary()
+
+
+def test_the_fallback_sees_the_groups_outcome() -> None:
+    load(p={"hedge": {"delay": 0.1}, "fallback": {"value": "cached"}})
+    backend = Backend(0.3, 0.3, fail=lambda n: ConnectionError(f"down {n}"))
+    assert run(hedged(backend)()) == "cached"
+    assert len(backend.started) == 2
+
+
+def test_a_caller_cancelled_before_the_delay_starts_no_hedge_later() -> None:
+    load(p={"hedge": {"delay": 0.1}})
+    backend = Backend(10.0)
+    call = hedged(backend)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(call())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1)  # past the delay: the armed hedge must not start
+
+    run(main())
+    assert len(backend.started) == 1
+    assert hedgers()["p"].started == 0
