@@ -31,10 +31,12 @@ from resilient.testing._scenario import Scenario as Scenario
 from resilient.testing._scenario import SimulatedError as SimulatedError
 from resilient.testing._scenario import brownout as brownout
 from resilient.testing._scenario import compose as compose
+from resilient.testing._scenario import errors_ramp as errors_ramp
 from resilient.testing._scenario import flapping as flapping
 from resilient.testing._scenario import healthy as healthy
 from resilient.testing._scenario import healthy_noisy as healthy_noisy
 from resilient.testing._scenario import latency_creep as latency_creep
+from resilient.testing._scenario import load_spike as load_spike
 from resilient.testing._scenario import outage as outage
 from resilient.testing._simulate import LatencySummary as LatencySummary
 from resilient.testing._simulate import SecondStats as SecondStats
@@ -76,6 +78,8 @@ __all__ = (
     "outage",
     "brownout",
     "latency_creep",
+    "load_spike",
+    "errors_ramp",
     "flapping",
     # scripted backends
     "Step",

@@ -30,6 +30,8 @@ SCENARIOS: dict[str, str] = {
     "latency_creep": "latency grows to 2 s median over the first 75% of the run",
     "flapping": "down/up every 1/12 of the run (at least 2 s) from 25% to 75%",
     "healthy_noisy": "5% random errors and a long latency tail all the time",
+    "errors_ramp": "errors ramp from 0 to 100% over the middle 40% of the run, then hold",
+    "load_spike": "latency climbs and 70% of requests fail from 25% of the run for 25% of it",
     "healthy": "no errors, 20 ms median latency",
 }
 
@@ -62,6 +64,13 @@ def scenario_for(name: str, duration: float) -> Any:
             built.append(sc.flapping(start=quarter, duration=half, period=max(duration / 12, 2.0)))
         elif key == "healthy_noisy":
             built.append(sc.healthy_noisy())
+        elif key == "errors_ramp":
+            ramp = duration * 0.4
+            built.append(sc.errors_ramp(start=quarter, duration=ramp, hold=duration * 0.25))
+        elif key == "load_spike":
+            built.append(
+                sc.load_spike(start=quarter, rise=duration * 0.08, duration=duration * 0.25)
+            )
         elif key == "healthy":
             built.append(sc.healthy())
         else:
