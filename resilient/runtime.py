@@ -60,6 +60,7 @@ class RuntimeSnapshot:
     observer_factory: Any
     observers: tuple[tuple[str, Any], ...]
     tables: tuple[tuple[_shared.SharedByName[Any], Any], ...]
+    extras: tuple[tuple[str, Any], ...] = ()
 
 
 class Runtime:
@@ -78,6 +79,7 @@ class Runtime:
         "_backend_claims",
         "_explicit_backend",
         "_lock",
+        "_states",
         "generation",
         "observer_factory",
         "observers",
@@ -96,6 +98,9 @@ class Runtime:
         # owners (managers given a redis_url) and their settings, newest last
         self._backend_claims: tuple[tuple[object, BackendConfig], ...] = ()
         self._backend: Backend | None = None
+        # process-wide state of modules above the runtime (chaos switches and injections),
+        # set aside and put back with the rest: key -> (snapshot, restore)
+        self._states: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
 
     def __repr__(self) -> str:
         backend = self._backend.name if self._backend is not None else "not built"
@@ -306,6 +311,7 @@ class Runtime:
                 observer_factory=self.observer_factory,
                 observers=self.observers,
                 tables=tuple((table, table.snapshot()) for table in _shared.TABLES),
+                extras=tuple((key, save()) for key, (save, _) in self._states.items()),
             )
 
     def restore(self, snapshot: RuntimeSnapshot) -> None:
@@ -322,7 +328,23 @@ class Runtime:
                     table.restore(saved[table])
                 else:
                     table.clear()
+            extras = dict(snapshot.extras)
+            states = list(self._states.items())
             self.generation += 1
+        for key, (_, put_back) in states:  # outside the lock: they may touch the runtime
+            if key in extras:
+                put_back(extras[key])
+
+    def add_state(
+        self, key: str, snapshot: Callable[[], Any], restore: Callable[[Any], None]
+    ) -> None:
+        """
+        Have :meth:`snapshot` and :meth:`restore` include a module's own process-wide
+        state (what *snapshot* returns is given back to *restore*). Chaos registers its
+        switch, stop flag and injections here, so an isolated test cannot leak them.
+        """
+        with self._lock:
+            self._states[key] = (snapshot, restore)
 
 
 class _FanOut:

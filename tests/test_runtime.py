@@ -343,3 +343,25 @@ class TestOwnerReload:
         await m2.close()
         assert runtime.explicit_backend is None  # the application's own choice
         assert backends.current().name == "memory"
+
+
+def test_snapshot_and_restore_include_chaos() -> None:
+    """An isolated block cannot leak chaos: the switch and its injections are put back."""
+    from resilient import chaos
+    from resilient.testing import isolated_registry
+
+    resilient.load_policies({"policies": {"db": {}}})
+
+    @resilient.resilient(policy="db")
+    def query() -> str:
+        return "rows"
+
+    assert query() == "rows"
+    with isolated_registry():
+        resilient.load_policies({"policies": {"db": {}}})
+        chaos.enable()
+        injection = chaos.inject("db", "error_result")
+        assert query() is None  # the fault's value
+    assert not chaos.enabled()
+    assert not injection.active
+    assert query() == "rows"

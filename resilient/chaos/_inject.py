@@ -1313,3 +1313,39 @@ def _reset_for_tests() -> None:
         _guards.interval = 1.0
         _targets.clear()
     runtime.touch()
+
+
+# The runtime sets this state aside and puts it back with the rest (runtime.snapshot() /
+# restore(): the testing kit's isolated_registry and the pytest plugin), so a test that
+# switches chaos on or starts an injection cannot leak it into the next one.
+_SAVED_GUARDS = (
+    "explicit",
+    "claims",
+    "environments",
+    "stopped",
+    "reason",
+    "fleet_stop",
+    "interval",
+)
+
+
+def _save_state() -> tuple[tuple[Any, ...], tuple[Injection, ...], dict[str, None]]:
+    with _lock:
+        guards = tuple(getattr(_guards, field) for field in _SAVED_GUARDS)
+        return guards, tuple(_active), dict(_targets)
+
+
+def _put_back(state: tuple[tuple[Any, ...], tuple[Injection, ...], dict[str, None]]) -> None:
+    guards, active, targets = state
+    for injection in active_injections():
+        if injection not in active:
+            injection.stop("restored")
+    with _lock:
+        for field, value in zip(_SAVED_GUARDS, guards, strict=True):
+            setattr(_guards, field, value)
+        _targets.clear()
+        _targets.update(targets)
+    runtime.touch()
+
+
+runtime.add_state("chaos", _save_state, _put_back)
