@@ -56,20 +56,13 @@ def run_benchmark(ctx: Context) -> list[Row]:
 def main() -> None:
     print("| backend | seed | rejected, auto-scaling | rejected, fixed | p99 auto | p99 fixed |")
     print("|---|---:|---:|---:|---:|---:|")
-    for label, scenario in (("healthy", healthy), ("healthy_noisy", healthy_noisy)):
-        for seed in (0, 1, 2):
-            rows = []
-            for auto in (True, False):
-                section = BulkheadConfig(max_concurrent_requests=10, enable_auto_scaling=auto)
-                policy = resilient.Policy(bulkhead=section)
-                rows.append(simulate(policy, scenario(), duration=60, rate=200, seed=seed))
-            scaled, fixed = rows
-            print(
-                f"| {label} | {seed} "
-                f"| {scaled.rejected_bulkhead / scaled.attempted:.1%} "
-                f"| {fixed.rejected_bulkhead / fixed.attempted:.1%} "
-                f"| {scaled.latency.p99 * 1000:.0f} ms | {fixed.latency.p99 * 1000:.0f} ms |"
-            )
+    for label, seed, scaled, fixed in run(60.0, (0, 1, 2)):
+        print(
+            f"| {label} | {seed} "
+            f"| {scaled.rejected_bulkhead / scaled.attempted:.1%} "
+            f"| {fixed.rejected_bulkhead / fixed.attempted:.1%} "
+            f"| {scaled.latency.p99 * 1000:.0f} ms | {fixed.latency.p99 * 1000:.0f} ms |"
+        )
 
 
 if __name__ == "__main__":

@@ -27,10 +27,14 @@ if TYPE_CHECKING:
     from resilient._logging import enable_logging as enable_logging
     from resilient._models import PRIORITIES as PRIORITIES
     from resilient._models import TRANSIENT_ERRORS as TRANSIENT_ERRORS
+    from resilient._models import AdaptiveConfig as AdaptiveConfig
     from resilient._models import BulkheadConfig as BulkheadConfig
+    from resilient._models import ChaosConfig as ChaosConfig
     from resilient._models import CircuitBreakerConfig as CircuitBreakerConfig
     from resilient._models import FallbackConfig as FallbackConfig
     from resilient._models import HealthCheckConfig as HealthCheckConfig
+    from resilient._models import HedgeConfig as HedgeConfig
+    from resilient._models import HttpConfig as HttpConfig
     from resilient._models import Policy as Policy
     from resilient._models import RateLimitConfig as RateLimitConfig
     from resilient._models import RetryBudgetConfig as RetryBudgetConfig
@@ -56,6 +60,9 @@ if TYPE_CHECKING:
     from resilient.decorator import resilient as resilient
     from resilient.errors import AttemptTimeoutError as AttemptTimeoutError
     from resilient.errors import BulkheadFullError as BulkheadFullError
+    from resilient.errors import ChaosError as ChaosError
+    from resilient.errors import ChaosRefusedError as ChaosRefusedError
+    from resilient.errors import ChaosTimeoutError as ChaosTimeoutError
     from resilient.errors import CircuitOpenError as CircuitOpenError
     from resilient.errors import PolicyError as PolicyError
     from resilient.errors import RateLimitedError as RateLimitedError
@@ -87,10 +94,14 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "enable_logging": ("resilient._logging", "enable_logging"),
     "PRIORITIES": ("resilient._models", "PRIORITIES"),
     "TRANSIENT_ERRORS": ("resilient._models", "TRANSIENT_ERRORS"),
+    "AdaptiveConfig": ("resilient._models", "AdaptiveConfig"),
     "BulkheadConfig": ("resilient._models", "BulkheadConfig"),
+    "ChaosConfig": ("resilient._models", "ChaosConfig"),
     "CircuitBreakerConfig": ("resilient._models", "CircuitBreakerConfig"),
     "FallbackConfig": ("resilient._models", "FallbackConfig"),
     "HealthCheckConfig": ("resilient._models", "HealthCheckConfig"),
+    "HedgeConfig": ("resilient._models", "HedgeConfig"),
+    "HttpConfig": ("resilient._models", "HttpConfig"),
     "Policy": ("resilient._models", "Policy"),
     "RateLimitConfig": ("resilient._models", "RateLimitConfig"),
     "RetryBudgetConfig": ("resilient._models", "RetryBudgetConfig"),
@@ -116,6 +127,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "resilient": ("resilient.decorator", "resilient"),
     "AttemptTimeoutError": ("resilient.errors", "AttemptTimeoutError"),
     "BulkheadFullError": ("resilient.errors", "BulkheadFullError"),
+    "ChaosError": ("resilient.errors", "ChaosError"),
+    "ChaosRefusedError": ("resilient.errors", "ChaosRefusedError"),
+    "ChaosTimeoutError": ("resilient.errors", "ChaosTimeoutError"),
     "CircuitOpenError": ("resilient.errors", "CircuitOpenError"),
     "PolicyError": ("resilient.errors", "PolicyError"),
     "RateLimitedError": ("resilient.errors", "RateLimitedError"),
@@ -202,6 +216,10 @@ __all__ = (
     "PRIORITIES",
     "FallbackConfig",
     "HealthCheckConfig",
+    "HedgeConfig",
+    "ChaosConfig",
+    "HttpConfig",
+    "AdaptiveConfig",
     "TRANSIENT_ERRORS",
     # breakers
     "CircuitBreaker",
@@ -241,6 +259,9 @@ __all__ = (
     "BulkheadFullError",
     "RateLimitedError",
     "AttemptTimeoutError",
+    "ChaosError",
+    "ChaosRefusedError",
+    "ChaosTimeoutError",
     "ServiceNotFoundError",
     "ServiceExistsError",
     "FeatureDisabledError",

@@ -23,3 +23,26 @@ def test_public_names_are_exported() -> None:
         and getattr(value, "__module__", "").startswith("resilient")
     }
     assert public - set(resilient.__all__) == set()
+
+
+def test_the_lazy_export_table_agrees_with_all_and_the_type_stubs() -> None:
+    """`__all__`, the lazy-load table and the TYPE_CHECKING imports name the same things."""
+    import ast
+    import inspect
+
+    exports = set(resilient._EXPORTS)
+    assert exports | {"__version__"} == set(resilient.__all__)
+    tree = ast.parse(inspect.getsource(resilient))
+    stubs = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+        for child in node.body
+        if isinstance(child, ast.ImportFrom)
+        for alias in child.names
+    }
+    assert stubs == exports
+    for name, (module, attribute) in resilient._EXPORTS.items():
+        assert getattr(__import__(module, fromlist=[attribute]), attribute) is getattr(
+            resilient, name
+        )
