@@ -163,9 +163,12 @@ class _PassiveTable:
     def observer(self, pipeline: Any) -> _PassiveCounter | None:
         """The observer factory: ``None`` for a pipeline whose policy has no ``health:``."""
         config = pipeline.policy.health
-        if config is None:
-            return None
         name = pipeline.name
+        if config is None:
+            if name in self._configs:  # rebuilt without its health: section
+                with self._lock:
+                    self._configs.pop(name, None)
+            return None
         with self._lock:
             self._configs[name] = config
             counter = self._counters.get(name)
@@ -183,8 +186,20 @@ class _PassiveTable:
         with self._lock:
             return list(self._counters)
 
+    def save(self) -> tuple[dict[str, _PassiveCounter], dict[str, HealthCheckConfig]]:
+        with self._lock:
+            return dict(self._counters), dict(self._configs)
+
+    def put_back(
+        self, state: tuple[dict[str, _PassiveCounter], dict[str, HealthCheckConfig]]
+    ) -> None:
+        with self._lock:
+            self._counters, self._configs = dict(state[0]), dict(state[1])
+
 
 passive = _PassiveTable()
+# set aside and put back with the rest of the runtime (isolated tests cannot leak it)
+runtime.add_state("passive-health", passive.save, passive.put_back)
 
 
 def _ensure_observer() -> None:

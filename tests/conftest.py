@@ -25,6 +25,7 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[None]:
     for var in [v for v in __import__("os").environ if v.startswith("RESILIENCE_")]:
         monkeypatch.delenv(var)
     monkeypatch.chdir(tmp_path)
+    saved = runtime.snapshot()
     registry.clear()
     runtime.clear_shared()
     _chaos._reset_for_tests()
@@ -32,6 +33,7 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[None]:
     _chaos._reset_for_tests()
     registry.clear()
     runtime.clear_shared()
+    runtime.restore(saved)
     bus.replace(())
 
 

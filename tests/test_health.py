@@ -755,3 +755,22 @@ class TestSecondTrial:
         monitor = HealthMonitor()
         with pytest.raises(TypeError, match="generator"):
             monitor.add_check("s", Gen())
+
+
+async def test_passive_health_of_an_isolated_block_does_not_leak() -> None:
+    """A policy's health: section used inside isolated_registry() is gone after it."""
+    from resilient.testing import isolated_registry
+
+    with isolated_registry():
+        inline = resilient.Policy(health=HealthCheckConfig(response_time_threshold=5.0))
+        assert resilient.resilient(inline, name="api")(lambda: 1)() == 1
+
+    monitor = HealthMonitor(HealthCheckConfig(failure_threshold=1, response_time_threshold=0.05))
+
+    async def slow() -> bool:
+        await asyncio.sleep(0.08)
+        return True
+
+    monitor.add_check("api", slow)
+    health = await monitor.run_check("api")
+    assert health["status"] == "degraded"  # judged by this monitor's 0.05 s, not the 5 s
