@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from resilient._models import CircuitBreakerConfig
-from resilient.breaker import STATE_CLOSED, STATE_OPEN, CircuitBreaker
+from resilient.breaker import STATE_CLOSED, STATE_OPEN, CircuitBreaker, Mode
 from resilient.errors import AttemptTimeoutError, CircuitOpenError
 from resilient.events import PredictionCrossed, bus
 
@@ -135,9 +135,12 @@ class Forest:
         self.samples = samples
         self.trained_at = trained_at  # wall-clock time (time.time())
         classes = [int(c) for c in classifier.classes_]
+        if sorted(classes) != [0, 1]:
+            # a forest that saw one class only answers it for every row: after an
+            # outage at start-up, "failing" for ever (until the next retraining)
+            msg = f"a model needs both labels, 0 and 1, to predict; it saw {classes}"
+            raise ValueError(msg)
         self._trees: list[tuple[list[int], list[int], list[int], list[float], list[float]]] = []
-        if 1 not in classes:
-            return  # never saw a failure: risk 0 (no trees)
         col = classes.index(1)
         for est in classifier.estimators_:
             t = est.tree_
@@ -158,8 +161,6 @@ class Forest:
     def risk(self, row: Sequence[float]) -> float:
         """Probability (0..1) that the service fails within the horizon, given *row*."""
         trees = self._trees
-        if not trees:
-            return 0.0 if 0 in self.classifier.classes_ else 1.0
         total = 0.0
         for left, right, feature, threshold, probs in trees:
             node = 0
@@ -181,13 +182,17 @@ def train(
 
     Raises:
         ImportError: scikit-learn is not installed (the ``ml`` extra).
-        ValueError: No rows, or rows of the wrong width.
+        ValueError: No rows, rows of the wrong width, or labels that are not both
+            0 and 1 (a forest that saw one class answers it for every row).
     """
     if not rows:
         msg = "train() needs at least one row"
         raise ValueError(msg)
     if any(len(r) != _N for r in rows):
         msg = f"every row needs {_N} features ({', '.join(FEATURES)})"
+        raise ValueError(msg)
+    if sorted(set(labels)) != [0, 1]:
+        msg = "train() needs both labels: 0 (healthy) and 1 (failed soon after)"
         raise ValueError(msg)
     from sklearn.ensemble import RandomForestClassifier  # type: ignore[import-untyped]
 
@@ -293,15 +298,19 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         "_c_req",
         "_c_timeout",
         "_crossings",
+        "_early",
         "_edge",
         "_flags",
         "_hist",
         "_idx",
         "_inflight",
         "_label_rate",
+        "_last_failed",
+        "_last_healthy",
         "_last_train",
         "_model",
         "_model_error",
+        "_opened",
         "_opened_by_model",
         "_peak",
         "_predictions",
@@ -323,6 +332,8 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         listeners: Iterable[Any] = (),
         backend: Backend | None = None,
         model: Forest | None = None,
+        previous: CircuitBreaker | None = None,
+        background: bool = False,
     ) -> None:
         """
         Create a closed adaptive breaker.
@@ -330,6 +341,13 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         Args:
             name, config, clock, listeners, backend: As for ``CircuitBreaker``.
             model: A model to start from; default: ``adaptive.model_path``, if given.
+            previous: The breaker this one replaces (a policy reload): what it
+                learned (history and model) is kept when it still means the same
+                (same bucket width, horizon and failure label).
+            background: Load ``model_path`` in a background thread (the breaker is
+                the basic one until it is loaded) instead of in the constructor:
+                importing scikit-learn and unpickling a forest takes about a
+                second, too long for the first call of a decorated function.
         """
         super().__init__(name, config, clock=clock, listeners=listeners, backend=backend)
         a = config.adaptive
@@ -353,26 +371,91 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         self._acting = False
         self._shed = 0.0
         self._opened_by_model = False
+        self._opened: tuple[str, str] | None = None  # an early opening to notify
         self._predictions = 0
         self._crossings: deque[tuple[float, float, bool]] = deque(maxlen=100)
         self._roll_lock = threading.Lock()
         self._training: threading.Thread | None = None
         self._last_train = self._clock()
+        # before the first usable model: the latest failed / healthy bucket, and the
+        # bucket when training was last tried early (see _maybe_train)
+        self._last_failed = self._last_healthy = -1
+        self._early = -math.inf
         self._model_error: str | None = None
-        if model is None and a.model_path is not None and self._uses_model:
-            try:
-                model = load_model(a.model_path)
-            except Exception as exc:  # a bad file must not break the calls: report it
-                self._model_error = f"{type(exc).__name__}: {exc}"
-                _log.error(
-                    "adaptive breaker %r: cannot load model %r (%s); learning from scratch",
-                    name,
-                    a.model_path,
-                    self._model_error,
-                )
         self._model: Forest | None = model
+        if isinstance(previous, AdaptiveCircuitBreaker) and self._uses_model:
+            self._inherit(previous)
+        if self._model is None and a.model_path is not None and self._uses_model:
+            if background and not _TRAINING_SYNC:
+                # the training slot: no retraining starts before the model is there
+                self._training = threading.Thread(
+                    target=self._load_model,
+                    name=f"resilient-adaptive-{name}-load",
+                    daemon=True,
+                )
+                self._training.start()
+            else:
+                self._load_model()
         for made in _recorders:
             made.append(self)
+
+    def _load_model(self) -> None:
+        path = self._adaptive.model_path
+        assert path is not None
+        try:
+            model = load_model(path)
+        except Exception as exc:  # a bad file must not break the calls: report it
+            self._model_error = f"{type(exc).__name__}: {exc}"
+            _log.error(
+                "adaptive breaker %r: cannot load model %r (%s); learning from scratch",
+                self.name,
+                path,
+                self._model_error,
+            )
+            return
+        current = self._model
+        if current is None or current.samples < model.samples:
+            self._model = model
+
+    def wait_for_model(self, timeout: float | None = None) -> bool:
+        """
+        Wait until a ``model_path`` loading in the background is loaded (or failed).
+
+        A breaker built by a policy loads its saved model in a background thread,
+        so that the first call does not wait for scikit-learn; until then it is the
+        basic breaker. Call this at start-up to be predicting from the first call.
+
+        Returns:
+            Whether a model is there.
+        """
+        thread = self._training
+        if thread is not None and thread.name.endswith("-load"):
+            thread.join(timeout)
+        return self._model is not None
+
+    def _inherit(self, previous: AdaptiveCircuitBreaker) -> None:
+        """Keep what *previous* learned, if its rows and labels mean the same here."""
+        old, new = previous._adaptive, self._adaptive
+        if (
+            old.bucket_seconds != new.bucket_seconds
+            or old.horizon_seconds != new.horizon_seconds
+            or previous._label_rate != self._label_rate
+        ):
+            return
+        if previous._uses_model and old.model_path == new.model_path:
+            self._model = previous._model
+            self._model_error = previous._model_error
+        if previous._clock is not self._clock:
+            return  # bucket indexes of another clock
+        with previous._roll_lock:
+            self._rows.extend(previous._rows)
+            self._flags = dict(previous._flags)
+            b, old_b = self._bucket, previous._bucket  # a copy: old pipelines may still call
+            b.base_p50, b.base_req, b.base_conc = old_b.base_p50, old_b.base_req, old_b.base_conc
+            b.recent.extend(old_b.recent)
+            self._last_train = previous._last_train
+            self._last_failed = previous._last_failed
+            self._last_healthy = previous._last_healthy
 
     # ------------------------------------------------------------------ hot path
 
@@ -445,6 +528,7 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         if not self._roll_lock.acquire(blocking=False):
             return  # another thread is rolling; this call counts in the old bucket
         crossed: PredictionCrossed | None = None
+        opened: tuple[str, str] | None = None
         try:
             now = self._clock()
             if now < self._edge:
@@ -452,12 +536,16 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
             idx = int(now // self._width)
             if self._idx >= 0:
                 crossed = self._close_bucket(idx - self._idx > 1)
+                opened, self._opened = self._opened, None
             self._idx = idx
             self._edge = (idx + 1) * self._width
         finally:
             self._roll_lock.release()
+        # listeners and subscribers are user code: never under the roll lock
         if crossed is not None and bus.active:
             bus.emit(crossed)
+        if opened is not None:
+            self._notify((opened,))
         self._maybe_train(now)  # outside the lock: training reads the history under it
 
     def _close_bucket(self, gap: bool) -> PredictionCrossed | None:
@@ -511,6 +599,10 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
             state == STATE_OPEN and not self._opened_by_model and rej >= max(req // 2, 1)
         )
         self._flags[idx] = failed
+        if failed:
+            self._last_failed = idx
+        else:
+            self._last_healthy = idx
         self._rows.append((idx, row))
         if len(self._flags) > 2 * self._rows.maxlen:  # type: ignore[operator]
             oldest = self._rows[0][0]
@@ -549,7 +641,9 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
             # threshold, all of it at risk 1; only while closed (half-open is the trials')
             grow = (risk - thr) / (1.0 - thr) if thr < 1.0 else 1.0
             share = self._adaptive.max_shed * (0.25 + 0.75 * grow)
-            self._shed = share if self._state == STATE_CLOSED else 0.0
+            # and only in normal mode: disabled and metrics_only never refuse a call
+            normal = self._state == STATE_CLOSED and self._mode == "normal"
+            self._shed = share if normal else 0.0
         elif self._state == STATE_CLOSED:
             self._open_early()
         return crossed
@@ -560,12 +654,17 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         self._acting = False
 
     def _open_early(self) -> None:
+        """Open now (roll lock held); ``_roll`` notifies the listeners after releasing it."""
         with self._lock:
             if self._state != STATE_CLOSED or self._mode != "normal":
                 return
-            event = self._transition(STATE_OPEN, self._clock())
+            self._opened = self._transition(STATE_OPEN, self._clock())
             self._opened_by_model = True
-        self._notify((event,))
+
+    def _set_mode(self, mode: Mode) -> None:
+        if mode != "normal":
+            self._shed = 0.0  # disabled / metrics_only never refuse; forced_open refuses all
+        CircuitBreaker._set_mode(self, mode)
 
     def _transition(self, new: str, now: float, *, remote: bool = False) -> tuple[str, str]:
         self._opened_by_model = False
@@ -598,11 +697,14 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         Retrain the model from the history now, on this thread (tests, benchmarks).
 
         Returns:
-            Whether a model was trained (it needs ``min_samples`` labelled buckets).
+            Whether a model was trained (it needs ``min_samples`` labelled buckets,
+            and both labels among them: failures and health).
         """
         xs, ys = self.dataset()
         if len(xs) < self._adaptive.min_samples or not self._uses_model:
             return False
+        if not 0 < sum(ys) < len(ys):
+            return False  # only failures, or only health, so far: nothing to tell apart
         previous = self._model
         if previous is not None and previous.samples > len(xs):
             # warm start: the saved model's samples are not here; keep it until the
@@ -612,12 +714,25 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         return True
 
     def _maybe_train(self, now: float) -> None:
-        if (
-            not self._uses_model
-            or now - self._last_train < self._adaptive.retrain_seconds
-            or (self._training is not None and self._training.is_alive())
-        ):
+        if not self._uses_model or (self._training is not None and self._training.is_alive()):
             return
+        a = self._adaptive
+        if now - self._last_train < a.retrain_seconds:
+            # Not due; but a breaker with no usable model trains as soon as its
+            # history holds min_samples labelled buckets and has seen the service
+            # both fail and work, not a retrain period later. Until it succeeds
+            # (a label matures a horizon after its bucket), tried once per horizon.
+            model = self._model
+            h = math.ceil(a.horizon_seconds / self._width)
+            if (
+                (model is not None and model.samples >= a.min_samples)
+                or self._last_failed < 0
+                or self._last_healthy < 0
+                or self._idx - self._early < h
+                or len(self._rows) < a.min_samples + h
+            ):
+                return
+            self._early = self._idx
         self._last_train = now
         if _TRAINING_SYNC:
             self._train_quietly()
@@ -635,6 +750,10 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
             _log.exception("adaptive breaker %r: training failed; keeping the model", self.name)
 
     # ------------------------------------------------------------- status
+
+    def _loading(self) -> bool:
+        thread = self._training
+        return thread is not None and thread.name.endswith("-load") and thread.is_alive()
 
     @property
     def predicted_risk(self) -> float | None:
@@ -679,6 +798,7 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
             "history_buckets": len(self._rows),
             "predictions": self._predictions,
             "model_error": self._model_error,
+            "model_loading": self._loading(),
         }
         return status
 
@@ -731,7 +851,8 @@ class ThrottlingCircuitBreaker(AdaptiveCircuitBreaker):
         req = self._w_req + self._c_req
         self._c_req += 1
         p = (req - self._k * (self._w_acc + self._c_ok)) / (req + 1)
-        if p > 0.0 and random.random() < p:
+        if p > 0.0 and random.random() < p and self._mode == "normal":
+            # disabled and metrics_only never refuse a call; forced_open refuses below
             next(self._rejections)
             raise CircuitOpenError.fast(self.name, self._width, "throttling calls client-side")
         try:
@@ -780,7 +901,24 @@ def make(
     clock: Callable[[], float] | None = None,
     listeners: Iterable[Any] = (),
     backend: Backend | None = None,
+    previous: CircuitBreaker | None = None,
 ) -> AdaptiveCircuitBreaker:
-    """The adaptive breaker for *config* (``type: adaptive``): throttling or predicting."""
-    cls = ThrottlingCircuitBreaker if config.adaptive.mode == "throttle" else AdaptiveCircuitBreaker
-    return cls(name, config, clock=clock, listeners=listeners, backend=backend)
+    """
+    The adaptive breaker for *config* (``type: adaptive``): throttling or predicting.
+
+    *previous* is the breaker it replaces on a reload (what it learned is kept, see
+    :class:`AdaptiveCircuitBreaker`); a ``model_path`` is loaded in a background thread.
+    """
+    if config.adaptive.mode == "throttle":
+        return ThrottlingCircuitBreaker(
+            name, config, clock=clock, listeners=listeners, backend=backend
+        )
+    return AdaptiveCircuitBreaker(
+        name,
+        config,
+        clock=clock,
+        listeners=listeners,
+        backend=backend,
+        previous=previous,
+        background=True,
+    )

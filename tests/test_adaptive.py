@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from resilient.errors import CircuitOpenError
 from resilient.events import PredictionCrossed
 from resilient.manager import ResilienceManager
 from resilient.pipeline import get_breaker
-from resilient.testing import capture_events, simulate
+from resilient.testing import VirtualClock, capture_events, simulate
 from resilient.testing._scenario import errors_ramp, healthy_noisy, load_spike, outage
 
 BASE: dict[str, Any] = {
@@ -447,6 +449,7 @@ async def test_type_adaptive_works_in_the_manager(model_path: str) -> None:
             assert await db.query() == 1
         breaker = manager.circuit_breakers["db"]
         assert isinstance(breaker, AdaptiveCircuitBreaker)
+        assert breaker.wait_for_model(30)  # loaded in a background thread
         service = manager.get_service_status("db")["circuit_breaker"]
         assert service["adaptive"]["mode"] == "active"
         assert service["adaptive"]["model_samples"] > 0
@@ -486,6 +489,7 @@ def test_metrics_export_the_predicted_risk(model_path: str) -> None:
         )
         breaker = get_breaker("db")
         assert isinstance(breaker, AdaptiveCircuitBreaker)
+        assert breaker.wait_for_model(30)
         breaker._clock = clock  # drive it by hand
         for second in range(6):
             for k in range(20):
@@ -523,3 +527,220 @@ def test_errors_ramp_and_load_spike_scenarios() -> None:
     with pytest.raises(ValueError, match="0 <= to <= 1"):
         errors_ramp(to=2.0)
     assert outage(start=1, duration=1).name == "outage"
+
+
+# --------------------------------------------------------------------------- review (R2)
+
+
+def _adaptive_policies(mode: str, **adaptive: Any) -> dict[str, Any]:
+    cb = {**BASE, "type": "adaptive", "adaptive": {"mode": mode, **adaptive}}
+    return {"policies": {"p": {"circuit_breaker": cb}}}
+
+
+def test_a_reload_keeps_what_the_breaker_learned() -> None:
+    """shadow -> active (the documented way to turn it on) keeps the model and history."""
+    learn = {"min_samples": 50, "retrain_seconds": 60, "n_estimators": 5}
+    rng = random.Random(0)
+    with VirtualClock() as clock, recording():
+        resilient.load_policies(_adaptive_policies("shadow", **learn))
+
+        @resilient.resilient(policy="p")
+        def call(fail: bool) -> int:
+            if fail:
+                raise ConnectionError
+            return 1
+
+        for second in range(200):
+            bad = second % 50 > 40
+            for _ in range(20):
+                clock.advance(0.05)
+                with contextlib.suppress(ConnectionError, CircuitOpenError):
+                    call(bad and rng.random() < 0.6)
+        learned = get_breaker("p")
+        assert isinstance(learned, AdaptiveCircuitBreaker)
+        assert learned.model is not None
+        resilient.load_policies(_adaptive_policies("active", action="shed", **learn))
+        assert call(False) == 1
+        now = get_breaker("p")
+        assert isinstance(now, AdaptiveCircuitBreaker)
+        assert now is not learned
+        assert now.get_status()["adaptive"]["mode"] == "active"
+        assert now.model is learned.model
+        assert now.get_status()["adaptive"]["history_buckets"] >= 200
+        # a new bucket width changes what a row means: learning starts again
+        resilient.load_policies(_adaptive_policies("active", bucket_seconds=2.0, **learn))
+        assert call(False) == 1
+        assert get_breaker("p").get_status()["adaptive"]["history_buckets"] == 0
+
+
+def test_a_policy_loads_its_saved_model_in_the_background(model_path: str) -> None:
+    """The first call does not wait for scikit-learn and the unpickling of the model."""
+    resilient.load_policies(_adaptive_policies("shadow", model_path=model_path))
+
+    @resilient.resilient(policy="p")
+    def call() -> int:
+        return 1
+
+    assert call() == 1
+    breaker = get_breaker("p")
+    assert isinstance(breaker, AdaptiveCircuitBreaker)
+    assert breaker._training is not None
+    assert breaker._training.name == "resilient-adaptive-p-load"
+    assert breaker.wait_for_model(30)
+    status = breaker.get_status()["adaptive"]
+    assert status["model_loading"] is False
+    assert status["model_samples"] == load_model(model_path).samples
+
+
+@pytest.mark.parametrize("mode", ["metrics_only", "disabled"])
+def test_shedding_never_refuses_in_a_mode_that_never_rejects(model_path: str, mode: str) -> None:
+    """metrics_only and disabled let every call through, shedding included."""
+    scenario = errors_ramp(start=30, duration=20, hold=20)
+    policy = _policy(
+        mode=mode,
+        type="adaptive",
+        adaptive={"mode": "active", "action": "shed", "model_path": model_path, "min_samples": 10},
+    )
+    with recording() as made:
+        r = simulate(policy, scenario, duration=120, rate=40, seed=3)
+    assert any(above for _, _, above in made[0].crossings)  # it did predict a failure
+    assert r.rejected_breaker == 0
+
+
+def test_switching_to_metrics_only_stops_the_shedding_at_once(model_path: str) -> None:
+    clock = Clock()
+    cfg = CircuitBreakerConfig(
+        **BASE,
+        type="adaptive",
+        prediction_threshold=0.01,
+        adaptive={"mode": "active", "action": "shed", "model_path": model_path, "min_samples": 10},
+    )
+    breaker = AdaptiveCircuitBreaker("db", cfg, clock=clock)
+    for second in range(60):
+        for k in range(40):
+            clock.now = second + k / 40
+            with contextlib.suppress(CircuitOpenError):
+                token = breaker.acquire()
+                if second > 20 and k % 3 == 0:
+                    breaker.on_failure(token, ConnectionError(), 0.3)
+                else:
+                    breaker.on_success(token, 0.02)
+        if breaker.shed_share:
+            break
+    assert breaker.shed_share > 0
+    breaker.metrics_only()
+    assert breaker.shed_share == 0
+    for _ in range(200):
+        breaker.on_success(breaker.acquire(), 0.02)  # no CircuitOpenError
+
+
+def test_it_trains_as_soon_as_it_has_min_samples_buckets() -> None:
+    """Not a whole retrain period later (300 s by default): min_samples is the wait."""
+    clock = Clock()
+    cfg = CircuitBreakerConfig(
+        **BASE, type="adaptive", adaptive={"min_samples": 50, "n_estimators": 3}
+    )
+    rng = random.Random(1)
+    with recording():
+        breaker = AdaptiveCircuitBreaker("db", cfg, clock=clock)
+        first = None
+        for second in range(120):
+            for k in range(10):
+                clock.now = second + k / 10
+                with contextlib.suppress(CircuitOpenError):
+                    token = breaker.acquire()
+                    if second % 30 > 24 and rng.random() < 0.7:
+                        breaker.on_failure(token, ConnectionError(), 0.01)
+                    else:
+                        breaker.on_success(token, 0.01)
+            if first is None and breaker.model is not None:
+                first = second
+    assert first is not None
+    assert first <= 60  # 50 labelled buckets + the 5 s horizon
+    assert breaker.model is not None
+    assert breaker.model.samples >= 50
+
+
+@pytest.mark.parametrize("mode", ["metrics_only", "disabled"])
+def test_throttling_never_refuses_in_a_mode_that_never_rejects(mode: str) -> None:
+    scenario = errors_ramp(start=10, duration=5, hold=100)
+    throttled = _policy(mode=mode, type="adaptive", adaptive={"mode": "throttle"})
+    assert simulate(throttled, scenario, duration=120, rate=40, seed=3).rejected_breaker == 0
+    normal = _policy(type="adaptive", adaptive={"mode": "throttle"})
+    assert simulate(normal, scenario, duration=120, rate=40, seed=3).rejected_breaker > 0
+
+
+def test_a_history_too_short_for_min_samples_is_a_policy_error(tmp_path: Path) -> None:
+    path = tmp_path / "resilience.yaml"
+    path.write_text(
+        "version: 1\npolicies:\n  db:\n    circuit_breaker:\n      type: adaptive\n"
+        "      adaptive:\n        history_buckets: 200\n"
+    )
+    with pytest.raises(PolicyError, match="never predict") as info:
+        resilient.load_policies(str(path))
+    assert str(path) in str(info.value)
+    # a saved model, or no model at all, makes it a valid choice
+    CircuitBreakerConfig(type="adaptive", adaptive={"history_buckets": 200, "model_path": "m"})
+    CircuitBreakerConfig(
+        type="adaptive", enable_ml_prediction=False, adaptive={"history_buckets": 200}
+    )
+
+
+def test_an_outage_since_start_up_does_not_teach_it_that_everything_fails() -> None:
+    """A history of failures only trains no model (it would refuse every call after)."""
+    scenario = outage(start=0, duration=120)
+    active = _policy(
+        type="adaptive",
+        adaptive={"mode": "active", "min_samples": 50, "retrain_seconds": 120, "n_estimators": 5},
+    )
+    basic = simulate(_policy(), scenario, duration=300, rate=20, seed=1)
+    with recording() as made:
+        got = simulate(active, scenario, duration=300, rate=20, seed=1)
+    after = [s.rejected for s in got.timeline if s.second >= 140]
+    assert sum(after) == sum(s.rejected for s in basic.timeline if s.second >= 140) == 0
+    assert made[0].model is not None  # learned once it had seen the service healthy
+    with pytest.raises(ValueError, match="both labels"):
+        train([tuple(0.0 for _ in FEATURES)] * 10, [1] * 10)
+
+
+def test_a_listener_of_an_early_opening_may_use_the_breaker(model_path: str) -> None:
+    """Listeners run after the bucket's lock is released (one reading the history hung)."""
+    clock = Clock()
+    cfg = CircuitBreakerConfig(
+        **BASE,
+        type="adaptive",
+        prediction_threshold=0.01,
+        adaptive={"mode": "active", "model_path": model_path, "min_samples": 10},
+    )
+    breaker = AdaptiveCircuitBreaker("db", cfg, clock=clock)
+    seen: list[tuple[str, str, int]] = []
+
+    class Listener:
+        def state_change(self, cb: Any, old: Any, new: Any) -> None:
+            seen.append((old.name, new.name, len(breaker.dataset()[0])))
+
+        def failure(self, cb: Any, exc: BaseException) -> None:
+            pass
+
+        def success(self, cb: Any) -> None:
+            pass
+
+    breaker.add_listener(Listener())
+
+    def drive() -> None:
+        for second in range(40):
+            for k in range(40):
+                clock.now = second + k / 40
+                with contextlib.suppress(CircuitOpenError):
+                    token = breaker.acquire()
+                    if second > 20 and k % 3 == 0:
+                        breaker.on_failure(token, ConnectionError(), 0.3)
+                    else:
+                        breaker.on_success(token, 0.02)
+
+    worker = threading.Thread(target=drive, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "deadlock: a listener ran under the roll lock"
+    assert seen[0][:2] == ("closed", "open")
+    assert breaker.crossings  # the model opened it

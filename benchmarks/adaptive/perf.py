@@ -73,6 +73,10 @@ def success_path(cfg: Config, model_path: str) -> list[tuple[str, float, float]]
         "a_af": resilient.resilient(policy="adaptive")(af),
         "t_af": resilient.resilient(policy="throttle")(af),
     }
+    ns["a_f"]()  # builds the breaker, which loads its model in a background thread
+    loaded = get_breaker("adaptive")
+    assert isinstance(loaded, AdaptiveCircuitBreaker)
+    assert loaded.wait_for_model(60), loaded.get_status()["adaptive"]
     runner = Runner(cfg, ns)
     V = Variant
     runner.group_sync(
