@@ -12,6 +12,7 @@ import builtins
 import functools
 import importlib
 import importlib.util
+import math
 import re
 from collections.abc import Callable, Mapping
 from enum import Enum, StrEnum
@@ -474,6 +475,16 @@ class CircuitBreakerConfig(_Model):
                 "type: adaptive with enable_ml_prediction needs scikit-learn: "
                 "pip install 'resilient-policies[ml]' (or set enable_ml_prediction: false, "
                 "or adaptive.mode: throttle, which need no model)"
+            )
+            raise ValueError(msg)
+        a = self.adaptive
+        labelled = a.history_buckets - math.ceil(a.horizon_seconds / a.bucket_seconds)
+        if self.uses_model and a.model_path is None and a.min_samples > labelled:
+            msg = (
+                f"adaptive.min_samples ({a.min_samples}) is more than the "
+                f"{max(labelled, 0)} labelled buckets that adaptive.history_buckets "
+                f"({a.history_buckets}) keeps: without a model_path it would never predict; "
+                "lower min_samples or raise history_buckets"
             )
             raise ValueError(msg)
         return self
@@ -1083,6 +1094,11 @@ HedgeDelay = Annotated[
 ]
 
 
+#: Most extra attempts one call may start (``hedge.max_hedged_attempts``); Polly v8's
+#: bound too.
+MAX_HEDGED_ATTEMPTS = 10
+
+
 class HedgeConfig(_Model):
     """
     The ``hedge:`` section: when an attempt has not answered after ``delay``, start
@@ -1090,8 +1106,9 @@ class HedgeConfig(_Model):
     cancelled (docs/hedging.md). Hedging resends the call: idempotent operations only.
     """
 
-    max_hedged_attempts: PositiveInt = 1
-    """Extra attempts a call may start in parallel (besides the first one)."""
+    max_hedged_attempts: Annotated[int, _Num, Field(gt=0, le=MAX_HEDGED_ATTEMPTS)] = 1
+    """Extra attempts a call may start in parallel (besides the first one), at most 10:
+    each is a full copy of the request (with ``delay: 0``, all at once)."""
     delay: HedgeDelay = "p95"
     """Seconds without an answer before the next hedge starts (0: all at once), or
     ``pNN``: the policy's observed latency quantile, kept within ``min_delay``..``max_delay``."""

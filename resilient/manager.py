@@ -1080,6 +1080,8 @@ class ResilienceManager:
 
         Raises:
             resilient.PolicyError: The file is invalid or names an unknown service.
+            ValueError: A step injects a mode that its service's ``failure_modes`` does
+                not list.
         """
         from resilient.chaos._experiment import Experiment, load_experiment
 
@@ -1088,9 +1090,25 @@ class ResilienceManager:
         if not isinstance(experiment, Experiment):
             msg = f"experiment must be a resilient.chaos.Experiment or a path, not {experiment!r}"
             raise TypeError(msg)
+        self._check_failure_modes(experiment)
         key = name if name is not None else experiment.title
         self._experiments[key] = experiment
         return key
+
+    def _check_failure_modes(self, experiment: Any) -> None:
+        """Every step into a service with ``failure_modes`` injects only those (ValueError)."""
+        for number, step in enumerate(experiment.method):
+            service = self._services.get(step.service)
+            if service is None or not service.failure_modes:
+                continue
+            refused = [mode for mode in step.mode if mode not in service.failure_modes]
+            if refused:
+                msg = (
+                    f"chaos experiment {experiment.title!r}: method[{number}] injects "
+                    f"{', '.join(refused)} into service {service.name!r}, whose failure_modes "
+                    f"are {', '.join(service.failure_modes)}"
+                )
+                raise ValueError(msg)
 
     async def run_chaos_experiment(
         self,
@@ -1122,8 +1140,9 @@ class ResilienceManager:
         Raises:
             FeatureDisabledError: ``chaos_engineering_enabled`` is false.
             ServiceNotFoundError: No such service.
-            ValueError: No experiment and no template of that name, or the service
-                does not allow the template's failure mode.
+            ValueError: No experiment and no template of that name, the service does
+                not allow a failure mode the experiment injects into it, or a registered
+                experiment does not inject into *service_name*.
             resilient.ChaosRefusedError: A guard refused the run (production,
                 emergency stop, business hours, minimum interval).
         """
@@ -1143,9 +1162,18 @@ class ResilienceManager:
             experiment = self._template(experiment_name, service, duration, intensity)
             if target is None:
                 target = self._template_target(service)
-        elif duration is not None or intensity is not None:
-            msg = "duration and intensity apply to the built-in templates only"
-            raise ValueError(msg)
+        else:
+            if duration is not None or intensity is not None:
+                msg = "duration and intensity apply to the built-in templates only"
+                raise ValueError(msg)
+            services = sorted({step.service for step in experiment.method})
+            if service_name not in services:
+                msg = (
+                    f"chaos experiment {experiment_name!r} injects into "
+                    f"{', '.join(repr(name) for name in services)}, not into {service_name!r}"
+                )
+                raise ValueError(msg)
+            self._check_failure_modes(experiment)  # (services registered after it, too)
         result = await run_experiment(
             experiment,
             target=target,

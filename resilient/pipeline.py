@@ -152,7 +152,12 @@ def _make_breaker(
         from resilient import adaptive  # scikit-learn only when a model is trained or loaded
 
         return adaptive.make(
-            name, config, clock=_clock.monotonic, listeners=[_BusListener(name)], backend=backend
+            name,
+            config,
+            clock=_clock.monotonic,
+            listeners=[_BusListener(name)],
+            backend=backend,
+            previous=previous,  # a reload keeps what the breaker learned
         )
     return CircuitBreaker(
         name, config, clock=_clock.monotonic, listeners=[_BusListener(name)], backend=backend

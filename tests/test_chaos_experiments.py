@@ -117,6 +117,75 @@ class TestRun:
         assert "closed again" in report
         json.dumps(result.to_dict())  # the journal is JSON
 
+    def test_two_runs_at_once_each_see_their_own_service(self) -> None:
+        """Two experiments running together (two services) each keep their call observer."""
+        load(db=DB_POLICY, cache=DB_POLICY)
+
+        def on(service: str, duration: float) -> chaos.Experiment:
+            return experiment(
+                title=f"errors in {service}",
+                steady_state_hypothesis={
+                    "window": 5,
+                    "probes": [{"type": "success_rate", "service": service, "tolerance": 0.5}],
+                },
+                method=[{"service": service, "mode": "exception", "duration": duration}],
+            )
+
+        chaos.enable()
+        with VirtualClock() as clock:
+
+            @resilient.resilient(policy="cache")
+            async def lookup() -> int:
+                return 1
+
+            async def both() -> list[chaos.ExperimentResult]:
+                return list(
+                    await asyncio.gather(
+                        chaos.run_experiment(on("db", 10), target=db_target(), seed=1),
+                        chaos.run_experiment(on("cache", 20), target=lookup, seed=2),
+                    )
+                )
+
+            first, second = clock.run(both())
+        for result in (first, second):
+            assert result.status == "completed", result.abort_reason
+            assert result.before is not None
+            assert result.before[0].value == 1.0
+            assert result.after is not None
+            assert result.after[0].value is not None  # None: the run saw none of its calls
+
+    def test_a_run_rolls_back_only_its_own_injections(self) -> None:
+        """The same experiment on two services: the shorter run's rollback leaves the other be."""
+        load(db={"retry": {"max_attempts": 1}}, cache={"retry": {"max_attempts": 1}})
+
+        def on(service: str, duration: float) -> chaos.Experiment:
+            return experiment(
+                title="exception_test",  # as the manager's templates: one title, many services
+                steady_state_hypothesis=None,
+                method=[{"service": service, "mode": "exception", "duration": duration}],
+                load={"rate": 10},
+            )
+
+        chaos.enable()
+        with VirtualClock() as clock:
+
+            @resilient.resilient(policy="cache")
+            async def lookup() -> int:
+                return 1
+
+            async def both() -> list[chaos.ExperimentResult]:
+                return list(
+                    await asyncio.gather(
+                        chaos.run_experiment(on("db", 10), target=db_target()),
+                        chaos.run_experiment(on("cache", 30), target=lookup),
+                    )
+                )
+
+            short, long = clock.run(both())
+        assert short.steps[0]["stop_reason"] == "step ended"
+        assert long.steps[0]["stop_reason"] == "step ended"  # not "rollback" at 10 s
+        assert long.steps[0]["faults"] == 300  # 30 s x 10 calls/s, every one faulted
+
     def test_ramp_raises_the_intensity_step_by_step(self) -> None:
         """A ramped step goes from its start intensity to the step's over the ramp."""
         load(db=DB_POLICY)
@@ -150,24 +219,79 @@ class TestRun:
             rollbacks=[{"action": "call", "function": "chaos_rollbacks_abort:undo"}],
             safety={"check_interval": 1, "abort_on": {"success_rate_below": 0.5}},
         )
+        # (the emergency stop is read inside the virtual clock: leaving it puts the
+        # runtime's state back, chaos's included)
         try:
-            result = run_virtual(lambda: (exp, db_target()))
+            with VirtualClock() as clock:
+                target = db_target()
+                result = clock.run(chaos.run_experiment(exp, target=target, seed=1))
+                assert chaos.is_stopped()
+                assert "db errors" in (chaos.stop_reason() or "")
+                assert chaos.active_injections() == ()
+                with pytest.raises(ChaosRefusedError) as refused:  # stopped until resume()
+                    clock.run(chaos.run_experiment(exp, target=target, seed=1))
+                assert refused.value.reason == "stopped"
+                chaos.resume()
         finally:
             del sys.modules["chaos_rollbacks_abort"]
         assert result.status == "aborted"
         assert result.aborted
         assert "fell below the floor" in (result.abort_reason or "")
         assert result.steps[0]["ended"] < 5  # stopped within a few check intervals, not at 60 s
-        assert chaos.is_stopped()
-        assert "db errors" in (chaos.stop_reason() or "")
-        assert chaos.active_injections() == ()
         assert calls == ["undo"]
         assert [r["action"] for r in result.rollbacks] == ["stop_injections", "call"]
         assert all(r["ok"] for r in result.rollbacks)
-        with pytest.raises(ChaosRefusedError) as refused:  # stopped until someone resumes
-            run_virtual(lambda: (exp, db_target()))
-        assert refused.value.reason == "stopped"
-        chaos.resume()
+
+    def test_an_emergency_stop_during_a_pause_aborts_the_run(self) -> None:
+        """A stop between two steps ends the run `aborted` (not `error`) before the next step."""
+        load(db=DB_POLICY)
+        chaos.enable()
+        exp = experiment(
+            method=[
+                {
+                    "service": "db",
+                    "mode": "exception",
+                    "intensity": 0.2,
+                    "duration": 5,
+                    "pause_after": 10,
+                },
+                {"service": "db", "mode": "exception", "duration": 5},
+            ]
+        )
+
+        async def main() -> chaos.ExperimentResult:
+            run = chaos.ExperimentRun(exp, target=db_target(), seed=1)
+            task = asyncio.ensure_future(run.execute())
+            await asyncio.sleep(13)  # 5 s baseline, 5 s first step, 3 s into the pause
+            chaos.emergency_stop("the pager went off")
+            return await task
+
+        with VirtualClock() as clock:
+            result = clock.run(main())
+            chaos.resume()
+        assert result.status == "aborted"
+        assert result.error is None
+        assert result.abort_reason == "emergency stop (the pager went off)"
+        assert len(result.steps) == 1  # the second step never started
+
+    def test_chaos_switched_off_mid_step_aborts_without_an_emergency_stop(self) -> None:
+        """A manager closing (its claim given back) mid-step: `aborted` at once, no stop left."""
+        load(db=DB_POLICY)
+
+        async def main() -> chaos.ExperimentResult:
+            with chaos.allowed():  # as a manager with chaos_engineering_enabled holds it
+                task = asyncio.ensure_future(
+                    chaos.run_experiment(experiment(), target=db_target(), seed=1)
+                )
+                await asyncio.sleep(8)  # 3 s into the method
+            return await task
+
+        with VirtualClock() as clock:
+            result = clock.run(main())
+            assert not chaos.is_stopped()  # nothing for anyone to resume()
+        assert result.status == "aborted"
+        assert result.abort_reason == "the injection was stopped (chaos switched off)"
+        assert result.steps[0]["ended"] < 10  # not the 20 s of the step with no faults
 
     def test_cancellation_runs_the_rollbacks(self) -> None:
         """Cancelling a run (as Ctrl-C does to the main task) stops the faults, runs rollbacks."""
@@ -198,6 +322,32 @@ class TestRun:
         assert result.after is None  # no recovery check after a cancellation
         json.dumps(result.to_dict())
 
+    def test_a_cancellation_during_the_rollbacks_is_not_swallowed(self) -> None:
+        """Cancelled while a rollback runs: the other rollbacks run, then the run is cancelled."""
+        load(db=DB_POLICY)
+        chaos.enable()
+        rollbacks = [{"action": "wait", "seconds": 10}, {"action": "wait", "seconds": 1}]
+
+        async def main() -> chaos.ExperimentRun:
+            exp = experiment(rollbacks=rollbacks)  # 5 s baseline, 20 s method, then rollbacks
+            run = chaos.ExperimentRun(exp, target=db_target(), seed=1)
+            task = asyncio.ensure_future(run.execute())
+            await asyncio.sleep(27)  # 2 s into the first wait
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return run
+
+        with VirtualClock() as clock:
+            result = clock.run(main()).result
+        assert result.status == "cancelled"
+        assert [(r["action"], r["ok"]) for r in result.rollbacks] == [
+            ("stop_injections", True),
+            ("wait", False),  # the one the cancellation interrupted
+            ("wait", True),  # rollbacks always run
+        ]
+        assert result.after is None  # no recovery phase after a cancellation
+
     def test_steady_state_not_holding_before_skips_the_method(self) -> None:
         """When the hypothesis fails at the baseline nothing is injected, and the run failed."""
         load(db=DB_POLICY)
@@ -210,6 +360,11 @@ class TestRun:
         assert result.held is False
         assert result.steps == []
         assert result.totals["faults"] == 0
+        # no recovery phase (it would measure for recovery_timeout=60 s, then blame recovery)
+        assert result.after is None
+        assert result.duration < 6
+        assert not any("did not come back" in text for text in result.recommendations)
+        assert any("did not hold before any fault" in text for text in result.recommendations)
 
     def test_cohort_divergence_aborts(self) -> None:
         """With a cohort, the run stops when the treated success rate departs from the control's."""
@@ -308,6 +463,33 @@ class TestGuards:
         with pytest.raises(ChaosRefusedError, match="switched off") as refused:
             run_virtual(lambda: (experiment(), db_target()))
         assert refused.value.reason == "disabled"
+
+    def test_a_fleet_stop_refuses_the_run_at_the_guards(self, server: Any) -> None:
+        """Another replica's emergency stop (Redis) refuses the run before any load or baseline."""
+        from resilient.backends import BackendConfig
+        from resilient.backends.redis import RedisBackend
+
+        config = BackendConfig(redis_url=server.url, key_prefix=f"chaos-run-{id(self)}")
+        resilient.backends.configure(config=config)
+        other = RedisBackend(config)  # another replica of the fleet
+        try:
+            load(db=DB_POLICY)
+            chaos.enable()
+            other.chaos_stop("replica 2 stopped everything")
+            calls: list[int] = []
+
+            async def query() -> int:
+                calls.append(1)
+                return 1
+
+            with pytest.raises(ChaosRefusedError, match="replica 2") as refused:
+                run_virtual(lambda: (experiment(), query))
+            assert refused.value.reason == "stopped"
+            assert calls == []
+        finally:
+            other.chaos_stop(None)
+            other.close()
+            resilient.backends.reset()
 
     def test_business_hours_refuse_outside_and_allow_inside(self) -> None:
         """Outside the window (a Saturday) the run is refused; inside (Wednesday 10:00) it runs."""
@@ -503,6 +685,20 @@ class TestLoad:
                 "  business_hours: {timezone: Europe/Berln}\n",
                 "experiment.yaml:4: safety.business_hours: unknown time zone 'Europe/Berln'",
                 id="timezone",
+            ),
+            pytest.param(
+                "title: x\nmethod:\n  - service: db\n    mode: network_delay\n"
+                "    parameters: {network_delay: {dealy: 0.3}}\n    duration: 1\n",
+                "experiment.yaml:3: method[0]: parameters: fault 'network_delay': dealy: Extra "
+                "inputs are not permitted",
+                id="parameters-typo",  # found at load time, not after the baseline
+            ),
+            pytest.param(
+                "title: x\nmethod:\n  - service: db\n    mode: exception\n"
+                "    parameters: {exeption: {error: ConnectionResetError}}\n    duration: 1\n",
+                "experiment.yaml:3: method[0]: parameters: 'exeption' is not a failure mode of "
+                "this step (exception) (did you mean 'exception'?)",
+                id="parameters-mode",
             ),
         ],
     )
@@ -746,6 +942,39 @@ class TestManager:
         assert journal["title"] == "short"
         assert journal["status"] == "completed"
 
+    def test_registered_experiments_follow_failure_modes_and_the_service(self) -> None:
+        """A registered experiment injects only the service's failure_modes, into that service."""
+
+        def into(service: str, mode: str) -> chaos.Experiment:
+            return chaos.Experiment.model_validate(
+                {
+                    "title": f"{mode} into {service}",
+                    "method": [{"service": service, "mode": mode, "duration": 3}],
+                }
+            )
+
+        async def main() -> None:
+            manager = await create_resilience_manager(chaos_engineering_enabled=True)
+            try:
+                await manager.register_service("database", DB(), SEED_CONFIG)
+                await manager.register_service("cache", DB(), {})
+                with pytest.raises(ValueError, match="injects error_result into service"):
+                    manager.register_experiment(into("database", "error_result"))
+                # registered before its service: checked when it runs
+                manager.register_experiment(into("queue", "error_result"), name="late")
+                await manager.register_service("queue", DB(), {"failure_modes": ["network_delay"]})
+                with pytest.raises(ValueError, match="whose failure_modes are network_delay"):
+                    await manager.run_chaos_experiment("late", "queue")
+                manager.register_experiment(into("database", "exception"), name="db")
+                with pytest.raises(ValueError, match="injects into 'database', not into 'cache'"):
+                    await manager.run_chaos_experiment("db", "cache")
+                assert chaos.active_injections() == ()
+            finally:
+                await manager.close()
+
+        with VirtualClock() as clock:
+            clock.run(main())
+
     def test_bad_failure_modes_are_refused_at_registration(self) -> None:
         """A misspelt failure mode in service_config is a did-you-mean error."""
 
@@ -778,11 +1007,13 @@ class TestHealthAndExamples:
             },
             method=[{"service": "db", "mode": "network_delay", "duration": 60}],
         )
-        result = run_virtual(lambda: (exp, db_target()), monitor=monitor)
+        with VirtualClock() as clock:
+            run = chaos.run_experiment(exp, target=db_target(), seed=1, monitor=monitor)
+            result = clock.run(run)
+            assert chaos.is_stopped()  # (leaving the virtual clock puts the state back)
         assert result.status == "aborted"
         assert result.abort_reason == "the overall health is UNHEALTHY"
         assert result.steps[0]["ended"] - result.steps[0]["started"] < 6
-        assert chaos.is_stopped()
         assert [s.health for s in result.timeline if s.phase == "baseline"] == ["healthy"] * 3
 
     def test_docs_show_the_example_files_verbatim(self) -> None:

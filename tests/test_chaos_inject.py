@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import textwrap
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -563,6 +564,21 @@ class TestBlastRadius:
         assert snapshot["treated"]["calls"] == treated.calls
         assert snapshot["faults_spec"][0]["mode"] == "exception"
         assert snapshot["faults_spec"][0]["error"] == "resilient.errors.ChaosError"
+
+    def test_snapshot_is_json_whatever_the_error_result_value(self) -> None:
+        """An error_result value JSON cannot hold (bytes, an object) is shown by its repr."""
+        load(p={"retry": {"max_attempts": 1}})
+        chaos.enable()
+        body = b"<html>503</html>"
+        with chaos.inject("p", [chaos.Fault("error_result", value=body), "exception"]) as inj:
+            text = json.dumps(inj.snapshot())
+        assert repr(body) in text
+        spec = json.loads(text)["faults_spec"]
+        assert spec[1] == {
+            "mode": "exception",
+            "error": "resilient.errors.ChaosError",
+            "message": "fault injected by chaos",
+        }
 
     def test_cohort_latency_on_the_virtual_clock(self) -> None:
         load(p={"retry": {"max_attempts": 1}})

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -167,6 +169,56 @@ def test_a_quantile_delay_keeps_within_floor_and_cap() -> None:
         return hedgers()["p"].current
 
     assert run(main()) == 0.05
+
+
+def test_a_quantile_delay_that_moves_down_hedges_at_once_after_the_move() -> None:
+    # The cap (1 s) is in force for the first 20 calls: each armed the policy's
+    # timer for 1 s after its start, and answered long before. When the estimate
+    # moves down to 20 ms, the next slow call must hedge after 20 ms, not when the
+    # timer armed for the earlier calls fires.
+    load(p={"hedge": {"delay": "p50", "min_delay": 0.01, "max_delay": 1.0}})
+    backend = Backend(*([0.02] * 20 + [2.0, 0.01]))
+    call = hedged(backend)
+
+    async def main() -> tuple[str, float, list[HedgeStarted]]:
+        for _ in range(20):
+            await call()
+        assert hedgers()["p"].current == pytest.approx(0.02)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with capture_events() as events:
+            answer = await call()
+        return answer, loop.time() - began, [e for e in events if isinstance(e, HedgeStarted)]
+
+    answer, took, hedges = run(main())
+    assert answer == "answer 22"
+    assert [h.after for h in hedges] == [pytest.approx(0.02)]
+    assert took == pytest.approx(0.03)
+
+
+def test_a_hedge_runs_in_its_own_callers_context() -> None:
+    # Two calls of one policy share its hedge timer, armed by the first call: the
+    # second call's hedge must still see the second caller's contextvars.
+    load(p={"hedge": {"delay": 0.05}})
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+    seen: list[tuple[str, float]] = []
+
+    @resilient.resilient("p")
+    async def call(latency: float) -> str:
+        seen.append((request_id.get(), latency))
+        await asyncio.sleep(latency)
+        return request_id.get()
+
+    async def caller(name: str, latency: float, after: float) -> str:
+        await asyncio.sleep(after)
+        request_id.set(name)
+        return await call(latency)
+
+    async def main() -> list[str]:
+        return await asyncio.gather(caller("A", 0.01, 0.0), caller("B", 0.2, 0.001))
+
+    assert run(main()) == ["A", "B"]
+    assert seen == [("A", 0.01), ("B", 0.2), ("B", 0.2)]  # the hedge of B, as B
 
 
 # --------------------------------------------------------------------------- failures
@@ -467,6 +519,73 @@ def test_a_sync_function_is_hedged_in_the_thread_pool() -> None:
     assert (totals["successes"], totals["failures"]) == (1, 0)
 
 
+def test_a_sync_first_attempt_that_lost_counts_for_the_quantile() -> None:
+    # As in async: the first attempt that a hedge overtook is recorded with the
+    # time it had run, or `delay: pNN` would only ever see the fast first attempts.
+    load(
+        p={
+            "hedge": {"delay": "p50", "max_delay": 0.01},
+            "bulkhead": {"isolation": "thread_pool", "max_concurrent_requests": 4},
+        }
+    )
+    release = threading.Event()
+    calls: list[int] = []
+
+    @resilient.resilient("p")
+    def lookup() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            release.wait(10)
+            return "late"
+        return "hedge"
+
+    try:
+        assert lookup() == "hedge"
+    finally:
+        release.set()
+    assert hedgers()["p"].get_status()["samples"] == 1
+
+
+def test_a_sync_hedge_waiting_for_admission_does_not_hold_the_caller() -> None:
+    # The hedge must wait 1 s for a rate-limit token (max_wait). The first attempt
+    # answers meanwhile: the caller gets it at once (the wait is the hedge's, in a
+    # thread of its own), and the hedge, admitted after the call, gives back unrun.
+    # Real time: the limiter's wait is a real sleep here (virtual time skips it).
+    _CLOCK[0].uninstall()
+    try:
+        load(
+            p={
+                "hedge": {"delay": 0.01},
+                "bulkhead": {"isolation": "thread_pool", "max_concurrent_requests": 4},
+                "rate_limit": {"max_rate": 1, "time_period": 1.0, "max_wait": 5},
+                "circuit_breaker": {"failure_threshold": 5, "timeout_seconds": 30},
+            }
+        )
+        calls: list[int] = []
+
+        @resilient.resilient("p")
+        def lookup() -> str:
+            calls.append(1)
+            for _ in range(500):  # answer once the hedge has started (and waits)
+                if hedgers()["p"].started:
+                    break
+                threading.Event().wait(0.01)
+            return "first"
+
+        began = time.monotonic()
+        assert lookup() == "first"
+        took = time.monotonic() - began
+        for admitter in [t for t in threading.enumerate() if t.name == "resilient-hedge-p"]:
+            admitter.join(10)
+        assert took < 0.5  # not the hedge's 1 s wait for its token
+        assert calls == [1]  # the hedge never ran
+        assert resilient.bulkhead_manager.bulkheads()["p"].get_status()["in_use"] == 0
+        totals = resilient.get_breaker("p").get_status()["totals"]
+        assert (totals["successes"], totals["failures"]) == (1, 0)
+    finally:
+        _CLOCK[0].install()
+
+
 def test_a_delay_that_is_neither_seconds_nor_a_quantile_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "resilience.yaml"
     path.write_text("version: 1\npolicies:\n  api:\n    hedge:\n      delay: fastest\n")
@@ -483,6 +602,7 @@ def test_a_delay_that_is_neither_seconds_nor_a_quantile_names_the_line(tmp_path:
         ({"delay": -1}, "delay"),
         ({"delay": "p100"}, "delay"),
         ({"max_hedged_attempts": 0}, "max_hedged_attempts"),
+        ({"max_hedged_attempts": 1_000_000}, "less than or equal to 10"),
         ({"min_delay": 2, "max_delay": 1}, "min_delay"),
         ({"max_load_amplification": 1}, "max_load_amplification"),
         ({"dealy": 0.1}, "delay"),

@@ -94,14 +94,14 @@ class Server:
                     return
                 if reply.delay:
                     time.sleep(reply.delay)
+                with server.lock:  # before the answer: a client that has it sees it counted
+                    server.answered.append(number)
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(reply.body)))
                 self.end_headers()
                 self.wfile.write(reply.body)
-                with server.lock:
-                    server.answered.append(number)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _serve
 

@@ -27,6 +27,7 @@ from resilient._models import (
     PositiveInt,
     _Model,
 )
+from resilient.chaos._inject import Fault
 from resilient.errors import PolicyError, did_you_mean
 
 __all__ = [
@@ -239,6 +240,52 @@ class InjectStep(_Model):
     def label(self) -> str:
         """The step's name, or a description of it."""
         return self.name or f"{'+'.join(self.mode)} into {self.service} at {self.intensity:g}"
+
+    @model_validator(mode="after")
+    def _check_parameters(self) -> InjectStep:
+        # checked when the file is loaded, not when the step starts (after the baseline)
+        self.faults()
+        return self
+
+    def faults(self) -> list[Fault]:
+        """
+        The faults of the step, one per mode, with its ``parameters``.
+
+        Raises:
+            ValueError: Parameters for a mode that is not a failure mode (did-you-mean) or
+                that the step does not inject, or invalid parameters.
+        """
+        for key in self.parameters:
+            if key not in self.mode:
+                hint = did_you_mean(key, FAILURE_MODES) if key not in FAILURE_MODES else ""
+                msg = (
+                    f"parameters: {key!r} is not a failure mode of this step "
+                    f"({', '.join(self.mode)}){hint}"
+                )
+                raise ValueError(msg)
+        faults = []
+        for mode in self.mode:
+            try:
+                faults.append(Fault.of({"mode": mode, **_mode_parameters(self, mode)}))
+            except PolicyError as exc:
+                raise ValueError(f"parameters: {exc}") from None
+        return faults
+
+
+def _mode_parameters(step: InjectStep, mode: str) -> dict[str, Any]:
+    """The parameters of *mode* in a step: ``parameters: {network_delay: {delay: 0.2}}``."""
+    value = step.parameters.get(mode)
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    if mode in {"network_delay", "latency_spike"}:
+        return {"delay": value}
+    if mode == "timeout":
+        return {"hang": value}
+    if mode == "exception":
+        return {"error": value}
+    return {"value": value}
 
 
 class Rollback(_Model):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+import json
 import logging
 import os
 import random
@@ -230,8 +231,10 @@ class Fault:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly: ``{"mode": ..., **parameters}``."""
-        # (mode exception: the class by the name a policy file uses)
-        return {"mode": self.mode, **self.config.model_dump()}
+        # (mode exception: the class by the name a policy file uses; an error_result
+        # value that JSON cannot hold, bytes or a response object, by its repr)
+        params = self.config.model_dump()
+        return {"mode": self.mode, **{key: _jsonable(value) for key, value in params.items()}}
 
     def draw_delay(self, rng: random.Random) -> float:
         """A delay in seconds for ``network_delay`` / ``latency_spike`` (0 for the others)."""
@@ -255,6 +258,15 @@ class Fault:
         if cfg.max is not None:
             value = min(value, cfg.max)
         return value
+
+
+def _jsonable(value: Any) -> Any:
+    """*value* if JSON can hold it, else its ``repr``."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
 
 
 def faults_from_config(config: ChaosConfig) -> tuple[Fault, ...]:

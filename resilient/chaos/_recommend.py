@@ -70,6 +70,12 @@ def recommend(result: ExperimentResult, policies: Mapping[str, Any]) -> list[str
             "a cohort (only a share of calls treated) or a blast-radius cap "
             "(safety.max_faults / max_share)."
         )
+    if result.before is not None and not all(p.held for p in result.before):
+        failed = ", ".join(p.probe for p in result.before if not p.held)
+        out.append(
+            f"The steady state did not hold before any fault ({failed}), so nothing was "
+            "injected: fix the service, or the tolerances or the load of the hypothesis, first."
+        )
     hyp = result.experiment.steady_state_hypothesis
     if hyp is not None and result.after is not None:
         if all(p.held for p in result.after):

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import importlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -63,7 +64,10 @@ __all__ = [
 ]
 
 _log = logging.getLogger("resilient.chaos")
-_OBSERVER_KEY = "chaos-experiment"
+#: The key of a run's call observer: each run gets its own (``itertools.count``), so
+#: runs going on at the same time (two services, a schedule and a manual run) do not
+#: replace, then remove, each other's observer.
+_OBSERVER_KEYS = itertools.count(1)
 #: Latencies kept per window for its percentiles (a window of a busy service is trimmed).
 _MAX_LATENCIES = 20_000
 
@@ -525,6 +529,7 @@ class ExperimentRun:
         self._started = 0.0
         self._recorder: _Recorder | None = None
         self._injection: Any = None
+        self._injections: list[Any] = []  # every injection this run started
         self._phase = "baseline"
         self._step: str | None = None
         self._intensity = 0.0
@@ -544,6 +549,7 @@ class ExperimentRun:
 
         exp = self.experiment
         safety = exp.safety
+        _inject._fleet_check()  # Redis backend: adopt the fleet's stop (one read), as inject()
         guards: dict[str, str | None] = {}
         guards["disabled"] = (
             None
@@ -710,7 +716,8 @@ class ExperimentRun:
         from resilient.runtime import runtime
 
         unsubscribe = bus.subscribe(recorder.on_event)
-        runtime.add_observer_factory(_OBSERVER_KEY, recorder.observer_for)
+        observer_key = f"chaos-experiment-{next(_OBSERVER_KEYS)}"
+        runtime.add_observer_factory(observer_key, recorder.observer_for)
         driver = (
             asyncio.ensure_future(self._drive(self.target)) if self.target is not None else None
         )
@@ -726,15 +733,21 @@ class ExperimentRun:
             _log.exception("chaos experiment %r failed", exp.title)
         finally:
             try:
-                await self._rollback()
-                if cancelled is None:
-                    await self._recover()
+                try:
+                    await self._rollback()
+                    if cancelled is None:
+                        await self._recover()
+                except (asyncio.CancelledError, KeyboardInterrupt) as exc:
+                    # cancelled during the rollbacks (every one still ran) or the recovery
+                    if cancelled is None:
+                        cancelled = exc
+                        result.status = "cancelled"
             finally:
                 if driver is not None:
                     driver.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await driver
-                runtime.remove_observer_factory(_OBSERVER_KEY)
+                runtime.remove_observer_factory(observer_key)
                 unsubscribe()
                 self._finish()
         if cancelled is not None:
@@ -765,25 +778,37 @@ class ExperimentRun:
 
         exp = self.experiment
         safety = exp.safety
-        faults = [_inject.Fault.of({"mode": mode, **_params(step, mode)}) for mode in step.mode]
+        faults = step.faults()
         start_rate = step.ramp.start if step.ramp is not None else step.intensity
         kwargs: dict[str, Any] = {}
         if step.sequence is not None:
             kwargs = {"first": step.sequence.first, "every": step.sequence.every}
         else:
             kwargs = {"rate": start_rate}
-        injection = _inject.inject(
-            step.service,
-            faults,
-            cohort=step.cohort,
-            max_faults=safety.max_faults,
-            max_share=safety.max_share,
-            allow_production=exp.allow_production,
-            experiment=exp.title,
-            seed=self.seed,
-            **kwargs,
-        )
+        try:
+            injection = _inject.inject(
+                step.service,
+                faults,
+                cohort=step.cohort,
+                max_faults=safety.max_faults,
+                max_share=safety.max_share,
+                allow_production=exp.allow_production,
+                experiment=exp.title,
+                seed=self.seed,
+                **kwargs,
+            )
+        except ChaosRefusedError as exc:
+            # the guards held at the start: a safety mechanism stopped chaos since then
+            # (an emergency stop during a pause, chaos switched off): an abort, not an error
+            self.result.status = "aborted"
+            self.result.abort_reason = (
+                f"emergency stop ({_inject.stop_reason()})"
+                if exc.reason == "stopped"
+                else f"step {step.label!r} refused: {exc}"
+            )
+            return False
         self._injection = injection
+        self._injections.append(injection)
         self._phase, self._step = "method", step.label
         began = _clock.monotonic()
         record: dict[str, Any] = {
@@ -810,7 +835,8 @@ class ExperimentRun:
                 if aborted is not None:
                     break
         finally:
-            if aborted is not None and not _inject.is_stopped():
+            # (an injection stopped from outside, chaos switched off, needs no stop)
+            if aborted is not None and not _inject.is_stopped() and injection.active:
                 _inject.emergency_stop(f"chaos experiment {exp.title!r}: {aborted}")
             injection.stop("step ended" if aborted is None else f"aborted: {aborted}")
             self._injection = None
@@ -840,6 +866,8 @@ class ExperimentRun:
         abort = self.experiment.safety.abort_on
         if _inject.is_stopped():
             return f"emergency stop ({_inject.stop_reason()})"
+        if not injection.active:  # chaos switched off (a manager closed, disable()) ...
+            return f"the injection was stopped ({injection.stop_reason})"
         if abort.health_unhealthy and sample.health == "unhealthy":
             return "the overall health is UNHEALTHY"
         hours = self.experiment.safety.business_hours
@@ -991,18 +1019,13 @@ class ExperimentRun:
 
     async def _rollback(self) -> None:
         """Stop every injection of the run, then the experiment's rollbacks, each one guarded."""
-        from resilient.chaos import _inject
-
         self._phase, self._step = "rollback", None
         rollbacks = self.result.rollbacks
-        injection = self._injection
-        if injection is not None:
-            injection.stop("rollback")
-            self._injection = None
-        stopped = [
-            inj for inj in _inject.active_injections() if inj.experiment == self.experiment.title
-        ]
-        for inj in stopped:
+        self._injection = None
+        interrupted: asyncio.CancelledError | None = None
+        # only this run's: another run of the same experiment (another service, a
+        # schedule) may be injecting at the same time
+        for inj in self._injections:
             inj.stop("rollback")
         rollbacks.append({"action": "stop_injections", "ok": True, "error": None})
         for rollback in self.experiment.rollbacks:
@@ -1019,7 +1042,11 @@ class ExperimentRun:
                 entry["ok"] = False
                 entry["error"] = f"{type(exc).__name__}: {exc}"
                 _log.error("chaos rollback %s failed: %s", rollback.action, entry["error"])
+                if isinstance(exc, asyncio.CancelledError):
+                    interrupted = interrupted or exc  # the next rollbacks run all the same
             rollbacks.append(entry)
+        if interrupted is not None:
+            raise interrupted  # the run is cancelled: no recovery phase
         if self._recorder is not None:
             await self._sample()  # close the interval of the rollbacks: recovery starts afresh
 
@@ -1045,8 +1072,8 @@ class ExperimentRun:
         hyp = self.experiment.steady_state_hypothesis
         result = self.result
         self._phase = "recovery"
-        if hyp is None or result.before is None:
-            return
+        if hyp is None or result.before is None or not all(p.held for p in result.before):
+            return  # nothing was injected: there is nothing to recover from
         began = _clock.monotonic()
         while True:
             result.after = await self._measure(hyp)
@@ -1161,22 +1188,6 @@ def _ramp(step: InjectStep, elapsed: float) -> float:
         return step.intensity
     share = elapsed / step.ramp.over
     return step.ramp.start + (step.intensity - step.ramp.start) * share
-
-
-def _params(step: InjectStep, mode: str) -> dict[str, Any]:
-    """The parameters of *mode* in a step: ``parameters: {network_delay: {delay: 0.2}}``."""
-    value = step.parameters.get(mode)
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        return dict(value)
-    if mode in {"network_delay", "latency_spike"}:
-        return {"delay": value}
-    if mode == "timeout":
-        return {"hang": value}
-    if mode == "exception":
-        return {"error": value}
-    return {"value": value}
 
 
 def _describe_rollback(rollback: Any) -> str:
