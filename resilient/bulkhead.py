@@ -15,8 +15,10 @@ for a few bytecodes, never while user code runs:
   head waiter under the lock (its count never drops), so a newcomer cannot
   overtake a waiter. An async waiter waits on a future of its own loop (woken
   with ``call_soon_threadsafe`` from other threads or loops), a thread waits
-  on a lock. Timeouts and cancellations race with hand-overs; whoever takes
-  the lock first wins, and a waiter that was handed a slot it no longer wants
+  on a lock; the async waiters' ``acquire_timeout`` deadlines share one
+  timer per loop (:mod:`resilient.timeout`'s deadline queues), as they all
+  wait the same time. Timeouts and cancellations race with hand-overs;
+  whoever takes the lock first wins, and a waiter that was handed a slot it no longer wants
   passes it on. Dead entries stay in the heap and are skipped (compacted when
   they outnumber live ones), so 10,000 cancellations cost O(n log n).
 
@@ -49,12 +51,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from resilient import _clock
 from resilient._models import PRIORITIES, BulkheadConfig
 from resilient._shared import SharedByName
 from resilient.errors import BulkheadFullError, PolicyError, did_you_mean
+from resilient.timeout import DONE, _QueueCache, deadline_queue
 
 __all__ = [
     "Bulkhead",
@@ -70,8 +73,11 @@ __all__ = [
 C = TypeVar("C")
 
 _LEVELS: dict[str, int] = {name: i for i, name in enumerate(PRIORITIES)}
-_log = math.log
-_LOG_FLOOR = math.log(1e-6)
+_log2 = math.log2
+_hypot = math.hypot
+_LN2 = math.log(2.0)
+_LN2_SQUARED = _LN2 * _LN2
+_LOG2_FLOOR = math.log2(1e-6)  # a zero or negative latency counts as 1 µs
 _priority: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "resilient_priority", default=None
 )
@@ -187,6 +193,32 @@ def _resolve(future: asyncio.Future[bool], value: bool) -> None:
         future.set_result(value)
 
 
+class _Expiry:
+    """
+    The ``acquire_timeout`` of an async waiter, in the deadline queues of
+    :mod:`resilient.timeout` (the waiters of one bulkhead all wait the same
+    time, so their deadlines arrive in order: one timer armed per loop instead
+    of a ``TimerHandle`` per waiter). The queue sees a task: it reads the
+    loop and cancels it when the deadline passes; cancelling an expiry tells
+    its waiter "no slot" (``False``), as a timer of its own did.
+    """
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[bool]) -> None:
+        self.future = future
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self.future.get_loop()
+
+    def cancelling(self) -> int:
+        return 0
+
+    def cancel(self) -> bool:
+        _resolve(self.future, False)
+        return True
+
+
 # --------------------------------------------------------------------------- auto-scaling
 
 
@@ -221,6 +253,12 @@ class _GradientLimit:
       concurrency of the window divided by ``scale_up_threshold``;
     * else it holds.
 
+    A window in which the event loop's own delay (measured with ``call_soon``
+    probes, :meth:`_loop_delay`) is more than ``1 - exp(-tol)`` of its latency
+    is not judged by latency at all: the loop's queueing, which a smaller limit
+    cannot shorten, could explain any rise. Its utilisation alone moves the
+    limit, as if the rise were zero, and it starts no probe.
+
     After any change, completions of calls admitted before it are left out
     (their start, ``now - latency``, is before the change): they measure the
     old limit. ``base`` comes from a *probe*: ten calls run at the floor
@@ -246,9 +284,14 @@ class _GradientLimit:
         "down",
         "effective",
         "floor",
+        "lag_count",
+        "lag_loop",
+        "lag_sent",
+        "lag_share",
+        "lag_sum",
+        "latencies",
         "limit",
         "load",
-        "n",
         "next_probe",
         "peak",
         "pending",
@@ -258,8 +301,6 @@ class _GradientLimit:
         "ramp",
         "saved",
         "spread",
-        "sx",
-        "sxx",
         "tolerance",
         "uncut",
         "up",
@@ -272,6 +313,8 @@ class _GradientLimit:
     PROBE_SAMPLES = 10
     #: Standard errors a difference of means must exceed to count (one-sided).
     Z = 3.0
+    #: Probes of the event loop's delay per window, at most.
+    LAG_PROBES = 4
 
     def __init__(self, cfg: BulkheadConfig, ceiling: int, clock: Callable[[], float]) -> None:
         self.ceiling = float(ceiling)
@@ -284,13 +327,21 @@ class _GradientLimit:
         self.limit = self.ceiling
         self.effective = ceiling
         self.window = max(self.MIN_WINDOW, ceiling)
-        # the current window: completions, sum and sum of squares of log
-        # latency, sum of calls in flight, most calls in flight
-        self.n = 0
-        self.sx = 0.0
-        self.sxx = 0.0
+        # the current window: the latency of each completion (their logs are
+        # taken once, when the window ends), the sum of calls in flight at the
+        # completions, the most calls in flight
+        self.latencies: list[float] = []
         self.load = 0
         self.peak = 0
+        # The event loop's own delay (see _lagging): the probe in flight (sent
+        # at ``lag_sent`` on ``lag_loop``; -1: none) and the sum and number of
+        # the delays measured in this window; a window is not judged by
+        # latency when the loop's delay is more than ``lag_share`` of it.
+        self.lag_sum = 0.0
+        self.lag_count = 0
+        self.lag_sent = -1.0
+        self.lag_loop: asyncio.AbstractEventLoop | None = None
+        self.lag_share = -math.expm1(-self.tolerance)  # 1 - 1 / (1 + latency_tolerance)
         # calls admitted before the last change of the limit, still to leave out
         self.pending = 0
         self.changed = 0.0
@@ -314,6 +365,63 @@ class _GradientLimit:
     # Bulkhead.release_timed adds each completed call to the window (inlined
     # there for speed) and calls _end_window when it is full.
 
+    def _loop_delay(self) -> float | None:
+        """
+        The event loop's own delay in this window: the mean of its probes
+        (``call_soon`` callbacks, see :meth:`watch_loop`); ``None`` in the first
+        window on a loop (not measured yet), 0 for a thread.
+
+        A call's latency includes the wait of its task in the loop's ready
+        queue after the dependency answered. With many tasks ready at once
+        (a CPU-bound service, or just 1,000 tasks doing fast I/O) that wait
+        grows with the number of tasks: it looks like a dependency past its
+        knee, yet a smaller limit cannot shorten it, only add a queue of
+        waiters.
+        """
+        here = asyncio._get_running_loop()
+        if here is None:
+            return 0.0
+        loop = self.lag_loop
+        if loop is None:
+            return None
+        total, count = self.lag_sum, self.lag_count
+        sent = self.lag_sent
+        if sent >= 0.0 and loop is here:  # not back yet: the delay is at least this long
+            total += self.clock() - sent
+            count += 1
+        return total / count if count else 0.0
+
+    def watch_loop(self) -> None:
+        """
+        At the start of a window, under the bulkhead's lock: measure the delay
+        of the running event loop with a probe, a ``call_soon`` callback that
+        sends the next one when it runs, at most ``LAG_PROBES`` per window. One
+        callback per loop turn at the most, in a window of at least 20 calls:
+        less than one callback per five calls even with a single task.
+        """
+        self.lag_sum, self.lag_count = 0.0, 0
+        loop = asyncio._get_running_loop()
+        if loop is None or (self.lag_sent >= 0.0 and self.lag_loop is loop):
+            return  # no loop, or the probe on its way counts for this window
+        self.lag_loop = loop
+        self.lag_sent = sent = self.clock()
+        loop.call_soon(self._lag_seen, sent)
+
+    def _lag_seen(self, sent: float) -> None:
+        # Runs on the loop without the bulkhead's lock: what it changes only
+        # steers _lagging, and a sample lost to a race with a thread is harmless.
+        if self.lag_sent != sent:
+            return  # replaced by a probe on another loop
+        now = self.clock()
+        self.lag_sum += now - sent
+        self.lag_count += 1
+        loop = self.lag_loop
+        if self.lag_count < self.LAG_PROBES and loop is not None:
+            self.lag_sent = now
+            loop.call_soon(self._lag_seen, now)
+        else:
+            self.lag_sent = -1.0
+
     def _set(self, limit: float, in_flight: int) -> None:
         effective = max(1, int(limit + 0.5))
         if effective != self.effective:
@@ -333,13 +441,24 @@ class _GradientLimit:
         self.window = self.PROBE_SAMPLES
 
     def _end_window(self, in_flight: int) -> None:
-        n = self.n
-        mean = self.sx / n
-        var = max(0.0, (self.sxx - self.sx * mean) / (n - 1)) if n > 1 else 0.0
+        latencies = self.latencies
+        n = len(latencies)
+        # The logs once per window, in C loops (a call only appends its
+        # latency): log2 is a quarter of the cost of math.log, whose optional
+        # base argument goes through a slow path; hypot(*logs) ** 2 is their
+        # sum of squares without a Python loop. Both scale back to natural logs.
+        try:
+            logs = list(map(_log2, latencies))
+        except ValueError:  # zero (virtual time) or a clock that went back
+            logs = [_log2(x) if x > 0.0 else _LOG2_FLOOR for x in latencies]
+        sx = sum(logs) * _LN2
+        mean = sx / n
+        sxx = _hypot(*logs) ** 2 * _LN2_SQUARED
+        var = max(0.0, (sxx - sx * mean) / (n - 1)) if n > 1 else 0.0
         mean_in_use = self.load / n
         peak = self.peak
         utilisation = mean_in_use / self.effective
-        self.n, self.sx, self.sxx, self.load, self.peak = 0, 0.0, 0.0, 0, 0
+        self.latencies, self.load, self.peak = [], 0, 0
         if self.probing:
             self.probing = False
             w = min(self.base_n, 4 * self.PROBE_SAMPLES) if self.pooled else 0
@@ -354,6 +473,22 @@ class _GradientLimit:
                 self.base, self.spread, self.base_n = mean, var, n
             self.ramp = True
             self._set(self.saved, in_flight)
+            return
+        delay = self._loop_delay()
+        if delay is not None and delay > self.lag_share * math.exp(mean):
+            # The loop's own queueing could explain a rise past the tolerance:
+            # this latency says nothing about the dependency, and a smaller
+            # limit would only move the queue from the loop into the bulkhead.
+            # Utilisation alone decides, as if latency were at the no-load
+            # level (the growth of rule 2 with no rise), and no probe starts.
+            self.ramp = False
+            self.cut = math.inf
+            limit = self.limit
+            if utilisation >= self.up:
+                limit = min(self.ceiling, limit + max(1.0, limit * self.lag_share))
+            elif utilisation < self.down:
+                limit = max(self.floor, min(limit, max(limit * 0.9, peak / self.up)))
+            self._set(limit, in_flight)
             return
         if not self.base_n:
             self.base, self.spread, self.base_n = mean, var, n
@@ -489,6 +624,7 @@ class Bulkhead:
         "_aging",
         "_clock",
         "_dead",
+        "_deadlines",
         "_heap",
         "_lock",
         "_pool",
@@ -550,6 +686,10 @@ class Bulkhead:
                 controller.changed = self._clock()
         # else: the same controller goes on with what it learnt
         self.max_queue = config.max_queue
+        if old is None or old.acquire_timeout != config.acquire_timeout:
+            # Made at the first async wait. Waiters already queued keep the
+            # deadline (and the queue) they had.
+            self._deadlines: _QueueCache | None = None
         self.acquire_timeout = config.acquire_timeout
         self.default_level = _LEVELS[config.default_priority]
         self._prioritise = config.priority_queuing
@@ -626,20 +766,16 @@ class Bulkhead:
             # old limit, and counting it would lower the limit again and again.
             c.pending -= 1
         else:
-            try:
-                x = _log(latency)
-            except ValueError:  # zero (virtual time) or a clock that went back
-                x = _LOG_FLOOR
-            c.sx += x
-            c.sxx += x * x
             in_use = self.in_use  # counts this call
             c.load += in_use
             if in_use > c.peak:
                 c.peak = in_use
-            c.n = n = c.n + 1
-            if n >= c.window:
+            latencies = c.latencies
+            latencies.append(latency)  # its log is taken when the window ends
+            if len(latencies) >= c.window:
                 c._end_window(in_use - 1)
                 self.limit = c.effective
+                c.watch_loop()
         self.in_use -= 1
         if self.queued and self.in_use < self.limit:
             woken = self._grant()
@@ -743,15 +879,19 @@ class Bulkhead:
         waiter = _Waiter(future, loop)
         if not self._enqueue(waiter, self._level(level)):
             return
-        handle = loop.call_later(self.acquire_timeout, _resolve, future, False)
+        # One timer per loop for all the waiters, not a TimerHandle each.
+        deadlines = self._deadlines
+        if deadlines is None:  # (two threads may both make one: either will do)
+            deadlines = self._deadlines = deadline_queue(self.acquire_timeout)
+        entry = deadlines.arm(cast("asyncio.Task[Any]", _Expiry(future)))
         try:
             granted = await future
         except BaseException:
-            handle.cancel()
+            entry[DONE] = True
             if self._abandon(waiter, timed_out=False):
                 self.release()
             raise
-        handle.cancel()
+        entry[DONE] = True
         if granted or self._abandon(waiter, timed_out=True):
             return
         raise self._full(f"no slot within {self.acquire_timeout}s")

@@ -145,6 +145,58 @@ class TestLimit:
             "utilisation": 0,
         }
 
+    def test_each_waiter_keeps_its_own_deadline(self) -> None:
+        """
+        The waiters share one timer per loop, yet each gives up exactly
+        acquire_timeout after it queued; one handed a slot before its deadline
+        keeps it; a reload of acquire_timeout applies to the waiters that
+        queue after it (virtual time).
+        """
+        from resilient.testing import VirtualClock
+
+        section = {**FIXED, "max_concurrent_requests": 1, "acquire_timeout": 1.0}
+        load(p={"bulkhead": section})
+        outcome: dict[str, tuple[str, float]] = {}
+
+        @resilient.resilient(policy="p")
+        async def hold(seconds: float) -> None:
+            await asyncio.sleep(seconds)
+
+        async def caller(name: str, start: float, seconds: float) -> None:
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(start)
+            try:
+                await hold(seconds)
+            except BulkheadFullError:
+                outcome[name] = ("full", round(loop.time(), 6))
+            else:
+                outcome[name] = ("ran", round(loop.time(), 6))
+
+        async def reload_at(when: float) -> None:
+            await asyncio.sleep(when)
+            load(p={"bulkhead": {**section, "acquire_timeout": 3.0}})
+
+        async def main() -> None:
+            await asyncio.gather(
+                caller("holder", 0.0, 1.2),  # holds the only slot until 1.2
+                caller("first", 0.1, 0.1),  # deadline 1.1: gives up
+                caller("second", 0.5, 2.0),  # deadline 1.5: gets the slot at 1.2, runs to 3.2
+                caller("third", 0.8, 0.1),  # deadline 1.8: gives up
+                reload_at(1.9),
+                caller("fourth", 2.0, 0.1),  # queued after the reload: deadline 5.0, slot at 3.2
+            )
+
+        with VirtualClock() as clock:
+            clock.run(main())
+            assert get_bulkhead("p").rejected == 2
+        assert outcome == {
+            "holder": ("ran", 1.2),
+            "first": ("full", 1.1),
+            "second": ("ran", 3.2),
+            "third": ("full", 1.8),
+            "fourth": ("ran", 3.3),
+        }
+
     def test_rejection_is_not_a_breaker_failure(self) -> None:
         """A full bulkhead says nothing about the dependency: the breaker does not count it."""
         load(
@@ -536,6 +588,92 @@ class TestAutoScaling:
             bulkhead.release_timed(0.01)
             held -= 1
         assert bulkhead.limit > low * 2
+
+    def test_a_busy_event_loop_is_not_read_as_a_slow_dependency(self) -> None:
+        """
+        Regression (issue #15): tasks doing fast I/O through an auto-scaling
+        bulkhead of 600. Each call's latency is mostly the wait of its task in
+        the loop's ready queue, which grows with the number of tasks like a
+        dependency past a knee at 1. The limit used to be cut to 1 or 2 (a 2x
+        throughput collapse, every waiter with a timer of its own). Now 50
+        tasks let the limit shrink to what they use, 500 tasks then grow it
+        back, and once it has grown nobody waits.
+        """
+        load(io={"bulkhead": {"max_concurrent_requests": 600}})
+        limits: list[int] = []
+        queued: list[int] = []
+
+        @resilient.resilient(policy="io")
+        async def fetch() -> int:
+            await asyncio.sleep(0)  # one turn of the loop, as any real I/O
+            return 1
+
+        async def worker(calls: int) -> int:
+            total = 0
+            for _ in range(calls):
+                total += await fetch()
+                status = get_bulkhead("io").get_status()
+                limits.append(status["limit"])
+                queued.append(status["queued"])
+            return total
+
+        async def main() -> None:
+            assert await asyncio.gather(*(worker(120) for _ in range(50))) == [120] * 50
+            shrunk = get_bulkhead("io").limit
+            assert shrunk < 200, shrunk  # idle headroom was given back
+            del limits[:], queued[:]
+            assert await asyncio.gather(*(worker(40) for _ in range(500))) == [40] * 500
+
+        asyncio.run(main())
+        bulkhead = get_bulkhead("io")
+        assert bulkhead.controller is not None
+        assert bulkhead.controller.lag_loop is not None  # the loop was watched
+        assert bulkhead.rejected == 0
+        later = len(limits) // 2
+        assert min(limits[later:]) >= 500, min(limits[later:])
+        assert max(queued[later:]) == 0
+
+    @pytest.mark.parametrize("knee", [10, 40])
+    def test_on_an_event_loop_the_knee_is_still_found(self, knee: int) -> None:
+        """
+        The loop's delay is measured on the loop the calls run on (virtual time
+        here: it is zero): a dependency past its knee is still cut to it, from
+        200 tasks through a bulkhead of 200.
+        """
+        from resilient.testing import VirtualClock
+
+        clients = 200
+        load(dep={"bulkhead": {"max_concurrent_requests": clients, "max_queue": 10 * clients}})
+        rng = random.Random(knee)
+        running = 0
+        limits: list[int] = []
+
+        @resilient.resilient(policy="dep")
+        async def call() -> None:
+            nonlocal running
+            running += 1
+            try:
+                await asyncio.sleep(0.05 * max(1.0, running / knee) * rng.uniform(0.95, 1.05))
+            finally:
+                running -= 1
+
+        async def client(loop: asyncio.AbstractEventLoop, until: float) -> None:
+            while loop.time() < until:
+                await call()
+                limits.append(get_bulkhead("dep").limit)
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(client(loop, 120.0) for _ in range(clients)))
+
+        with VirtualClock() as clock:
+            clock.run(main())
+            controller = get_bulkhead("dep").controller
+            assert controller is not None
+            assert controller.lag_loop is not None  # the loop was watched
+        tail = sorted(limits[len(limits) // 2 :])
+        median = tail[len(tail) // 2]
+        assert 0.75 * knee <= median <= 1.25 * knee, median
 
 
 class TestConnectionPool:
