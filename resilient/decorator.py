@@ -617,7 +617,7 @@ class AttemptIterator:
                     raise error
                 continue
             if p.chaos is not None:
-                fault = p.chaos.enter_sync(self._treated)
+                fault = p.chaos.enter_sync(self._treated, self.started)
                 if fault is not None:
                     error = self._injected(ticket, fault)
                     if error is not None:

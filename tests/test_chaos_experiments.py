@@ -735,6 +735,33 @@ class TestLoad:
 
 
 class TestReports:
+    def test_journal_of_a_python_built_experiment_with_objects_in_parameters(
+        self, tmp_path: Path
+    ) -> None:
+        """Parameters JSON cannot hold (a class, any object) are written as text, not an error."""
+
+        class Marker:
+            def __repr__(self) -> str:
+                return "<Marker>"
+
+        load(db=DB_POLICY)
+        chaos.enable()
+        steps = [
+            {"service": "db", "mode": "error_result", "intensity": 0.5, "duration": 2},
+            {"service": "db", "mode": "exception", "intensity": 0.5, "duration": 2},
+        ]
+        steps[0]["parameters"] = {"error_result": {"value": Marker()}}
+        steps[1]["parameters"] = {"exception": {"error": ConnectionResetError}}
+        exp = experiment(steady_state_hypothesis=None, method=steps)
+        result = run_virtual(lambda: (exp, db_target()))
+        chaos.write_journal(result, tmp_path / "j.json")
+        journal = json.loads((tmp_path / "j.json").read_text(encoding="utf-8"))
+        written = [step["parameters"] for step in journal["experiment"]["method"]]
+        assert written == [
+            {"error_result": {"value": "<Marker>"}},
+            {"exception": {"error": "builtins.ConnectionResetError"}},
+        ]
+
     def test_cli_run_writes_journal_report_and_plot(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -839,6 +866,51 @@ class TestSchedule:
         assert [s["reason"] for s in sched.skipped] == ["min_interval", "min_interval"]
         starts = [datetime.fromisoformat(r.started_at or "") for r in sched.results]
         assert starts[1] - starts[0] == timedelta(seconds=360)
+
+    def test_a_run_that_errors_does_not_end_the_schedule(self) -> None:
+        """An error of a run (here: its target cannot be imported) is recorded in
+        ``failed`` and the schedule keeps its due times."""
+        load(db=DB_POLICY)
+        chaos.enable()
+        exp = experiment(
+            steady_state_hypothesis=None,
+            method=[{"service": "db", "mode": "exception", "intensity": 0.5, "duration": 5}],
+            load={"target": "no_such_module_r4:call", "rate": 10},
+        )
+        with VirtualClock() as clock:
+            sched = chaos.schedule(exp, every=120, runs=3, now=WEDNESDAY)
+            clock.run(sched.run())
+        assert sched.results == []
+        assert [f["error"] for f in sched.failed] == ["PolicyError"] * 3
+        assert "no_such_module_r4" in sched.failed[0]["why"]
+
+    def test_importing_the_load_target_leaves_sys_path_alone(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``load.target`` is imported from the current directory, which is not left on sys.path."""
+        (tmp_path / "r4_target_mod.py").write_text(
+            "import resilient\n\n@resilient.resilient(policy='db')\n"
+            "async def call() -> int:\n    return 1\n",
+            encoding="utf-8",
+        )
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+        monkeypatch.delitem(sys.modules, "r4_target_mod", raising=False)
+        before = list(sys.path)
+        load(db=DB_POLICY)
+        chaos.enable()
+        exp = experiment(
+            steady_state_hypothesis=None,
+            method=[{"service": "db", "mode": "exception", "intensity": 0.5, "duration": 2}],
+            load={"target": "r4_target_mod:call", "rate": 10},
+        )
+        try:
+            with VirtualClock() as clock:
+                result = clock.run(chaos.run_experiment(exp, seed=1))
+        finally:
+            sys.modules.pop("r4_target_mod", None)
+        assert result.status == "completed"
+        assert sys.path == before
 
     def test_cron_spec(self) -> None:
         """The cron spec finds the next matching minute in its time zone."""

@@ -223,6 +223,19 @@ class TestModesInEveryForm:
             assert clock.now == pytest.approx(1.5)
 
     @pytest.mark.parametrize("form", ALL_FORMS)
+    def test_timeout_under_only_a_total_budget_hangs_no_longer_than_it(self, form: str) -> None:
+        """A hang with no per-attempt timeout ends when the call's total budget does
+        (sync code included: it does not sleep the default 30 s)."""
+        load(p={"timeout": {"total": 2.0}, "retry": {"max_attempts": 1}})
+        chaos.enable()
+        chaos.inject("p", "timeout")
+        with VirtualClock() as clock:
+            _result, error = run_form(form, clock, [])
+            assert isinstance(error, resilient.AttemptTimeoutError)
+            assert error.kind == "total"
+            assert clock.now == pytest.approx(2.0)
+
+    @pytest.mark.parametrize("form", ALL_FORMS)
     def test_retries_see_injected_faults_like_real_ones(self, form: str) -> None:
         """The default ChaosError is a ConnectionError: retried by the default retry_on."""
         load(p={"retry": {"max_attempts": 3, "base_delay": 0.1, "jitter": False}})
@@ -505,10 +518,34 @@ class TestFleetStop:
             assert injection.stop_reason == "emergency stop: fleet: from another replica"
             assert chaos.is_stopped()
             assert resilient.call("p", lambda: "ok") == "ok"
-            # lifted by another replica: this process adopts it at its next inject()
+            # lifted by another replica: this process follows within the interval,
+            # and its policy chaos section injects again without an inject()/resume()
             other.chaos_stop(None)
-            chaos.inject("p", "exception").stop()
+            deadline = time.monotonic() + 5
+            while chaos.is_stopped() and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert not chaos.is_stopped()
+            load(
+                p={
+                    "retry": {"max_attempts": 1},
+                    "chaos": {"failure_modes": ["exception"], "rate": 1},
+                }
+            )
+            with pytest.raises(chaos.ChaosError):
+                resilient.call("p", lambda: "ok")
+            # a policy section alone keeps the poller: a fleet stop reaches it too
+            other.chaos_stop("again")
+            deadline = time.monotonic() + 5
+            while not chaos.is_stopped() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert chaos.stop_reason() == "fleet: again"
+            assert resilient.call("p", lambda: "ok") == "ok"
+            other.chaos_stop(None)
+            deadline = time.monotonic() + 5
+            while chaos.is_stopped() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(chaos.ChaosError):
+                resilient.call("p", lambda: "ok")
         finally:
             other.close()
             client.close()
@@ -742,6 +779,27 @@ class TestBadInput:
             resilient.load_policies(path)
         assert "resilience.yaml:6" in str(err.value)
         assert "1.5" in str(err.value)
+
+    def test_operation_rate_error_names_the_function(self, tmp_path: Path) -> None:
+        path = write(
+            tmp_path,
+            """
+            version: 1
+            policies:
+              db:
+                chaos:
+                  failure_modes: [exception]
+                  operations:
+                    get_user: 0.5
+                    save: 1.5
+            """,
+        )
+        with pytest.raises(resilient.PolicyError) as err:
+            resilient.load_policies(path)
+        text = str(err.value)
+        assert "resilience.yaml:6: policies.db.chaos.operations: rate of 'save'" in text
+        assert "1.5" in text
+        assert "[1]" not in text
 
     @pytest.mark.parametrize(
         ("section", "message"),

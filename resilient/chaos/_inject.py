@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import json
 import logging
@@ -50,6 +51,7 @@ from resilient._models import (
     ChaosTimeoutConfig,
     LatencySpikeConfig,
 )
+from resilient.attempt import timeout_error
 from resilient.errors import (
     AttemptTimeoutError,
     ChaosError,
@@ -526,7 +528,12 @@ def _fleet_check() -> None:
     backend = _fleet_backend()
     if backend is None:
         return
-    reason = backend.chaos_stopped()
+    _adopt(backend.chaos_stopped())
+
+
+def _adopt(reason: str | None) -> None:
+    """Follow the fleet's stop key: stop when it is set, and lift a stop that came
+    from it once another replica cleared it (a local stop stays until resume())."""
     if reason is not None and not _guards.stopped:
         _halt(f"fleet: {reason}", fleet=False)
     elif reason is None and _guards.stopped and _guards.fleet_stop:
@@ -540,7 +547,8 @@ def _fleet_check() -> None:
 class _Poller:
     """
     Reads the fleet's stop key every check interval, in a daemon thread that runs
-    only while this process injects something (an injection, or a policy stage).
+    only while this process injects something (an injection, or a policy stage), or
+    while a stop that came from the fleet holds (to see another replica lift it).
     """
 
     def __init__(self) -> None:
@@ -549,7 +557,9 @@ class _Poller:
         self.stages: weakref.WeakSet[ChaosStage] = weakref.WeakSet()
 
     def needed(self) -> bool:
-        return not _guards.stopped and (bool(_active) or len(self.stages) > 0)
+        if _guards.stopped:
+            return _guards.fleet_stop
+        return bool(_active) or len(self.stages) > 0
 
     def ensure(self) -> None:
         if _fleet_backend() is None:
@@ -576,8 +586,7 @@ class _Poller:
             except Exception:  # never let a backend problem kill the guard silently
                 _log.exception("chaos: reading the fleet's stop key failed")
                 continue
-            if reason is not None:
-                _halt(f"fleet: {reason}", fleet=False)
+            _adopt(reason)
         with _lock:
             if self.thread is threading.current_thread():
                 self.thread = None
@@ -1057,6 +1066,8 @@ class ChaosStage:
         "per_attempt",
         "sources",
         "timeout_error",
+        "total",
+        "total_error",
         "tracks",
     )
 
@@ -1067,12 +1078,17 @@ class ChaosStage:
         sources: tuple[_Source, ...],
         per_attempt: float | None,
         timeout_error: Callable[[], AttemptTimeoutError],
+        total: float | None = None,
+        total_error: Callable[[], AttemptTimeoutError] | None = None,
     ) -> None:
         self.name = name
         self.callable_name = callable_name
         self.sources = sources
         self.per_attempt = per_attempt
         self.timeout_error = timeout_error
+        #: the call's total budget: a sync hang never outlives what is left of it
+        self.total = total
+        self.total_error = total_error
         self.tracks = any(source.tracks for source in sources)
         #: the cohorts of a call when no source has a control group
         self.everyone = (True,) * len(sources)
@@ -1116,13 +1132,23 @@ class ChaosStage:
         _note(error, self, source)
         return error
 
-    def _hang(self, fault: Fault) -> tuple[float, bool]:
-        """Seconds a sync ``timeout`` hangs, and whether the per-attempt budget ends it."""
+    def _hang(
+        self, fault: Fault, started: float
+    ) -> tuple[float, Callable[[], AttemptTimeoutError] | None]:
+        """Seconds a sync ``timeout`` hangs, and the error of the deadline that ends it
+        (``None``: the configured hang ends first). *started*: when the call began
+        (``-1`` when unknown), for what is left of its total budget."""
         hang = fault.config.hang
+        seconds = hang if hang is not None else DEFAULT_HANG
+        ends: Callable[[], AttemptTimeoutError] | None = None
         per = self.per_attempt
-        if per is not None and (hang is None or per <= hang):
-            return per, True
-        return (hang if hang is not None else DEFAULT_HANG), False
+        if per is not None and per <= seconds:
+            seconds, ends = per, self.timeout_error
+        if self.total is not None and started >= 0:
+            left = max(0.0, self.total - (_clock.monotonic() - started))
+            if left < seconds:
+                seconds, ends = left, self.total_error
+        return seconds, ends
 
     def _hung(self, fault: Fault, source: _Source, seconds: float) -> ChaosTimeoutError:
         error = ChaosTimeoutError(
@@ -1167,6 +1193,7 @@ class ChaosStage:
         """*fn* with faults injected per attempt (made once per call)."""
         treated = self.begin()
         call = _CALL.get() if self.tracks else None
+        started = _clock.monotonic() if self.total is not None else -1.0
 
         def chaotic(*args: Any, **kwargs: Any) -> Any:
             picked = self.choose(treated)
@@ -1180,7 +1207,7 @@ class ChaosStage:
                 if mode == "error_result":
                     return fault.config.value
                 if mode == "timeout":
-                    raise self._sync_timeout(fault, source)
+                    raise self._sync_timeout(fault, source, started)
                 _clock.sleep(fault.draw_delay(source.draw()))
                 return fn(*args, **kwargs)
             finally:
@@ -1189,23 +1216,26 @@ class ChaosStage:
 
         return chaotic
 
-    def _sync_timeout(self, fault: Fault, source: _Source) -> Exception:
+    def _sync_timeout(self, fault: Fault, source: _Source, started: float) -> Exception:
         # Sync code cannot be interrupted: the attempt sleeps as long as it would
         # hang, and ends as a sync attempt in the thread-pool bulkhead does.
-        seconds, deadline = self._hang(fault)
+        seconds, deadline = self._hang(fault, started)
         _clock.sleep(seconds)
-        if deadline:
-            return self.timeout_error()
+        if deadline is not None:
+            return deadline()
         return self._hung(fault, source, seconds)
 
     # ---- block forms (attempts(), the manager's resilient_call)
 
-    def enter_sync(self, treated: tuple[bool, ...]) -> BaseException | _Skipped | None:
+    def enter_sync(
+        self, treated: tuple[bool, ...], started: float = -1.0
+    ) -> BaseException | _Skipped | None:
         """
         An admitted attempt of a block form begins: ``None`` to run the block (after
         any injected delay), an exception the attempt ends with (settle it as the
         block's outcome), or :data:`SKIPPED` (``error_result``: it succeeded without
-        running the block).
+        running the block). *started*: when the call began (its total budget bounds
+        an injected hang).
         """
         picked = self.choose(treated)
         if picked is None:
@@ -1217,7 +1247,7 @@ class ChaosStage:
         if mode == "error_result":
             return SKIPPED
         if mode == "timeout":
-            return self._sync_timeout(fault, source)
+            return self._sync_timeout(fault, source, started)
         _clock.sleep(fault.draw_delay(source.draw()))
         return None
 
@@ -1269,8 +1299,15 @@ def stage_for(pipeline: Any) -> ChaosStage | None:
         sources.append(_PolicySource(config, callable_name))
     if not sources:
         return None
+    total: float | None = pipeline.total
     stage = ChaosStage(
-        name, callable_name, tuple(sources), pipeline.per_attempt, pipeline.attempt_timeout
+        name,
+        callable_name,
+        tuple(sources),
+        pipeline.per_attempt,
+        pipeline.attempt_timeout,
+        total,
+        functools.partial(timeout_error, pipeline, "total") if total is not None else None,
     )
     if config is not None:
         _poller.stages.add(stage)

@@ -359,7 +359,7 @@ class ExperimentResult:
             "recommendations": self.recommendations,
             "plan": self.plan,
             "guards": self.guards,
-            "experiment": self.experiment.model_dump(mode="json"),
+            "experiment": self.experiment.model_dump(mode="json", fallback=_json_name),
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -456,16 +456,31 @@ def _wall_clock(now: datetime | Callable[[], datetime] | None) -> Callable[[], d
 # --------------------------------------------------------------------------- the run
 
 
+def _json_name(value: Any) -> Any:
+    """A value of a Python-built experiment JSON cannot hold, as text: a class by its
+    dotted name (``builtins.ConnectionResetError``), anything else by its ``repr``."""
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)
+
+
 def _import_spec(spec: str) -> Callable[..., Any]:
-    """The callable *spec* (``module:function``) names; the current directory is importable."""
+    """The callable *spec* (``module:function``) names; the current directory is importable
+    while it is imported (``sys.path`` is left as it was)."""
     module_name, _, attribute = spec.partition(":")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    here = os.getcwd()
+    added = "" not in sys.path and here not in sys.path
+    if added:
+        sys.path.insert(0, here)
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
         msg = f"cannot import {module_name!r} for {spec!r}: {exc}"
         raise PolicyError(msg) from None
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(here)
     for part in attribute.split("."):
         if not hasattr(target, part):
             from resilient.errors import did_you_mean

@@ -164,6 +164,9 @@ class Schedule:
     Attributes:
         results: The journal of every run, oldest first.
         skipped: ``{"at", "reason", "why"}`` for every run a guard refused.
+        failed: ``{"at", "error", "why"}`` for every run that could not start or
+            ended in an error of its own (a bad target, the backend down ...): it is
+            logged and the schedule carries on.
     """
 
     def __init__(
@@ -197,6 +200,7 @@ class Schedule:
         options.pop("dry_run", None)
         self.results: list[ExperimentResult] = []
         self.skipped: list[dict[str, Any]] = []
+        self.failed: list[dict[str, Any]] = []
         self._stop = asyncio.Event()
 
     def next_run(self, after: datetime | None = None) -> datetime:
@@ -233,6 +237,11 @@ class Schedule:
                     {"at": self.wall().isoformat(), "reason": exc.reason, "why": str(exc)}
                 )
                 _log.info("scheduled chaos experiment skipped: %s", exc)
+            except Exception as exc:  # one bad run must not end the schedule
+                self.failed.append(
+                    {"at": self.wall().isoformat(), "error": type(exc).__name__, "why": str(exc)}
+                )
+                _log.exception("scheduled chaos experiment failed; the schedule carries on")
             else:
                 self.results.append(result)
                 if self.on_result is not None:
