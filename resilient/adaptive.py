@@ -87,6 +87,8 @@ _FORMAT: Final = 1  # version of what save_model writes
 _BINS: Final = 48
 _BIN0: Final = 1e-4
 _HIST_EMPTY: Final = (0,) * _BINS
+# The trends look 10 buckets back; after a longer idle stretch they start again.
+_IDLE_RESET: Final = 10
 
 _TRAINING_SYNC = False  # tests and benchmarks: train on the calling thread
 _recorders: list[list[AdaptiveCircuitBreaker]] = []
@@ -304,14 +306,15 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         "_hist",
         "_idx",
         "_inflight",
+        "_inline",
         "_label_rate",
         "_last_failed",
         "_last_healthy",
         "_last_train",
         "_model",
         "_model_error",
+        "_open_unlearned",
         "_opened",
-        "_opened_by_model",
         "_peak",
         "_predictions",
         "_risk",
@@ -334,6 +337,7 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         model: Forest | None = None,
         previous: CircuitBreaker | None = None,
         background: bool = False,
+        inline: bool = False,
     ) -> None:
         """
         Create a closed adaptive breaker.
@@ -348,6 +352,10 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
                 the basic one until it is loaded) instead of in the constructor:
                 importing scikit-learn and unpickling a forest takes about a
                 second, too long for the first call of a decorated function.
+            inline: Load the model and train on the calling thread (a breaker
+                in virtual time: a thread would finish at a random virtual
+                moment, or after the simulated run, and the same seed would
+                not give the same result).
         """
         super().__init__(name, config, clock=clock, listeners=listeners, backend=backend)
         a = config.adaptive
@@ -370,7 +378,11 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         self._risk: float | None = None
         self._acting = False
         self._shed = 0.0
-        self._opened_by_model = False
+        # the breaker is open, but not on failures this process saw: an early opening
+        # by its model, or one adopted from another process that its calls did not
+        # show (with a shared backend); not a failure label (see _close_bucket)
+        # (already set if the backend's thread adopted an open fleet state meanwhile)
+        self._open_unlearned = getattr(self, "_open_unlearned", False)
         self._opened: tuple[str, str] | None = None  # an early opening to notify
         self._predictions = 0
         self._crossings: deque[tuple[float, float, bool]] = deque(maxlen=100)
@@ -383,10 +395,11 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         self._early = -math.inf
         self._model_error: str | None = None
         self._model: Forest | None = model
+        self._inline = inline
         if isinstance(previous, AdaptiveCircuitBreaker) and self._uses_model:
             self._inherit(previous)
         if self._model is None and a.model_path is not None and self._uses_model:
-            if background and not _TRAINING_SYNC:
+            if background and not (inline or _TRAINING_SYNC):
                 # the training slot: no retraining starts before the model is there
                 self._training = threading.Thread(
                     target=self._load_model,
@@ -535,7 +548,7 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
                 return
             idx = int(now // self._width)
             if self._idx >= 0:
-                crossed = self._close_bucket(idx - self._idx > 1)
+                crossed = self._close_bucket(idx - self._idx - 1)
                 opened, self._opened = self._opened, None
             self._idx = idx
             self._edge = (idx + 1) * self._width
@@ -548,7 +561,8 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
             self._notify((opened,))
         self._maybe_train(now)  # outside the lock: training reads the history under it
 
-    def _close_bucket(self, gap: bool) -> PredictionCrossed | None:
+    def _close_bucket(self, skipped: int) -> PredictionCrossed | None:
+        """Close the current bucket, followed by *skipped* buckets without a call."""
         req, ok, fail = self._c_req, self._c_ok, self._c_fail
         timeouts, rej, peak = self._c_timeout, self._c_rej, self._peak
         hist = self._hist
@@ -596,7 +610,7 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         # The label source: did this bucket fail? Failures seen, or the basic breaker
         # open after its own trip (its rejections stand for the failures it spares).
         failed = (calls >= 3 and err >= self._label_rate) or (
-            state == STATE_OPEN and not self._opened_by_model and rej >= max(req // 2, 1)
+            state == STATE_OPEN and not self._open_unlearned and rej >= max(req // 2, 1)
         )
         self._flags[idx] = failed
         if failed:
@@ -607,7 +621,10 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         if len(self._flags) > 2 * self._rows.maxlen:  # type: ignore[operator]
             oldest = self._rows[0][0]
             self._flags = {k: v for k, v in self._flags.items() if k >= oldest}
-        if gap:
+        if skipped >= _IDLE_RESET:
+            # idle for longer than the trends look back: they would compare with a
+            # service long gone. Shorter gaps (a service called less often than
+            # once a bucket) keep them, else such a service would never predict.
             recent.clear()
         return self._predict(row)
 
@@ -659,7 +676,7 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
             if self._state != STATE_CLOSED or self._mode != "normal":
                 return
             self._opened = self._transition(STATE_OPEN, self._clock())
-            self._opened_by_model = True
+            self._open_unlearned = True
 
     def _set_mode(self, mode: Mode) -> None:
         if mode != "normal":
@@ -667,9 +684,29 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         CircuitBreaker._set_mode(self, mode)
 
     def _transition(self, new: str, now: float, *, remote: bool = False) -> tuple[str, str]:
-        self._opened_by_model = False
+        # An opening adopted from the fleet (a shared backend) carries no reason: it
+        # may be another process's model opening early. Learning it as a failure
+        # would teach this process's model its peers' predictions, and the fleet
+        # would feed on itself; so it is a failure label only when this process's
+        # own calls failed within the horizon before it (a trip it saw coming too).
+        unlearned = remote and new == STATE_OPEN and not self._saw_failure()
         self._shed = 0.0
-        return CircuitBreaker._transition(self, new, now, remote=remote)
+        event = CircuitBreaker._transition(self, new, now, remote=remote)
+        self._open_unlearned = unlearned
+        return event
+
+    def _saw_failure(self) -> bool:
+        """Whether this process's calls failed in the current bucket or the horizon before."""
+        try:
+            calls = self._c_ok + self._c_fail
+            if calls >= 3 and self._c_fail >= self._label_rate * calls:
+                return True
+            h = math.ceil(self._adaptive.horizon_seconds / self._width)
+            return self._last_failed >= 0 and self._idx - self._last_failed <= h
+        except AttributeError:
+            # the backend's thread adopted the fleet's state while __init__ (after
+            # the base class attached to the backend) has not set the counters yet
+            return False
 
     # ------------------------------------------------------------- training
 
@@ -734,7 +771,7 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
                 return
             self._early = self._idx
         self._last_train = now
-        if _TRAINING_SYNC:
+        if self._inline or _TRAINING_SYNC:
             self._train_quietly()
             return
         thread = threading.Thread(
@@ -830,8 +867,11 @@ class ThrottlingCircuitBreaker(AdaptiveCircuitBreaker):
         clock: Callable[[], float] | None = None,
         listeners: Iterable[Any] = (),
         backend: Backend | None = None,
+        inline: bool = False,
     ) -> None:
-        super().__init__(name, config, clock=clock, listeners=listeners, backend=backend)
+        super().__init__(
+            name, config, clock=clock, listeners=listeners, backend=backend, inline=inline
+        )
         a = config.adaptive
         self._k = a.k
         n = max(1, math.ceil(a.throttle_window / a.bucket_seconds))
@@ -866,20 +906,29 @@ class ThrottlingCircuitBreaker(AdaptiveCircuitBreaker):
             self._peak = n
         return token
 
-    def _close_bucket(self, gap: bool) -> PredictionCrossed | None:
+    def _push(self, req: int, acc: int) -> None:
         ring = self._ring
-        if gap:
+        if len(ring) == ring.maxlen:
+            old_req, old_acc = ring[0]
+            self._w_req -= old_req
+            self._w_acc -= old_acc
+        ring.append((req, acc))
+        self._w_req += req
+        self._w_acc += acc
+
+    def _close_bucket(self, skipped: int) -> PredictionCrossed | None:
+        # the window slides over the buckets without a call too: they are empty,
+        # not the end of the window (a service called less often than once a
+        # bucket keeps its requests and accepts for throttle_window seconds)
+        self._push(self._c_req, self._c_ok)
+        ring = self._ring
+        if ring.maxlen is not None and skipped >= ring.maxlen:
             ring.clear()
             self._w_req = self._w_acc = 0
         else:
-            if len(ring) == ring.maxlen:
-                old_req, old_acc = ring[0]
-                self._w_req -= old_req
-                self._w_acc -= old_acc
-            ring.append((self._c_req, self._c_ok))
-            self._w_req += self._c_req
-            self._w_acc += self._c_ok
-        return super()._close_bucket(gap)
+            for _ in range(skipped):
+                self._push(0, 0)
+        return super()._close_bucket(skipped)
 
     def get_status(self) -> dict[str, Any]:
         """:meth:`AdaptiveCircuitBreaker.get_status`, plus the throttling figures."""
@@ -907,11 +956,15 @@ def make(
     The adaptive breaker for *config* (``type: adaptive``): throttling or predicting.
 
     *previous* is the breaker it replaces on a reload (what it learned is kept, see
-    :class:`AdaptiveCircuitBreaker`); a ``model_path`` is loaded in a background thread.
+    :class:`AdaptiveCircuitBreaker`); a ``model_path`` is loaded in a background thread,
+    except in virtual time (*clock* not ``time.monotonic``: ``resilient.testing``,
+    ``resilient simulate``), where loading and training run on the calling thread so
+    that a simulated run uses its model from the first call and stays reproducible.
     """
+    inline = clock is not None and clock is not time.monotonic
     if config.adaptive.mode == "throttle":
         return ThrottlingCircuitBreaker(
-            name, config, clock=clock, listeners=listeners, backend=backend
+            name, config, clock=clock, listeners=listeners, backend=backend, inline=inline
         )
     return AdaptiveCircuitBreaker(
         name,
@@ -921,4 +974,5 @@ def make(
         backend=backend,
         previous=previous,
         background=True,
+        inline=inline,
     )

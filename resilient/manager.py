@@ -248,7 +248,7 @@ def _flat_policy(
             problems = []
             for err in exc.errors():
                 field = str(err["loc"][0]) if err["loc"] else ""
-                key = origin.get((section, field), f"{section}.{field}")
+                key = origin.get((section, field), f"{section}.{field}" if field else section)
                 problems.append(f"service_config[{key!r}]: {err['msg']}")
             msg = f"service {service!r}: " + "; ".join(problems)
             raise PolicyError(msg, policy=service, problems=tuple(problems)) from None

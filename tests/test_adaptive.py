@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -744,3 +745,200 @@ def test_a_listener_of_an_early_opening_may_use_the_breaker(model_path: str) -> 
     assert not worker.is_alive(), "deadlock: a listener ran under the roll lock"
     assert seen[0][:2] == ("closed", "open")
     assert breaker.crossings  # the model opened it
+
+
+# --------------------------------------------------------------------------- Redis backend
+
+
+def _calls(breaker: AdaptiveCircuitBreaker, clock: Clock, second: int, failures: int = 0) -> None:
+    """20 calls in *second*; *failures* of them fail, spread (never 5 in a row)."""
+    for k in range(20):
+        clock.now = second + k / 20
+        try:
+            token = breaker.acquire()
+        except CircuitOpenError:
+            continue
+        if k % 3 == 0 and k // 3 < failures:
+            breaker.on_failure(token, ConnectionError(), 0.01)
+        else:
+            breaker.on_success(token, 0.01)
+
+
+@pytest.mark.parametrize("cause", ["predicted", "failures"])
+def test_an_opening_adopted_from_another_process_is_learned_only_if_seen(
+    server: Any, cause: str
+) -> None:
+    """
+    Two breakers sharing a real Redis: A opens, B adopts the opening. A's model
+    opening early (the service fine for B) must not teach B's model a failure;
+    a trip B saw coming in its own calls is still a failure label.
+    """
+    redis = pytest.importorskip("redis")
+    from resilient import backends
+    from resilient.backends.redis import RedisBackend
+
+    client = redis.Redis.from_url(server.url)
+    client.flushall()
+    client.close()
+    # a model that calls every healthy bucket a coming failure: A opens early at once
+    rows = [tuple([float(i % 2)] + [0.0] * (len(FEATURES) - 1)) for i in range(100)]
+    eager = train(rows, [1 - i % 2 for i in range(100)], n_estimators=3)
+    cfg = {**BASE, "type": "adaptive"}
+    one = RedisBackend(backends.BackendConfig(redis_url=server.url, flush_interval=0.05))
+    two = RedisBackend(backends.BackendConfig(redis_url=server.url, flush_interval=0.05))
+    try:
+        clock_a, clock_b = Clock(), Clock()
+        a = AdaptiveCircuitBreaker(
+            "fleet-adaptive",
+            CircuitBreakerConfig(**cfg, adaptive={"mode": "active", "min_samples": 10}),
+            clock=clock_a,
+            backend=one,
+            model=eager if cause == "predicted" else None,
+        )
+        b = AdaptiveCircuitBreaker(
+            "fleet-adaptive", CircuitBreakerConfig(**cfg), clock=clock_b, backend=two
+        )
+        assert one.wait_ready()
+        assert two.wait_ready()
+        second = 0
+        while a.state == "closed" and second < 10:
+            _calls(b, clock_b, second, failures=6 if cause == "failures" and second > 2 else 0)
+            if cause == "failures" and second > 3:
+                for _ in range(5):  # A's calls fail: the basic breaker trips
+                    a.on_failure(a.acquire(), ConnectionError(), 0.01)
+            else:
+                _calls(a, clock_a, second)
+            second += 1
+        assert a.state == "open"
+        assert b.state == "closed"  # 6 failures in 20 (30 %): B alone does not trip
+        deadline = time.monotonic() + 5.0
+        while b.state != "open" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert b.state == "open"
+        for s in range(second, second + 8):
+            _calls(b, clock_b, s)  # refused: B's breaker is the fleet's, open
+        _, labels = b.dataset()
+        if cause == "predicted":
+            assert labels
+            assert not any(labels)
+        else:
+            assert labels[-1] == 1  # the open buckets after B's failures still teach
+    finally:
+        one.close()
+        two.close()
+
+
+def test_simulate_uses_the_saved_model_from_the_first_call(model_path: str) -> None:
+    """
+    In virtual time the model loads (and training runs) on the calling thread: in a
+    fresh process a background load finished after the simulated run (which then
+    was the basic breaker's), and the same seed could give another result.
+    """
+    code = textwrap.dedent(
+        f"""
+        from resilient import Policy
+        from resilient._models import CircuitBreakerConfig, TimeoutConfig
+        from resilient.testing import simulate
+        from resilient.testing._scenario import errors_ramp
+
+        def policy(**cb):
+            return Policy(
+                circuit_breaker=CircuitBreakerConfig(**{BASE!r}, **cb),
+                timeout=TimeoutConfig(per_attempt=1.0),
+            )
+
+        adaptive = {{"mode": "active", "model_path": {model_path!r}, "min_samples": 10}}
+        scenario = errors_ramp(start=30, duration=30, hold=20)
+        runs = [
+            simulate(p, scenario, duration=120, rate=40, seed=3)
+            for p in (policy(), policy(type="adaptive", adaptive=adaptive))
+        ]
+        print(runs[0].failed, runs[1].failed)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    basic, adaptive = map(int, out.stdout.split())
+    assert adaptive < basic
+    with recording():  # deterministic: as inside recording(), where training is inline
+        recorded = simulate(
+            _policy(
+                type="adaptive",
+                adaptive={"mode": "active", "model_path": model_path, "min_samples": 10},
+            ),
+            errors_ramp(start=30, duration=30, hold=20),
+            duration=120,
+            rate=40,
+            seed=3,
+        )
+    assert recorded.failed == adaptive
+
+
+def test_resilient_simulate_reports_the_adaptive_breaker(tmp_path: Path, model_path: str) -> None:
+    """
+    A fresh process, as a user runs it: importing scikit-learn takes longer than
+    the whole simulated run, so a model loading in a background thread came too late.
+    """
+    path = tmp_path / "resilience.yaml"
+    cb = "failure_threshold: 5, timeout_seconds: 10, failure_rate_window: 10"
+    path.write_text(
+        "version: 1\npolicies:\n"
+        f"  basic:\n    circuit_breaker: {{{cb}}}\n"
+        f"  pay:\n    circuit_breaker: {{{cb}, type: adaptive,\n"
+        f"      adaptive: {{mode: active, min_samples: 10, model_path: '{model_path}'}}}}\n"
+    )
+
+    def run(name: str, *more: str) -> str:
+        argv = [sys.executable, "-m", "resilient", "simulate", str(path), "--policy", name]
+        argv += ["--scenario", "errors_ramp", "--rate", "40", *more]
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    basic = json.loads(run("basic", "--json"))
+    adaptive = json.loads(run("pay", "--json"))
+    assert adaptive["failed"] < basic["failed"]  # the saved model acted in the run
+    assert adaptive["adaptive"]["mode"] == "active"
+    assert adaptive["adaptive"]["predictions"] > 0
+    assert "adaptive breaker (active, action open): model trained on" in run("pay")
+
+
+# --------------------------------------------------------------------------- low traffic
+
+
+def test_a_service_called_less_than_once_a_bucket_still_predicts() -> None:
+    """Buckets without a call between two calls do not reset the trends (only a long idle)."""
+    rows = [tuple([float(i % 2)] + [0.0] * (len(FEATURES) - 1)) for i in range(100)]
+    model = train(rows, [i % 2 for i in range(100)], n_estimators=3)
+    clock = Clock()
+    cfg = CircuitBreakerConfig(**BASE, type="adaptive", adaptive={"min_samples": 10})
+    breaker = AdaptiveCircuitBreaker("rare", cfg, clock=clock, model=model)
+    for i in range(40):
+        clock.now = i * 2.5  # one call every 2.5 buckets
+        breaker.on_success(breaker.acquire(), 0.01)
+    status = breaker.get_status()["adaptive"]
+    assert status["predicting"]
+    assert status["predictions"] >= 30
+    clock.now = 40 * 2.5 + 11  # idle for longer than the trends look back: they restart
+    breaker.on_success(breaker.acquire(), 0.01)
+    assert not breaker.get_status()["adaptive"]["predicting"]
+
+
+def test_throttling_a_service_called_less_than_once_a_bucket() -> None:
+    """The SRE window slides over empty buckets; they do not empty it."""
+    clock = Clock()
+    cfg = CircuitBreakerConfig(
+        failure_threshold=10**6,
+        failure_rate_threshold=None,
+        type="adaptive",
+        enable_ml_prediction=False,
+        adaptive={"mode": "throttle", "k": 2.0, "throttle_window": 60},
+    )
+    breaker = ThrottlingCircuitBreaker("rare", cfg, clock=clock)
+    random.seed(2)
+    for i in range(20):
+        clock.now = i * 1.5  # every call fails, one every 1.5 s: all within 60 s
+        with contextlib.suppress(CircuitOpenError):
+            breaker.on_failure(breaker.acquire(), ConnectionError(), 0.01)
+    clock.now = 30.0
+    assert breaker.throttle_probability() == pytest.approx(20 / 21)
+    clock.now = 100.0  # 60 s after the last call: the window is empty again
+    breaker.acquire()
+    assert breaker.throttle_probability() == pytest.approx(0.5)

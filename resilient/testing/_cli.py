@@ -13,6 +13,7 @@ policy file or input, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -172,18 +173,34 @@ def run_simulate(args: argparse.Namespace) -> int:
         except ImportError:
             _err("--plot needs matplotlib: pip install 'resilient-policies[plot]'")
             return EXIT_INVALID
-    result = simulate(
-        policy,
-        scenario,
-        duration=args.duration,
-        rate=args.rate,
-        seed=args.seed,
-        name=args.policy,
-    )
+    adaptive: dict[str, Any] | None = None
+    cb = policy.circuit_breaker
+    with contextlib.ExitStack() as stack:
+        made: list[Any] = []
+        if cb is not None and cb.type == "adaptive":
+            from resilient.adaptive import recording  # scikit-learn only if a model is used
+
+            made = stack.enter_context(recording())
+        result = simulate(
+            policy,
+            scenario,
+            duration=args.duration,
+            rate=args.rate,
+            seed=args.seed,
+            name=args.policy,
+        )
+    if made:
+        adaptive = made[-1].get_status()["adaptive"]
+        adaptive["crossings"] = len(made[-1].crossings)
     if args.json:
-        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        data = result.to_dict()
+        if adaptive is not None:
+            data["adaptive"] = adaptive
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
         sys.stdout.write(result.summary() + "\n")
+        if adaptive is not None:
+            sys.stdout.write(_adaptive_summary(adaptive) + "\n")
     if args.plot:
         from resilient.testing._plot import plot_timeline
 
@@ -191,6 +208,28 @@ def run_simulate(args: argparse.Namespace) -> int:
         if not args.json:
             sys.stdout.write(f"\ntimeline plot written to {args.plot}\n")
     return EXIT_OK
+
+
+def _adaptive_summary(status: dict[str, Any]) -> str:
+    """The adaptive breaker's part of the summary (``type: adaptive``)."""
+    line = f"  adaptive breaker ({status['mode']}"
+    line += f", action {status['action']})" if status["action"] else ")"
+    if "throttle" in status:
+        t = status["throttle"]
+        return f"{line}: SRE throttling, K = {t['k']:g}, window {t['window_seconds']:g} s"
+    if not status["ml"]:
+        return f"{line}: ML off (enable_ml_prediction: false), the basic breaker"
+    if status["model_error"]:
+        return f"{line}: model not loaded: {status['model_error']}"
+    model = (
+        f"model trained on {status['model_samples']} buckets"
+        if status["model_samples"]
+        else "no model (too few samples: the basic breaker)"
+    )
+    return (
+        f"{line}: {model}, {status['predictions']} predictions, "
+        f"{status['crossings']} threshold crossings"
+    )
 
 
 def _err(message: str) -> None:
