@@ -788,11 +788,35 @@ def _http_status(value: object) -> int:
     return value
 
 
+#: The methods of RFC 9110 and RFC 5789 (PATCH): a name close to one of these that is
+#: not registered is taken for a typo of it.
+_COMMON_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE", "POST", "PATCH", "CONNECT")
+#: The IANA HTTP method registry (WebDAV and friends), QUERY, and PURGE (caches).
+_REGISTERED_METHODS = frozenset(
+    (
+        *_COMMON_METHODS,
+        *("ACL", "BASELINE-CONTROL", "BIND", "CHECKIN", "CHECKOUT", "COPY", "LABEL"),
+        *("LINK", "LOCK", "MERGE", "MKACTIVITY", "MKCALENDAR", "MKCOL", "MKREDIRECTREF"),
+        *("MKWORKSPACE", "MOVE", "ORDERPATCH", "PRI", "PROPFIND", "PROPPATCH", "PURGE"),
+        *("QUERY", "REBIND", "REPORT", "SEARCH", "UNBIND", "UNCHECKOUT", "UNLINK"),
+        *("UNLOCK", "UPDATE", "UPDATEREDIRECTREF", "VERSION-CONTROL"),
+    )
+)
+
+
 def _http_method(value: object) -> str:
+    """A method name, upper-cased (httpx sends methods upper-cased); typos are refused."""
     if not isinstance(value, str) or not value or not set(value) <= _TOKEN_CHARS:
         msg = f"expected an HTTP method name such as POST, got {value!r}"
         raise ValueError(msg)
-    return value.upper()
+    method = value.upper()
+    if method not in _REGISTERED_METHODS:
+        # an extension method is allowed, unless it looks like a typo of a common one
+        hint = did_you_mean(method, _COMMON_METHODS)
+        if hint:
+            msg = f"unknown HTTP method {value!r}{hint}"
+            raise ValueError(msg)
+    return method
 
 
 _STATUS_SCHEMA: dict[str, Any] = {
@@ -824,6 +848,17 @@ HttpMethods = Annotated[
 ]
 
 
+def _check_http_key(value: object) -> object:
+    # pydantic's own Literal error names the options but suggests none
+    if isinstance(value, str) and value not in ("policy", "host"):
+        msg = f"expected 'policy' or 'host', got {value!r}{did_you_mean(value, ('policy', 'host'))}"
+        raise ValueError(msg)
+    return value
+
+
+_http_key = BeforeValidator(_check_http_key)
+
+
 class HttpConfig(_Model):
     """
     The ``http:`` section: how ``resilient.httpx`` transports judge and retry HTTP
@@ -842,7 +877,7 @@ class HttpConfig(_Model):
     raise_on_exhausted: bool = False
     """When the last attempt ends on a failure status: ``false`` returns that response to
     the caller, ``true`` raises ``httpx.HTTPStatusError``."""
-    key: Literal["policy", "host"] = "policy"
+    key: Annotated[Literal["policy", "host"], _http_key] = "policy"
     """``policy``: one circuit breaker (and one set of metrics) for every host;
     ``host``: one per host and port."""
     max_keys: PositiveInt = 100
@@ -888,9 +923,23 @@ def _delay_shorthand(value: object) -> object:
 
 
 def _operations(value: object) -> object:
-    if isinstance(value, Mapping):
-        return tuple(value.items())
-    return value
+    # stored as pairs (the models are hashable); the rates are checked here so an
+    # error names the function, not the position of a pair ("operations[0][1]")
+    if not isinstance(value, Mapping):
+        return value
+    from pydantic import TypeAdapter, ValidationError
+
+    rate: TypeAdapter[float] = TypeAdapter(Intensity)
+    problems: list[str] = []
+    pairs: list[tuple[object, float]] = []
+    for key, given in value.items():
+        try:
+            pairs.append((key, rate.validate_python(given)))
+        except ValidationError as exc:
+            problems.append(f"{key!r}: {exc.errors()[0]['msg']} (got {given!r})")
+    if problems:
+        raise ValueError("rate of " + "; ".join(problems))
+    return tuple(pairs)
 
 
 def _or_seconds(schema: dict[str, Any]) -> None:
@@ -1067,7 +1116,10 @@ def _hedge_delay(value: object) -> object:
         try:
             value = float(text)
         except ValueError:
-            msg = f"delay must be {expected}, got {value!r}"
+            # p999 (as metrics name p99.9) reads as p99.9, p9999 as p99.99, p995 as p99.5
+            digits = re.fullmatch(r"p(9\d)(\d\d?)", text)
+            hint = f" (did you mean 'p{digits[1]}.{digits[2]}'?)" if digits else ""
+            msg = f"delay must be {expected}, got {value!r}{hint}"
             raise ValueError(msg) from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         msg = f"delay must be {expected}, got {value!r}"
@@ -1085,7 +1137,7 @@ HedgeDelay = Annotated[
         {
             "anyOf": [
                 {"type": "number", "minimum": 0, "maximum": MAX_SECONDS},
-                {"type": "string", "pattern": "^p[0-9]{1,2}(\\.[0-9]{1,2})?$"},
+                {"type": "string", "pattern": "^[pP][1-9][0-9]?(\\.[0-9]{1,2})?$"},
             ],
             "description": "Seconds before the next hedged attempt starts, or 'pNN': the "
             "policy's own observed latency quantile (e.g. 'p95').",

@@ -144,6 +144,23 @@ class RetryBudget:
             self.refused += 1
             return False
 
+    def refund(self) -> None:
+        """
+        Give back the token of a :meth:`try_withdraw` whose retry did not happen (for
+        instance when a second guard refused it): the balance gets it back, up to
+        ``max_tokens``, and ``retries`` no longer counts it. With a state backend's
+        link, the fleet's token stays spent (a lease is not returned); only the
+        count is corrected.
+        """
+        with self._lock:
+            if self.retries > 0:
+                self.retries -= 1
+            if self.link is None or not self.link.usable:
+                self._fold()
+                tokens = self.tokens + 1.0
+                cap = self.config.max_tokens
+                self.tokens = tokens if tokens < cap else cap
+
     def after_fork(self) -> None:
         """In a forked child (its backend calls it): a new lock, the parent's may be held."""
         self._lock = threading.Lock()

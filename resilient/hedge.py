@@ -189,7 +189,8 @@ class Hedger:
     Attributes:
         started: Hedges started so far.
         refused: Hedges not started: the load guard or the retry budget said no,
-            or the breaker, rate limiter or bulkhead refused them at once.
+            or the breaker, rate limiter or bulkhead refused them (a refused hedge
+            gives its guard and budget tokens back).
     """
 
     __slots__ = (
@@ -279,11 +280,25 @@ class Hedger:
     def allow(self, budget: RetryBudget | None) -> bool:
         """Take what one hedge costs: a load-guard token and a retry-budget token."""
         guard = self.guard
-        if (guard is None or guard.try_withdraw()) and (budget is None or budget.try_withdraw()):
-            self.started += 1
-            return True
+        if guard is None or guard.try_withdraw():
+            if budget is None or budget.try_withdraw():
+                self.started += 1
+                return True
+            if guard is not None:
+                guard.refund()  # the budget said no: the guard's token was not spent
         self.refused += 1
         return False
+
+    def refund(self, budget: RetryBudget | None) -> None:
+        """A hedge :meth:`allow` let through was refused before it ran (it waited for
+        a bulkhead slot or a rate-limit token in vain): it loaded nothing, so its
+        tokens go back and it counts as refused."""
+        self.started -= 1
+        self.refused += 1
+        if self.guard is not None:
+            self.guard.refund()
+        if budget is not None:
+            budget.refund()
 
     def get_status(self) -> dict[str, Any]:
         """Delay in force, hedges started and refused, durations seen."""
@@ -623,7 +638,11 @@ class _Group:
         p = self.p
         if p.staged:
             if ticket[_WAIT]:
-                await _admit_rest(p, ticket)  # gives everything back if refused or cancelled
+                try:
+                    await _admit_rest(p, ticket)  # gives everything back if refused or cancelled
+                except RejectedError:
+                    self.hedger.refund(p.budget)
+                    raise
             else:
                 _attempt.arm(p, ticket)
         try:
@@ -891,8 +910,7 @@ class _SyncGroup:
             admitted = p.admit_step(True) if p.staged else []
         except BaseException as refusal:  # CallRejected is on the bus; nothing is held
             if isinstance(refusal, RejectedError):
-                hedger.started -= 1
-                hedger.refused += 1
+                hedger.refund(p.budget)
             if future.set_running_or_notify_cancel():
                 future.set_exception(refusal)
             return

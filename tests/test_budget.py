@@ -233,3 +233,20 @@ class TestRetryAfter:
             call()  # the fake sleep does not let the bucket drain
         assert sleeps == [pytest.approx(2.0, abs=0.01)]
         assert calls == 1
+
+
+def test_refund_gives_back_a_token_that_was_not_used() -> None:
+    config = RetryBudgetConfig(ratio=0.0, min_retries_per_second=0.0, max_tokens=2)
+    budget = RetryBudget("r", config, clock=lambda: 0.0)
+    assert budget.try_withdraw()
+    assert budget.try_withdraw()
+    assert not budget.try_withdraw()
+    budget.refund()  # the second retry did not happen after all
+    assert budget.get_status()["retries"] == 1
+    assert budget.try_withdraw()  # its token is back
+    assert not budget.try_withdraw()
+    budget.refund()
+    budget.refund()
+    budget.refund()  # more refunds than tokens taken: capped at max_tokens
+    assert budget.get_status()["tokens"] == 2.0
+    assert budget.get_status()["retries"] == 0

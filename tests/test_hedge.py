@@ -446,6 +446,65 @@ def test_hedges_draw_on_the_retry_budget() -> None:
     assert resilient.retry_budgets()["p"].get_status()["retries"] == 3
 
 
+def test_a_hedge_the_budget_refuses_costs_the_load_guard_nothing() -> None:
+    load(
+        p={
+            "hedge": {"delay": 0.01, "max_load_amplification": 1.2},
+            "retry": {
+                **NO_RETRY,
+                "budget": {"ratio": 0, "min_retries_per_second": 0, "max_tokens": 2},
+            },
+        }
+    )
+    backend = Backend(0.1)
+    call = hedged(backend)
+
+    async def main() -> None:
+        for _ in range(20):
+            await call()
+
+    run(main())
+    hedger = hedgers()["p"]
+    assert (hedger.started, hedger.refused) == (2, 18)  # the budget's two tokens
+    assert hedger.guard is not None
+    guard = hedger.guard.get_status()
+    # the 18 refusals took no guard token: it spent 2 and refilled (0.2 a call, cap 10)
+    assert guard["refused"] == 0
+    assert guard["tokens"] == pytest.approx(10.0)
+
+
+def test_a_hedge_refused_after_waiting_for_a_slot_gives_its_tokens_back() -> None:
+    load(
+        p={
+            "hedge": {"delay": 0.01, "max_load_amplification": 1.2},
+            "bulkhead": {
+                "max_concurrent_requests": 1,
+                "acquire_timeout": 0.05,
+                "enable_auto_scaling": False,
+            },
+            "retry": {
+                **NO_RETRY,
+                "budget": {"ratio": 0, "min_retries_per_second": 0, "max_tokens": 3},
+            },
+        }
+    )
+    backend = Backend(0.2)  # holds the one slot; each hedge waits 50 ms for it in vain
+    call = hedged(backend)
+
+    async def main() -> None:
+        for n in range(1, 6):
+            assert await call() == f"answer {n}"  # the first attempt each time
+
+    run(main())
+    hedger = hedgers()["p"]
+    assert (hedger.started, hedger.refused) == (0, 5)
+    assert len(backend.started) == 5
+    # nothing was sent, so nothing was spent: the budget (3 tokens) still has them all
+    assert resilient.retry_budgets()["p"].get_status()["tokens"] == 3.0
+    assert hedger.guard is not None
+    assert hedger.guard.get_status()["tokens"] == pytest.approx(10.0)
+
+
 # --------------------------------------------------------------------------- observability
 
 
@@ -586,6 +645,47 @@ def test_a_sync_hedge_waiting_for_admission_does_not_hold_the_caller() -> None:
         _CLOCK[0].install()
 
 
+def test_a_sync_hedge_refused_after_waiting_gives_its_tokens_back() -> None:
+    # Real time: the bulkhead's wait for a slot is a real wait in the hedge's thread.
+    _CLOCK[0].uninstall()
+    try:
+        load(
+            p={
+                "hedge": {"delay": 0.01, "max_load_amplification": 1.2},
+                "bulkhead": {
+                    "isolation": "thread_pool",
+                    "max_concurrent_requests": 1,
+                    "acquire_timeout": 0.02,
+                    "enable_auto_scaling": False,
+                },
+                "retry": {
+                    **NO_RETRY,
+                    "budget": {"ratio": 0, "min_retries_per_second": 0, "max_tokens": 3},
+                },
+            }
+        )
+        calls: list[int] = []
+
+        @resilient.resilient("p")
+        def lookup() -> str:
+            calls.append(1)
+            threading.Event().wait(0.15)  # holds the one slot past the hedge's wait
+            return "first"
+
+        for _ in range(3):
+            assert lookup() == "first"
+        for admitter in [t for t in threading.enumerate() if t.name == "resilient-hedge-p"]:
+            admitter.join(10)
+        hedger = hedgers()["p"]
+        assert (hedger.started, hedger.refused) == (0, 3)
+        assert calls == [1, 1, 1]
+        assert resilient.retry_budgets()["p"].get_status()["tokens"] == 3.0
+        assert hedger.guard is not None
+        assert hedger.guard.get_status()["tokens"] == pytest.approx(10.0)
+    finally:
+        _CLOCK[0].install()
+
+
 def test_a_delay_that_is_neither_seconds_nor_a_quantile_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "resilience.yaml"
     path.write_text("version: 1\npolicies:\n  api:\n    hedge:\n      delay: fastest\n")
@@ -601,6 +701,8 @@ def test_a_delay_that_is_neither_seconds_nor_a_quantile_names_the_line(tmp_path:
     [
         ({"delay": -1}, "delay"),
         ({"delay": "p100"}, "delay"),
+        ({"delay": "p999"}, r"got 'p999' \(did you mean 'p99\.9'\?\)"),
+        ({"delay": "p9999"}, r"did you mean 'p99\.99'"),
         ({"max_hedged_attempts": 0}, "max_hedged_attempts"),
         ({"max_hedged_attempts": 1_000_000}, "less than or equal to 10"),
         ({"min_delay": 2, "max_delay": 1}, "min_delay"),

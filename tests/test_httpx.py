@@ -561,6 +561,19 @@ class TestBreaker:
             await c.send("GET", server.url("/", "localhost"))
         assert c.transport.keys == ["api"]
 
+    def test_a_default_port_is_the_same_host(self) -> None:
+        """``http://h/`` and ``http://h:80/`` (and ``https://h:443/``) share one breaker.
+        (httpx's MockTransport: a server on port 80 would need root.)"""
+        load(api={"circuit_breaker": {"failure_threshold": 2}, "http": {"key": "host"}})
+        inner = httpx.MockTransport(lambda request: httpx.Response(503))
+        with httpx.Client(transport=ResilientTransport("api", inner)) as c:
+            for url in ("http://h.example/", "http://H.example:80/x"):
+                assert c.get(url).status_code == 503
+            with pytest.raises(resilient.CircuitOpenError):
+                c.get("https://h.example:443/")
+            assert c.get("http://h.example:8080/").status_code == 503
+            assert c._transport.keys == ["api@h.example", "api@h.example:8080"]  # type: ignore[attr-defined]
+
     async def test_key_cap(self, servers: Callable[[], Server], client: Any) -> None:
         """Beyond ``max_keys`` hosts, the others share one overflow breaker."""
         load(
@@ -667,6 +680,33 @@ class TestPolicyFile:
         """Numbers outside 100-599, booleans and floats are refused."""
         with pytest.raises(resilient.PolicyError, match="failure_statuses"):
             load(api={"http": {"failure_statuses": [value]}})
+
+    def test_misspelt_method_gets_a_did_you_mean(self, tmp_path: Path) -> None:
+        """A method close to a standard one is taken for a typo; registered and extension
+        methods are accepted, in any case (httpx sends them upper-cased)."""
+        path = tmp_path / "resilience.yaml"
+        path.write_text(
+            "version: 1\npolicies:\n  api:\n    http:\n      retry_methods: [get, GTE, PSOT]\n"
+        )
+        with pytest.raises(resilient.PolicyError) as caught:
+            resilient.load_policies(path)
+        text = str(caught.value)
+        assert f"{path}:5" in text
+        assert "unknown HTTP method 'GTE' (did you mean 'GET'?)" in text
+        assert "unknown HTTP method 'PSOT' (did you mean 'POST'?)" in text
+        assert "retry_methods[0]" not in text  # 'get' is GET
+        load(api={"http": {"retry_methods": ["get", "PURGE", "propfind", "MYMETHOD"]}})
+        http = resilient.get_policy("api").http
+        assert http is not None
+        assert http.retry_methods == ("GET", "PURGE", "PROPFIND", "MYMETHOD")
+
+    def test_misspelt_key_value_gets_a_did_you_mean(self) -> None:
+        """``key: hots`` names the valid values and the closest one."""
+        with pytest.raises(
+            resilient.PolicyError,
+            match=r"expected 'policy' or 'host', got 'hots' \(did you mean 'host'\?\)",
+        ):
+            load(api={"http": {"key": "hots"}})
 
     def test_schema_has_the_section(self) -> None:
         """``resilient schema`` documents the http: section."""
