@@ -22,7 +22,12 @@ On the success path an async caller takes capacity the way
 then one more unit in the bucket's level), without the two coroutines of
 ``async with limiter``; that reads aiolimiter's ``_level``, which
 tests/test_ratelimit.py pins, and an aiolimiter without it makes every call
-take the ``acquire()`` path instead. Async callers also see
+take the ``acquire()`` path instead. When calls come faster than one per
+``_CREDIT_S`` (1 ms), that path also grants the loop a *credit*: the calls the
+bucket has room for right now, usable for at most 1 ms, so the next calls cost
+one decrement and one compare instead of a leak of the bucket each (see
+:class:`_LoopLimiter` for why that never lets more through than the bucket
+would). Async callers also see
 ``RateLimitedError`` at once when the callers already
 waiting on the loop need more than ``max_wait`` to drain; otherwise they wait
 in aiolimiter's queue at most ``max_wait`` seconds.
@@ -41,7 +46,8 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from typing import TYPE_CHECKING, Any, Final
+from asyncio import get_running_loop
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from aiolimiter import AsyncLimiter as _AsyncLimiter
 
@@ -61,6 +67,10 @@ _FAST_PATH = hasattr(_AsyncLimiter(1), "_level")
 #: How early (seconds) a waiter may be let in to absorb floating-point residue; the
 #: event loop itself fires timers up to its clock resolution (1 ns) early.
 _EARLY_S = 1e-9
+
+#: How long (seconds of loop time) a loop's credit stays usable, and how close two
+#: takes from the bucket must be for a credit to be granted at all (dense traffic).
+_CREDIT_S = 1e-3
 
 
 def _bucket_shape(config: RateLimitConfig) -> tuple[float, float]:
@@ -85,7 +95,9 @@ class _Bucket(_AsyncLimiter):
     re-arms its timer for the same instant. Real time moves on between two turns
     of the loop, so the next try succeeds; virtual time
     (``resilient.testing``) does not, and the loop spun forever. A residue worth
-    less than ``_EARLY_S`` of draining is therefore drained at once.
+    less than ``_EARLY_S`` of draining is therefore drained at once (no more than
+    the residue: a margin taken on every wake-up let a long queue of waiters in
+    a little faster than the rate, which tests/test_ratelimit_credit.py caught).
     """
 
     __slots__ = ("_residue",)
@@ -96,33 +108,104 @@ class _Bucket(_AsyncLimiter):
         self._residue = max(max_rate / time_period * _EARLY_S, math.ulp(max_rate) * 64)
 
     def _wake_next(self, *args: object) -> None:
-        if self._waiters:
+        heap = self._waiters
+        if heap:
             self._leak()
-            over = self._level + 1.0 - self.max_rate
-            if 0.0 < over <= self._residue:
-                # Below "room for one" by a margin that survives rounding either way.
-                self._level = max(self._level - 2.0 * self._residue, 0.0)
+            amount, rate, level = heap[0][0], self.max_rate, self._level
+            # aiolimiter's ``needed``, with its operands in its order: a rounding apart,
+            # ``level + amount - rate`` can be 0.0 where this is 2.2e-16.
+            if 0.0 < amount - rate + level <= self._residue:
+                # Exactly "room for one", rounded down until both of aiolimiter's tests
+                # (``needed`` here, ``has_capacity`` in the woken waiter) agree: the
+                # waiter gets in at most the residue early, and that does not add up
+                # over a queue of waiters.
+                level = max(rate - amount, 0.0)
+                while level > 0.0 and (amount - rate + level > 0.0 or level + amount > rate):
+                    level = math.nextafter(level, 0.0)
+                self._level = level
         super()._wake_next(*args)
 
 
 class _LoopLimiter:
-    """aiolimiter's bucket for one loop plus how many of our callers wait on it."""
+    """
+    aiolimiter's bucket for one loop, how many of our callers wait on it, and the
+    loop's credit.
 
-    __slots__ = ("bucket", "waiting")
+    A *credit* is a number of calls taken from the bucket in one go, so that the
+    calls after it cost one decrement and one compare instead of a leak of the
+    bucket each. It is granted by a take that found the previous take less than
+    ``_CREDIT_S`` ago (calls are dense; sparse calls keep the exact path, and pay
+    for no timer), when nobody waits, and it is at most what the bucket has room
+    for at that instant (the burst is never exceeded). It ends when it is spent,
+    or ``_CREDIT_S`` later (one loop timer, re-used by the next credit), or when a
+    caller has to wait: the calls it admitted are then added to the bucket's
+    level *as if made at that moment*, the latest instant they can have been made.
+    The level is therefore never below the one of an exact leaky bucket fed the
+    same calls (the leak only ever drains units already in it), so no window sees
+    more than ``max_rate`` plus the drain of its length; the price is that the
+    level can be up to ``rate x _CREDIT_S`` units high for ``_CREDIT_S`` after a
+    credit ends, which delays a caller by at most that much.
+    tests/test_ratelimit_credit.py checks both bounds on the virtual clock.
+
+    aiolimiter has no batch take (``acquire(n)`` would wait); the credit is kept
+    here, and the bucket stays aiolimiter's.
+    """
+
+    __slots__ = ("bucket", "credit", "granted", "timer", "waiting")
 
     def __init__(self, config: RateLimitConfig) -> None:
         burst, period = _bucket_shape(config)
         self.bucket = (_Bucket if _FAST_PATH else _AsyncLimiter)(burst, period)
         self.waiting = 0
+        self.credit = 0  # calls the credit still admits
+        self.granted = 0  # calls the credit admitted at first (0: no credit)
+        self.timer: asyncio.TimerHandle | None = None
 
     def try_take(self) -> bool:
         """Take one unit if the bucket has room now, as ``acquire()`` would; never waits."""
-        bucket = self.bucket
-        if _FAST_PATH and bucket.has_capacity():
-            bucket._level += 1
+        credit = self.credit
+        if credit:
+            self.credit = credit - 1
             return True
-        return False
+        return self._take()
 
+    def _take(self) -> bool:
+        # The credit is spent (or there is none): settle it, then ask the bucket.
+        if not _FAST_PATH:
+            return False
+        bucket = self.bucket
+        previous = bucket._last_check
+        if self.granted:
+            self.settle()
+        if not bucket.has_capacity():
+            return False
+        level = bucket._level = bucket._level + 1.0
+        now = bucket._last_check
+        if now - previous < _CREDIT_S and not self.waiting and not bucket._waiters:
+            free = int(bucket.max_rate - level)
+            if free > 0:
+                self.credit = self.granted = free
+                if self.timer is None:
+                    self.timer = bucket._loop.call_at(now + _CREDIT_S, self._expire)
+        return True
+
+    def settle(self) -> None:
+        """End the credit: its calls go into the bucket's level as of now."""
+        used = self.granted - self.credit
+        self.granted = self.credit = 0
+        if used:
+            bucket = self.bucket
+            bucket._leak()  # drain what the level held up to now, then add the calls
+            bucket._level += used
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.granted:
+            self.settle()
+
+
+#: ``RateLimiter._last`` before any loop: never the running loop.
+_NO_LOOP: Final = (None, cast(_LoopLimiter, None))
 
 #: Ask the fleet's bucket for a whole batch (it caps the grant at its batch size).
 _FULL_BATCH = 1 << 30
@@ -346,7 +429,9 @@ class RateLimiter:
         self.rejected = 0
         self._lock = threading.Lock()
         self._by_loop: dict[asyncio.AbstractEventLoop, _LoopLimiter] = {}
-        self._last: tuple[asyncio.AbstractEventLoop | None, _LoopLimiter | None] = (None, None)
+        # (loop, its bucket) of the last loop, while there is no lease: one tuple read
+        # per call, safe against other threads
+        self._last: tuple[asyncio.AbstractEventLoop | None, _LoopLimiter] = _NO_LOOP
         self.backend = backend
         self.lease: _Lease | None = None
         if backend is not None:
@@ -369,8 +454,9 @@ class RateLimiter:
             self.interval = local.time_period / local.max_rate
             with self._lock:
                 self._by_loop.clear()
-                self._last = (None, None)
         self.lease = _Lease(cfg, source)
+        with self._lock:  # after the lease is set: for_loop() must see it from now on
+            self._last = _NO_LOOP
 
     def after_fork(self) -> None:
         """
@@ -390,23 +476,24 @@ class RateLimiter:
 
     def for_loop(self) -> _LoopLimiter:
         """The bucket of the running loop (made on first use), or the fleet's lease."""
+        loop, limiter = self._last
+        if loop is get_running_loop():
+            return limiter
         lease = self.lease
         if lease is not None and (lease.source.usable or lease.source.fallback != "local"):
             return lease
         return self._local_loop()
 
     def _local_loop(self) -> _LoopLimiter:
-        loop = asyncio.get_running_loop()
-        last_loop, limiter = self._last  # one tuple read: safe against other threads
-        if last_loop is loop and limiter is not None:
-            return limiter
+        loop = get_running_loop()
         with self._lock:
             limiter = self._by_loop.get(loop)
             if limiter is None:
                 for old in [lp for lp in self._by_loop if lp.is_closed()]:
                     del self._by_loop[old]
                 limiter = self._by_loop[loop] = _LoopLimiter(self.local_config)
-            self._last = (loop, limiter)
+            if self.lease is None:  # with a lease, for_loop() must ask it first
+                self._last = (loop, limiter)
         return limiter
 
     async def acquire_async(self) -> None:
@@ -425,6 +512,8 @@ class RateLimiter:
         if isinstance(limiter, _Lease):
             await self._fleet_wait_async(limiter)
             return
+        if limiter.granted:  # a waiter must see the calls of a credit in the level
+            limiter.settle()
         if limiter.bucket.has_capacity():  # aiolimiter without the fast path
             await limiter.bucket.acquire()
             return
