@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import linecache
+import time as _time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -165,6 +166,18 @@ def compile_steps(
     the snippets below, so there is still one definition of each step.
     """
     breaker, limiter, bulkhead, queues, slot_timed = p.stages
+    # The clock is bound when the steps are made, as the breaker, the bulkhead
+    # and the limiter bind theirs when they are made (a virtual clock installed
+    # later rebuilds the pipeline). Each step reads it at most once and hands
+    # the reading to every stage that needs the time: the breaker's duration,
+    # the bulkhead's slot, the deadline, the breaker's window.
+    clock = _clock.monotonic
+    timed_slot = bulkhead is not None and slot_timed
+    measure = breaker is not None and breaker.needs_duration
+    # admit: one reading after the breaker's token, if any stage wants it
+    admit_now = measure or timed_slot
+    # the deadline may start at it (a loop on time.monotonic; see _QueueCache.arm)
+    arm_now = admit_now and clock is _time.monotonic
     a: list[str] = ["def admit(blocking=False, in_pool=True, armed=True, task=None):"]
     if breaker is not None:
         a += [
@@ -173,12 +186,15 @@ def compile_steps(
             "    except CircuitOpenError as rejected:",
             "        refused(p, rejected, 'circuit_open')",
             "        raise",
-            "    measured = _clock.monotonic() if breaker.needs_duration else -1.0",
-            "    ticket = [token, measured, -1.0, None, 0, 'per_attempt']",
         ]
+        if admit_now:
+            a.append("    now = clock()")
+        measured = "now" if measure else "-1.0"
+        a.append(f"    ticket = [token, {measured}, -1.0, None, 0, 'per_attempt']")
     else:
+        if admit_now:
+            a.append("    now = clock()")
         a.append("    ticket = [None, -1.0, -1.0, None, 0, 'per_attempt']")
-    slot = "_clock.monotonic()" if slot_timed else "0.0"
     if limiter is not None or bulkhead is not None:
         a += ["    if blocking:", "        try:"]
         if limiter is not None:
@@ -189,6 +205,8 @@ def compile_steps(
                 "                refused(p, exc, 'rate_limited')",
                 "                raise",
             ]
+            if timed_slot:  # it may have waited: the slot starts now
+                a.append("            now = clock()")
         if bulkhead is not None:
             a += [
                 "            if not bulkhead.try_acquire():",
@@ -197,8 +215,12 @@ def compile_steps(
                 "                except BulkheadFullError as exc:",
                 "                    refused(p, exc, 'bulkhead_full')",
                 "                    raise",
+            ]
+            if timed_slot:  # it waited: the slot starts now
+                a.append("                now = clock()")
+            a += [
                 "            if not (p.pooled and in_pool):",
-                f"                ticket[2] = {slot}",
+                f"                ticket[2] = {'now' if timed_slot else '0.0'}",
             ]
         a += [
             "        except BaseException:",
@@ -217,7 +239,7 @@ def compile_steps(
                 "    if not bulkhead.try_acquire():",
                 "        ticket[4] = 2",
                 "        return ticket",
-                f"    ticket[2] = {slot}",
+                f"    ticket[2] = {'now' if timed_slot else '0.0'}",
             ]
     elif queues is not None:
         a += ["    if blocking:", "        return ticket"]
@@ -227,9 +249,14 @@ def compile_steps(
             "        if task is None:",
             "            task = _current_task()",
             "        if task is not None:",
-            "            ticket[3] = queues.arm(task)",
+            f"            ticket[3] = queues.{'arm_at(task, now)' if arm_now else 'arm(task)'}",
         ]
     a.append("    return ticket")
+
+    # settle: one reading for the bulkhead's slot, the breaker's duration and
+    # (a time window) its success; a breaker that can take it gets it
+    success = breaker.success_step(clock) if breaker is not None else None
+    settle_now = timed_slot or measure
     s: list[str] = ["def settle(ticket, error, total=None):"]
     if queues is not None:
         s += [
@@ -242,21 +269,24 @@ def compile_steps(
             "        elif _settle_deadline(entry, error):",
             "            error = timeout_error(p, ticket[5])",
         ]
+    if settle_now:
+        s.append("    now = clock()")
     if bulkhead is not None:
-        release = (
-            "bulkhead.release_timed(_clock.monotonic() - slot)"
-            if slot_timed
-            else "bulkhead.release()"
-        )
+        release = "bulkhead.release_timed(now - slot)" if slot_timed else "bulkhead.release()"
         s += ["    slot = ticket[2]", "    if slot >= 0:", f"        {release}"]
     if breaker is not None:
+        if success is None:
+            succeeded = "breaker.on_success(token, duration)"
+        else:  # without a reading of its own (only a success needs one)
+            succeeded = f"success(token, duration, {'now' if settle_now else 'clock()'})"
         s += [
             "    token = ticket[0]",
             "    if token is not None:",
             "        measured = ticket[1]",
-            "        duration = (_clock.monotonic() - measured) if measured >= 0 else 0.0",
+            f"        duration = ({'now' if settle_now else 'clock()'} - measured)"
+            " if measured >= 0 else 0.0",
             "        if error is None:",
-            "            breaker.on_success(token, duration)",
+            f"            {succeeded}",
             "        elif isinstance(error, Exception):",
             "            breaker.on_failure(token, error, duration)",
             "        elif total is not None and total[_FIRED]:",
@@ -272,7 +302,8 @@ def compile_steps(
         "limiter": limiter,
         "bulkhead": bulkhead,
         "queues": queues,
-        "_clock": _clock,
+        "clock": clock,
+        "success": success,
         "refused": refused,
         "CircuitOpenError": CircuitOpenError,
         "RateLimitedError": RateLimitedError,

@@ -350,6 +350,7 @@ class CircuitBreaker:
         "_consecutive",
         "_failure_cbs",
         "_failure_threshold",
+        "_fast_edge",
         "_fast_token",
         "_fleet_calls",
         "_fleet_failures",
@@ -443,6 +444,11 @@ class CircuitBreaker:
         # tracking only: a count window must place every outcome in order).
         self._lockfree = self._timed and not self.needs_duration
         self._pending: Any = itertools.count() if self._lockfree else _NO_PENDING
+        # Until this time a success with the closed token is only counted (see
+        # on_success); -inf while the last locked step saw a failure in the window
+        # or in a row, or the window is not lock-free. Never later than the end
+        # of the window's head bucket when it was set.
+        self._fast_edge = -_INF
 
         self._state = STATE_CLOSED
         self._mode: Mode = config.mode
@@ -520,19 +526,51 @@ class CircuitBreaker:
             token: What ``acquire()`` returned.
             duration: Seconds the call took, or 0.0 if ``needs_duration`` is false.
         """
-        if token == self._closed_token and self._lockfree:
-            # The common case: closed, a time window with no failure in it, and
-            # the current bucket still open. A success then cannot trip the
+        if token == self._closed_token and self._lockfree and self._clock() < self._fast_edge:
+            # The common case: closed, a time window with no failure in it, none
+            # in a row, and the window's head bucket unchanged since the last
+            # locked step checked all that. A success then cannot trip the
             # breaker, so it is only counted, without the lock: next() on an
             # itertools.count is atomic, and the count is folded into the window
             # (under the lock) before anything reads the window.
-            w = self._window
-            if not w.failures and self._clock() < w.edge:
-                next(self._pending)
-                self._consecutive = 0
-                if self._success_cbs:
-                    self._notify_outcome(None, None)
-                return
+            next(self._pending)
+            if self._success_cbs:
+                self._notify_outcome(None, None)
+            return
+        self._success_locked(token, duration, None)
+
+    def on_success_at(self, token: int, duration: float, now: float) -> None:
+        """
+        :meth:`on_success` with the caller's reading *now* of this breaker's clock
+        (the attempt engine reads the clock once per attempt and passes it on):
+        a success in the common case is then one counter increment.
+        """
+        if token == self._closed_token and now < self._fast_edge:
+            next(self._pending)
+            if self._success_cbs:
+                self._notify_outcome(None, None)
+            return
+        self._success_locked(token, duration, now)
+
+    def success_step(
+        self, clock: Callable[[], float]
+    ) -> Callable[[int, float, float], None] | None:
+        """
+        :meth:`on_success_at`, for a caller whose *clock* readings it can take,
+        or ``None`` when it gains nothing from one (a count window reads no
+        clock) or cannot use it (another clock; a subclass with an
+        ``on_success`` of its own, which must still be called).
+        """
+        if (
+            self._timed
+            and self._clock == clock  # equal: the same bound method of a clock object too
+            and type(self).on_success is CircuitBreaker.on_success
+        ):
+            return self.on_success_at
+        return None
+
+    def _success_locked(self, token: int, duration: float, now: float | None) -> None:
+        """A success off the lock-free path; *now* is a reading of the clock, if any."""
         events = None
         lock = self._lock
         # acquire()/release() rather than `with`: measurably cheaper on the
@@ -543,11 +581,19 @@ class CircuitBreaker:
             if token == self._closed_token:
                 self._n_successes += 1
                 self._consecutive = 0
+                if self._timed:
+                    if now is None:
+                        now = self._clock()
+                else:
+                    now = 0.0
                 # add() returns whether the window holds failures or slow calls at all.
-                if self._window_add(
-                    _SLOW if duration >= self._slow_s else 0, self._clock() if self._timed else 0.0
-                ) and self._window_trips(self._window):
-                    events = self._trip(self._clock())
+                if self._window_add(_SLOW if duration >= self._slow_s else 0, now):
+                    if self._window_trips(self._window):
+                        events = self._trip(now if self._timed else self._clock())
+                elif self._lockfree:
+                    # nothing in the window, nothing in a row: the next successes
+                    # of this head bucket need no lock
+                    self._fast_edge = self._window.edge
             elif token == _TOKEN_PASS:
                 return
             else:
@@ -582,6 +628,7 @@ class CircuitBreaker:
             return
         events = None
         with self._lock:
+            self._fast_edge = -_INF  # the next success checks the window under the lock
             self._fold()
             self._n_failures += 1
             if token == self._closed_token:
@@ -789,6 +836,7 @@ class CircuitBreaker:
         """
         old = self._state
         self._fold()
+        self._fast_edge = -_INF
         self._gen += 1
         self._state = new
         self._consecutive = 0

@@ -37,6 +37,7 @@ lists every metric.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from bisect import bisect_left as _bisect_left
@@ -127,9 +128,8 @@ class _CallStats:
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.counts = {outcome: itertools.count() for outcome in OUTCOMES}
-        # (bounds, counts per bucket, the last one +Inf): one attribute, so that a
-        # change of buckets is seen whole by a concurrent record()
-        self.histogram = (bounds, [itertools.count() for _ in range(len(bounds) + 1)])
+        # one attribute, so that a change of buckets is seen whole by a concurrent record()
+        self.histogram = _histogram(bounds)
         self.sum = 0.0
         self.bound = False  # some pipeline observes through it (else: events only)
         self.last_failure_at: float | None = None
@@ -144,8 +144,10 @@ class _CallStats:
     def record(self, outcome: str, duration: float) -> None:
         """The observer hook: one call of the policy ended with *outcome*."""
         next(self.counts[outcome])
-        bounds, buckets = self.histogram
-        next(buckets[_bisect_left(bounds, duration)])  # first bound >= d: "le"
+        bounds, buckets, first, lowest = self.histogram
+        # the bucket of the first bound >= d ("le"); most calls of a fast
+        # service land in the lowest one, found without the search
+        next(lowest if duration <= first else buckets[_bisect_left(bounds, duration)])
         self.sum += duration
         if outcome != "success" and outcome != "fallback" and outcome != "cancelled":
             self.last_failure_at = _time()
@@ -157,6 +159,19 @@ class _CallStats:
         """
         if isinstance(error, Exception):
             self.last_error_type = type(error).__name__
+
+
+_Histogram = tuple[tuple[float, ...], list["itertools.count[int]"], float, "itertools.count[int]"]
+
+
+def _histogram(bounds: tuple[float, ...]) -> _Histogram:
+    """
+    A histogram's counts: ``(bounds, counts per bucket (the last one +Inf),
+    the lowest bound, the lowest bucket's count)``, the last two for
+    :meth:`_CallStats.record`'s shortcut.
+    """
+    buckets = [itertools.count() for _ in range(len(bounds) + 1)]
+    return (bounds, buckets, bounds[0] if bounds else -math.inf, buckets[0])
 
 
 def _value(counter: itertools.count[int]) -> int:
@@ -285,7 +300,7 @@ class Statistics:
                 return
             self._bounds = bounds
             for stats in self._policies.values():
-                stats.histogram = (bounds, [itertools.count() for _ in range(len(bounds) + 1)])
+                stats.histogram = _histogram(bounds)
 
     # ------------------------------------------------------------ feeding
 
@@ -408,7 +423,7 @@ class _CountsCollector:
             if stats.bound:
                 for outcome, count in counts.calls.items():
                     calls.add_metric([name, outcome], float(count))
-                bounds, buckets = stats.histogram
+                bounds, buckets, _, _ = stats.histogram
                 les = self._les.get(bounds)
                 if les is None:
                     les = self._les[bounds] = [_le(b) for b in bounds] + ["+Inf"]

@@ -53,7 +53,7 @@ def settle(entry: list[Any], exc: BaseException | None) -> bool:
 class DeadlineQueue:
     """Deadlines of one duration on one loop, with at most one timer armed."""
 
-    __slots__ = ("_handle", "_time", "duration", "loop", "queue")
+    __slots__ = ("_handle", "_monotonic", "_time", "duration", "loop", "queue")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, duration: float) -> None:
         self.loop = loop
@@ -68,6 +68,8 @@ class DeadlineQueue:
             if getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time
             else loop.time
         )
+        #: whether a ``time.monotonic()`` reading of the caller can stand for ``_time()``
+        self._monotonic = self._time is time.monotonic
 
     def _compact(self) -> None:
         live = [entry for entry in self.queue if not entry[DONE]]
@@ -140,6 +142,31 @@ class _QueueCache:
         if last_loop is not loop or queue is None:
             queue = self.get(loop)
         deadline = queue._time() + queue.duration
+        entry: list[Any] = [task, deadline, task.cancelling(), False, False]
+        entries = queue.queue
+        while entries and entries[0][DONE]:
+            entries.popleft()
+        # Only a live entry left at the head (a slow call) lets the queue grow.
+        if entries and len(entries) > 256 and not len(entries) & 255:
+            queue._compact()
+        entries.append(entry)
+        if queue._handle is None:
+            queue._handle = loop.call_at(deadline, queue._fire)
+        return entry
+
+    def arm_at(self, task: asyncio.Task[Any], now: float) -> list[Any]:
+        """
+        :meth:`arm`, for a caller that read ``time.monotonic()`` just before:
+        the budget starts at *now* instead of at a reading of its own (a loop
+        with a clock of its own still reads that). A twin of :meth:`arm`
+        rather than an optional argument of it: an argument to test would cost
+        every other call of :meth:`arm` more than the reading it saves.
+        """
+        loop = task.get_loop()
+        last_loop, queue = self.last
+        if last_loop is not loop or queue is None:
+            queue = self.get(loop)
+        deadline = (now if queue._monotonic else queue._time()) + queue.duration
         entry: list[Any] = [task, deadline, task.cancelling(), False, False]
         entries = queue.queue
         while entries and entries[0][DONE]:
