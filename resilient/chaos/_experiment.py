@@ -26,6 +26,7 @@ from resilient._models import (
     PositiveFloat,
     PositiveInt,
     _Model,
+    _one_of,
 )
 from resilient.chaos._inject import Fault
 from resilient.errors import PolicyError, did_you_mean
@@ -65,19 +66,6 @@ PROBE_TYPES: tuple[str, ...] = (
 HEALTH_STATUSES: tuple[str, ...] = ("healthy", "degraded", "unhealthy", "unknown")
 BREAKER_STATES: tuple[str, ...] = ("closed", "half-open", "open")
 DAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-
-
-def _one_of(*options: str) -> BeforeValidator:
-    """A name that must be one of *options*; a misspelling gets a did-you-mean."""
-
-    def check(value: object) -> object:
-        if isinstance(value, str) and value not in options:
-            hint = did_you_mean(value, options)
-            msg = f"{value!r} is not one of {', '.join(options)}{hint}"
-            raise ValueError(msg)
-        return value
-
-    return BeforeValidator(check)
 
 
 FailureMode = Annotated[
