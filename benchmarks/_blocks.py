@@ -25,7 +25,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from itertools import repeat
@@ -64,6 +64,44 @@ async def async_block(fn: Callable[[], Awaitable[Any]], n: int) -> float:
 def calls_per_block(ns_per_call: float, block_ms: float) -> int:
     """How many calls make one block of about *block_ms* milliseconds."""
     return max(int(block_ms * 1e6 / ns_per_call), 100)
+
+
+def best_of_sync(
+    variants: Sequence[Callable[[], Any]], rounds: int, block_ms: float, warmup: int = 2000
+) -> list[float]:
+    """
+    Best ns per call of each variant, measured side by side: blocks of about
+    *block_ms* each, the order rotated every round, a garbage collection between rounds.
+    """
+    for fn in variants:
+        for _ in range(warmup):
+            fn()
+    n = calls_per_block(sync_block(variants[0], warmup), block_ms)
+    best = [float("inf")] * len(variants)
+    for r in range(rounds):
+        for i in _rotation(len(variants), r):
+            best[i] = min(best[i], sync_block(variants[i], n))
+        gc.collect()
+    return best
+
+
+async def best_of_async(
+    variants: Sequence[Callable[[], Awaitable[Any]]],
+    rounds: int,
+    block_ms: float,
+    warmup: int = 2000,
+) -> list[float]:
+    """:func:`best_of_sync` for coroutine functions."""
+    for fn in variants:
+        for _ in range(warmup):
+            await fn()
+    n = calls_per_block(await async_block(variants[0], warmup), block_ms)
+    best = [float("inf")] * len(variants)
+    for r in range(rounds):
+        for i in _rotation(len(variants), r):
+            best[i] = min(best[i], await async_block(variants[i], n))
+        gc.collect()
+    return best
 
 
 # --------------------------------------------------------------------------- compiled loops

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import platform
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from _blocks import async_block, calls_per_block, sync_block
+from _blocks import best_of_async, best_of_sync
 from _runner import Context, Row
 
 import resilient
@@ -55,37 +54,16 @@ POLICIES = {
 }
 
 
-def _measure_sync(
-    without: Callable[[], Any], with_: Callable[[], Any], rounds: int, block_ms: float
-) -> tuple[float, float]:
-    for fn in (without, with_):
-        for _ in range(2000):
-            fn()
-    n = calls_per_block(sync_block(without, 2000), block_ms)
-    best = [float("inf"), float("inf")]
-    for r in range(rounds):
-        for i in (0, 1) if r % 2 == 0 else (1, 0):
-            best[i] = min(best[i], sync_block((without, with_)[i], n))
-        gc.collect()
-    return best[0], best[1]
+def _pair_sync(without: Any, with_: Any, rounds: int, block_ms: float) -> tuple[float, float]:
+    off, on = best_of_sync((without, with_), rounds, block_ms)
+    return off, on
 
 
-async def _measure_async(
-    without: Callable[[], Awaitable[Any]],
-    with_: Callable[[], Awaitable[Any]],
-    rounds: int,
-    block_ms: float,
+async def _pair_async(
+    without: Any, with_: Any, rounds: int, block_ms: float
 ) -> tuple[float, float]:
-    for fn in (without, with_):
-        for _ in range(2000):
-            await fn()
-    n = calls_per_block(await async_block(without, 2000), block_ms)
-    best = [float("inf"), float("inf")]
-    for r in range(rounds):
-        for i in (0, 1) if r % 2 == 0 else (1, 0):
-            best[i] = min(best[i], await async_block((without, with_)[i], n))
-        gc.collect()
-    return best[0], best[1]
+    off, on = await best_of_async((without, with_), rounds, block_ms)
+    return off, on
 
 
 def _pair(policy: str) -> tuple[Callable[[], int], Callable[[], int]]:
@@ -109,16 +87,16 @@ def measure(rounds: int, block_ms: float) -> list[tuple[str, float, float, bool]
     """(stack, ns/call without health, ns/call with health, held to the target)."""
     resilient.load_policies(POLICIES)
     return [
-        ("full stack, sync", *_measure_sync(*_pair("full"), rounds, block_ms), True),
+        ("full stack, sync", *_pair_sync(*_pair("full"), rounds, block_ms), True),
         (
             "full stack, async",
-            *asyncio.run(_measure_async(*_apair("full"), rounds, block_ms)),
+            *asyncio.run(_pair_async(*_apair("full"), rounds, block_ms)),
             True,
         ),
-        ("breaker only, sync", *_measure_sync(*_pair("lean"), rounds, block_ms), False),
+        ("breaker only, sync", *_pair_sync(*_pair("lean"), rounds, block_ms), False),
         (
             "breaker only, async",
-            *asyncio.run(_measure_async(*_apair("lean"), rounds, block_ms)),
+            *asyncio.run(_pair_async(*_apair("lean"), rounds, block_ms)),
             False,
         ),
     ]

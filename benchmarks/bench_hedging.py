@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import platform
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from _blocks import async_block, calls_per_block
+from _blocks import best_of_async
 from _runner import Context, Row
 
 import resilient
@@ -87,16 +86,8 @@ async def _measure(
     rounds: int,
     block_ms: float,
 ) -> tuple[float, float]:
-    for fn in (without, with_):
-        for _ in range(2000):
-            await fn()
-    n = calls_per_block(await async_block(without, 2000), block_ms)
-    best = [float("inf"), float("inf")]
-    for r in range(rounds):
-        for i in (0, 1) if r % 2 == 0 else (1, 0):
-            best[i] = min(best[i], await async_block((without, with_)[i], n))
-        gc.collect()
-    return best[0], best[1]
+    off, on = await best_of_async((without, with_), rounds, block_ms)
+    return off, on
 
 
 def _guarded(policy: str) -> Callable[[], Awaitable[int]]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import platform
 import threading
 from collections.abc import Awaitable, Callable
@@ -30,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
-from _blocks import async_block, calls_per_block, sync_block
+from _blocks import best_of_async, best_of_sync
 from _runner import Context, Row
 
 import resilient
@@ -66,35 +65,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _measure(variants: list[Callable[[], Any]], rounds: int, block_ms: float) -> list[float]:
-    for fn in variants:
-        for _ in range(200):
-            fn()
-    n = calls_per_block(sync_block(variants[0], 200), block_ms)
-    best = [float("inf")] * len(variants)
-    for r in range(rounds):
-        order = list(range(len(variants)))
-        order = order[r % len(order) :] + order[: r % len(order)]
-        for i in order:
-            best[i] = min(best[i], sync_block(variants[i], n))
-        gc.collect()
-    return best
+    return best_of_sync(variants, rounds, block_ms, warmup=200)
 
 
 async def _ameasure(
     variants: list[Callable[[], Awaitable[Any]]], rounds: int, block_ms: float
 ) -> list[float]:
-    for fn in variants:
-        for _ in range(200):
-            await fn()
-    n = calls_per_block(await async_block(variants[0], 200), block_ms)
-    best = [float("inf")] * len(variants)
-    for r in range(rounds):
-        order = list(range(len(variants)))
-        order = order[r % len(order) :] + order[: r % len(order)]
-        for i in order:
-            best[i] = min(best[i], await async_block(variants[i], n))
-        gc.collect()
-    return best
+    return await best_of_async(variants, rounds, block_ms, warmup=200)
 
 
 def _sync_case(
