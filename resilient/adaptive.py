@@ -5,10 +5,15 @@ The adaptive circuit breaker: a basic breaker that also learns to predict failur
 instead of a :class:`~resilient.breaker.CircuitBreaker`. It *is* the basic breaker
 (same trips, same half-open, same tokens), plus:
 
-* **Per call**, a few O(1) counter updates: requests, settled calls, failures,
-  timeouts, rejections, calls in flight, and one latency histogram bin.
+* **Per call**, on the common success path, nothing beyond the basic breaker: a
+  success is counted by the basic breaker's own lock-free counter, and the
+  bucket's figures are read from its totals once per bucket. The first
+  ``_SAMPLES`` calls of each bucket are measured (a latency histogram bin each,
+  under the breaker's lock); failures, timeouts and rejections are counted as
+  they happen (they take the lock in the basic breaker too).
 * **Per time bucket** (``adaptive.bucket_seconds``, 1 s by default), on the first
-  call after the bucket ends: one feature row (:data:`FEATURES`), and, when a
+  call after the bucket ends (the lock-free success path ends at the bucket's
+  edge, so that call reaches the breaker's lock): one feature row (:data:`FEATURES`), and, when a
   model trained on at least ``min_samples`` buckets is there, one prediction of
   the probability that the service fails within ``horizon_seconds``.
 * **Per retrain period**, in a background thread: a scikit-learn
@@ -23,9 +28,9 @@ is above ``prediction_threshold``, and is the basic breaker below it.
 ``throttle`` needs no model: it is Google SRE's client-side adaptive
 throttling (:class:`ThrottlingCircuitBreaker`).
 
-Counters are updated without a lock: from many threads at once an update may be
-lost now and then, which moves a statistic by a call and never a decision of the
-basic breaker (those stay under its lock). With a shared (Redis) backend the
+The adaptive counters are updated without a lock of their own: from many threads
+at once an update may be lost now and then, which moves a statistic by a call and
+never a decision of the basic breaker (those stay under its lock). With a shared (Redis) backend the
 breaker's state is the fleet's, but the prediction and the shedding are this
 process's own.
 """
@@ -40,7 +45,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from resilient._models import CircuitBreakerConfig
 from resilient.breaker import STATE_CLOSED, STATE_OPEN, CircuitBreaker, Mode
@@ -75,7 +80,7 @@ FEATURES: Final = (
     "latency_p90",  # log2(p90 / the healthy baseline p50)
     "latency_p50_trend",  # latency_p50 now minus 5 buckets ago
     "latency_p90_trend",  # latency_p90 now minus 5 buckets ago
-    "concurrency",  # log2(peak calls in flight / its healthy baseline)
+    "concurrency",  # log2(mean calls in flight / its healthy baseline), by Little's law
     "throughput",  # log2(requests / its healthy baseline)
     "not_closed",  # 1 while the breaker is open or half-open
 )
@@ -89,6 +94,13 @@ _BIN0: Final = 1e-4
 _HIST_EMPTY: Final = (0,) * _BINS
 # The trends look 10 buckets back; after a longer idle stretch they start again.
 _IDLE_RESET: Final = 10
+# Calls measured per bucket for the latency features: enough for a p90 on a
+# histogram of two bins per octave, few enough that a busy service pays for
+# them on a tiny share of its calls (the rest take the basic breaker's path).
+_SAMPLES: Final = 64
+# The concurrency feature's floor (mean calls in flight): log2 of a ratio
+# needs a positive value, and less than this is "idle" whatever the baseline.
+_CONC_FLOOR: Final = 0.01
 
 _TRAINING_SYNC = False  # tests and benchmarks: train on the calling thread
 _recorders: list[list[AdaptiveCircuitBreaker]] = []
@@ -295,36 +307,42 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         "_adaptive",
         "_bucket",
         "_c_fail",
-        "_c_ok",
-        "_c_rej",
-        "_c_req",
+        "_c_lat",
+        "_c_sampled",
+        "_c_shed",
         "_c_timeout",
+        "_closed_counts",
         "_crossings",
         "_early",
         "_edge",
         "_flags",
         "_hist",
         "_idx",
-        "_inflight",
         "_inline",
         "_label_rate",
         "_last_failed",
         "_last_healthy",
         "_last_train",
+        "_mark_ok",
+        "_mark_rej",
         "_model",
         "_model_error",
         "_open_unlearned",
         "_opened",
-        "_peak",
         "_predictions",
         "_risk",
         "_roll_lock",
         "_rows",
         "_shed",
+        "_shed_reason",
         "_training",
         "_uses_model",
         "_width",
     )
+
+    #: whether the shedding is the model's (it ends with a transition) or the
+    #: throttle's (it is the window's, whatever the state)
+    _model_sheds: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -357,27 +375,34 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
                 moment, or after the simulated run, and the same seed would
                 not give the same result).
         """
+        self._shed = 0.0  # read by _sync_tokens, which the base's __init__ calls
+        self._edge = -math.inf
         super().__init__(name, config, clock=clock, listeners=listeners, backend=backend)
         a = config.adaptive
         self._adaptive = a
-        self.needs_duration = True  # latency features; the base's slow-call test stays off
+        # latency features: measured for the first _SAMPLES calls of each bucket
+        # (needs_duration is read per call, `measures` by steps built once)
+        self.needs_duration = self.measures = True
+        self._shed_reason = "shedding calls on a predicted failure"
         self._uses_model = config.uses_model
         self._width = a.bucket_seconds
         rate = config.failure_rate_threshold if config.failure_rate_threshold is not None else 0.5
         # A bucket "fails" at half the breaker's own failure-rate threshold: the
         # label should fire before the breaker would trip, not with it.
         self._label_rate = rate / 2
-        self._edge = -math.inf
         self._idx = -1  # absolute index of the current bucket (-1: none yet)
-        self._c_req = self._c_ok = self._c_fail = self._c_timeout = self._c_rej = 0
-        self._inflight = self._peak = 0
+        # per bucket: failures, timeouts, shed calls, measured calls and their sum;
+        # successes and rejections are the basic breaker's totals minus these marks
+        self._c_fail = self._c_timeout = self._c_shed = self._c_sampled = 0
+        self._c_lat = 0.0
+        self._mark_ok = self._mark_rej = 0
+        self._closed_counts = (0, 0)  # the last closed bucket's requests and successes
         self._hist = list(_HIST_EMPTY)
         self._bucket = _Bucket()
         self._rows: deque[tuple[int, tuple[float, ...]]] = deque(maxlen=a.history_buckets)
         self._flags: dict[int, bool] = {}  # bucket index -> it failed
         self._risk: float | None = None
         self._acting = False
-        self._shed = 0.0
         # the breaker is open, but not on failures this process saw: an early opening
         # by its model, or one adopted from another process that its calls did not
         # show (with a shared backend); not a failure label (see _close_bucket)
@@ -471,87 +496,108 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
             self._last_healthy = previous._last_healthy
 
     # ------------------------------------------------------------------ hot path
+    #
+    # No acquire() or on_success() of its own: the basic breaker's are the common
+    # path (a closed breaker hands out its token; a success is one lock-free
+    # increment). What this class needs reaches the methods below: the
+    # lock-free success path ends at the bucket's edge and while the bucket's
+    # latency samples are taken (_lockfree_until), and the fast token is off
+    # while calls are shed and open rejections take the slow path
+    # (_sync_tokens), so the bucket rolls on time whatever the calls do.
 
-    def acquire(self) -> int:
-        """As :meth:`CircuitBreaker.acquire`, plus the counters and the shedding."""
-        if self._clock() >= self._edge:
-            self._roll()
-        self._c_req += 1
+    def _lockfree_until(self) -> float:
+        if self.needs_duration:
+            return -math.inf  # sampling: every success comes here, measured
+        edge = self._window.edge
+        return edge if edge < self._edge else self._edge
+
+    def _sync_tokens(self) -> None:
+        CircuitBreaker._sync_tokens(self)
+        self._reject_open = False  # rejections count, and roll buckets, in _acquire_slow
+        if self._shed:
+            self._fast_token = -1
+
+    def _set_shed(self, share: float) -> None:
+        """Shed *share* of the calls from now on (0: none); the roll lock is held."""
+        if share != self._shed:
+            with self._lock:
+                self._shed = share
+                self._sync_tokens()
+
+    def _acquire_slow(self, shared: bool = True) -> int:
+        now = self._clock()
+        if now >= self._edge:
+            self._roll(now)
         shed = self._shed
-        if shed and random.random() < shed:
-            # not in _c_rej: the rejection_share feature must not feed on the shedding
+        if shed and shared and random.random() < shed and self._mode == "normal":
+            # not a rejection for the rejection_share feature: it must not feed
+            # on the shedding (the rejections' total minus these)
+            self._c_shed += 1
             next(self._rejections)
-            raise CircuitOpenError.fast(
-                self.name, self._width, "shedding calls on a predicted failure"
-            )
-        token = self._fast_token  # the base's closed fast path, inlined (one call less)
-        if token < 0:
-            try:
-                token = CircuitBreaker.acquire(self)
-            except CircuitOpenError:
-                self._c_rej += 1
-                raise
-        n = self._inflight + 1
-        self._inflight = n
-        if n > self._peak:
-            self._peak = n
-        return token
+            raise CircuitOpenError.fast(self.name, self._width, self._shed_reason)
+        return CircuitBreaker._acquire_slow(self, shared)
 
-    def on_success(self, token: int, duration: float) -> None:
-        """As :meth:`CircuitBreaker.on_success`, plus the counters."""
-        CircuitBreaker.on_success(self, token, duration)
-        self._inflight -= 1
-        self._c_ok += 1
+    def _sample(self, duration: float) -> None:
+        """One measured duration into the bucket's latency histogram."""
         if duration > _BIN0:
             i = int(math.log2(duration / _BIN0) * 2)
             self._hist[i if i < _BINS else _BINS - 1] += 1
         else:
             self._hist[0] += 1
+        self._c_lat += duration
+        n = self._c_sampled + 1
+        self._c_sampled = n
+        if n >= _SAMPLES:
+            self.needs_duration = False  # the rest of the bucket: the basic path
+
+    def _success_locked(self, token: int, duration: float, now: float | None) -> None:
+        if now is None or not self._timed:
+            now = self._clock()
+        if now >= self._edge:
+            self._roll(now)
+        if duration >= 0.0:
+            self._sample(duration)
+        CircuitBreaker._success_locked(self, token, duration, now if self._timed else None)
 
     def on_failure(self, token: int, exc: BaseException, duration: float) -> None:
-        """As :meth:`CircuitBreaker.on_failure`, plus the counters."""
+        """As :meth:`CircuitBreaker.on_failure`, plus the bucket's counters."""
         ignore = self._ignore
-        if ignore and isinstance(exc, ignore):
-            CircuitBreaker.on_failure(self, token, exc, duration)
-            self._inflight -= 1
+        if (ignore and isinstance(exc, ignore)) or not isinstance(exc, self._record):
+            CircuitBreaker.on_failure(self, token, exc, duration)  # ignored, or a success
             return
-        if not isinstance(exc, self._record):
-            self.on_success(token, duration)  # not a failure: a success, counted once
-            return
-        CircuitBreaker.on_failure(self, token, exc, duration)
-        self._inflight -= 1
+        now = self._clock()
+        if now >= self._edge:
+            self._roll(now)
         self._c_fail += 1
         if isinstance(exc, AttemptTimeoutError):
             self._c_timeout += 1
-        if duration > _BIN0:
-            i = int(math.log2(duration / _BIN0) * 2)
-            self._hist[i if i < _BINS else _BINS - 1] += 1
-        else:
-            self._hist[0] += 1
-
-    def on_cancel(self, token: int) -> None:
-        """As :meth:`CircuitBreaker.on_cancel`; the call leaves the in-flight count."""
-        CircuitBreaker.on_cancel(self, token)
-        self._inflight -= 1
+        if duration >= 0.0:
+            self._sample(duration)
+        CircuitBreaker.on_failure(self, token, exc, duration)
 
     # ------------------------------------------------------------- per bucket
 
-    def _roll(self) -> None:
-        """The current bucket is over: one feature row, one prediction (once per bucket)."""
+    def _roll(self, now: float) -> None:
+        """
+        The current bucket is over at *now*: one feature row, one prediction (once
+        per bucket). Called without the breaker's lock.
+        """
         if not self._roll_lock.acquire(blocking=False):
             return  # another thread is rolling; this call counts in the old bucket
         crossed: PredictionCrossed | None = None
         opened: tuple[str, str] | None = None
         try:
-            now = self._clock()
             if now < self._edge:
                 return
             idx = int(now // self._width)
             if self._idx >= 0:
                 crossed = self._close_bucket(idx - self._idx - 1)
                 opened, self._opened = self._opened, None
+            else:
+                self._take_counts()  # the totals so far belong to no bucket
             self._idx = idx
             self._edge = (idx + 1) * self._width
+            self.needs_duration = True  # the new bucket's latency samples
         finally:
             self._roll_lock.release()
         # listeners and subscribers are user code: never under the roll lock
@@ -561,29 +607,54 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
             self._notify((opened,))
         self._maybe_train(now)  # outside the lock: training reads the history under it
 
+    def _counts(self) -> tuple[int, int]:
+        """Successes and rejections so far (the basic breaker's totals); lock held."""
+        self._fold()
+        return self._n_successes, self._rejection_count()
+
+    def _take_counts(self) -> tuple[int, int, int]:
+        """
+        The current bucket's successes, failures and rejections (shed calls
+        included), and its counters back to zero; roll lock held.
+        """
+        with self._lock:
+            ok_total, rej_total = self._counts()
+        # totals may restart from zero (reset()): then they are all this bucket's
+        ok = ok_total - self._mark_ok if ok_total >= self._mark_ok else ok_total
+        rej = rej_total - self._mark_rej if rej_total >= self._mark_rej else rej_total
+        self._mark_ok, self._mark_rej = ok_total, rej_total
+        fail = self._c_fail
+        self._c_fail = 0
+        return ok, fail, rej
+
     def _close_bucket(self, skipped: int) -> PredictionCrossed | None:
         """Close the current bucket, followed by *skipped* buckets without a call."""
-        req, ok, fail = self._c_req, self._c_ok, self._c_fail
-        timeouts, rej, peak = self._c_timeout, self._c_rej, self._peak
-        hist = self._hist
-        self._c_req = self._c_ok = self._c_fail = self._c_timeout = self._c_rej = 0
-        self._peak = self._inflight
+        ok, fail, rej_all = self._take_counts()
+        timeouts, shed = self._c_timeout, self._c_shed
+        hist, sampled, lat = self._hist, self._c_sampled, self._c_lat
+        self._c_timeout = self._c_shed = self._c_sampled = 0
+        self._c_lat = 0.0
         self._hist = list(_HIST_EMPTY)
         calls = ok + fail
+        req = calls + rej_all  # every call asked for, shed ones included
+        rej = rej_all - shed if rej_all >= shed else 0
+        self._closed_counts = (req, ok)
         b = self._bucket
         err = fail / calls if calls else 0.0
-        p50 = _quantile(hist, calls, 0.5) if calls else 0.0
-        p90 = _quantile(hist, calls, 0.9) if calls else 0.0
+        p50 = _quantile(hist, sampled, 0.5) if sampled else 0.0
+        p90 = _quantile(hist, sampled, 0.9) if sampled else 0.0
+        # mean calls in flight (Little's law): the calls' total time over the bucket's
+        conc = max(calls * (lat / sampled) / self._width if sampled else 0.0, _CONC_FLOOR)
         state = self._state
         healthy = calls >= 3 and err < self._label_rate / 2 and state == STATE_CLOSED
         if healthy:
             # moving averages of the healthy service (about the last 30 healthy buckets)
             if b.base_p50 == 0.0:
-                b.base_p50, b.base_req, b.base_conc = p50, float(req), float(max(peak, 1))
+                b.base_p50, b.base_req, b.base_conc = p50, float(req), conc
             else:
                 b.base_p50 += (p50 - b.base_p50) / 30
                 b.base_req += (req - b.base_req) / 30
-                b.base_conc += (max(peak, 1) - b.base_conc) / 30
+                b.base_conc += (conc - b.base_conc) / 30
         l50 = _log2_ratio(p50, b.base_p50) if calls else 0.0
         l90 = _log2_ratio(p90, b.base_p50) if calls else 0.0
         recent = b.recent
@@ -601,7 +672,7 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
             l90,
             l50 - l50_old,
             l90 - l90_old,
-            _log2_ratio(max(peak, 1), b.base_conc),
+            _log2_ratio(conc, b.base_conc),
             _log2_ratio(req, b.base_req) if req else -8.0,
             0.0 if state == STATE_CLOSED else 1.0,
         )
@@ -651,7 +722,7 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         if self._adaptive.mode != "active":
             return crossed
         if not above:
-            self._shed = 0.0
+            self._set_shed(0.0)
             return crossed
         if self._adaptive.action == "shed":
             # a share of the calls growing with the risk: a quarter of max_shed at the
@@ -660,14 +731,14 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
             share = self._adaptive.max_shed * (0.25 + 0.75 * grow)
             # and only in normal mode: disabled and metrics_only never refuse a call
             normal = self._state == STATE_CLOSED and self._mode == "normal"
-            self._shed = share if normal else 0.0
+            self._set_shed(share if normal else 0.0)
         elif self._state == STATE_CLOSED:
             self._open_early()
         return crossed
 
     def _stand_down(self) -> None:
         self._risk = None
-        self._shed = 0.0
+        self._set_shed(0.0)
         self._acting = False
 
     def _open_early(self) -> None:
@@ -690,7 +761,8 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         # would feed on itself; so it is a failure label only when this process's
         # own calls failed within the horizon before it (a trip it saw coming too).
         unlearned = remote and new == STATE_OPEN and not self._saw_failure()
-        self._shed = 0.0
+        if self._model_sheds:
+            self._shed = 0.0  # a prediction's shedding ends with the state it was made in
         event = CircuitBreaker._transition(self, new, now, remote=remote)
         self._open_unlearned = unlearned
         return event
@@ -698,8 +770,10 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
     def _saw_failure(self) -> bool:
         """Whether this process's calls failed in the current bucket or the horizon before."""
         try:
-            calls = self._c_ok + self._c_fail
-            if calls >= 3 and self._c_fail >= self._label_rate * calls:
+            ok_total, _ = self._counts()  # the lock is held (a transition)
+            fail = self._c_fail
+            calls = ok_total - self._mark_ok + fail if ok_total >= self._mark_ok else fail
+            if calls >= 3 and fail >= self._label_rate * calls:
                 return True
             h = math.ceil(self._adaptive.horizon_seconds / self._width)
             return self._last_failed >= 0 and self._idx - self._last_failed <= h
@@ -855,9 +929,14 @@ class ThrottlingCircuitBreaker(AdaptiveCircuitBreaker):
     ``max(0, (requests - K * accepts) / (requests + 1))`` over the last
     ``throttle_window`` seconds, where *requests* counts every call asked for
     (refused ones included) and *accepts* the calls that succeeded. No model.
+    The window is made of the finished buckets, and the probability is
+    recomputed once per bucket: while it is zero a call costs what it costs
+    through the basic breaker.
     """
 
     __slots__ = ("_k", "_ring", "_w_acc", "_w_req")
+
+    _model_sheds: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -875,36 +954,14 @@ class ThrottlingCircuitBreaker(AdaptiveCircuitBreaker):
         a = config.adaptive
         self._k = a.k
         n = max(1, math.ceil(a.throttle_window / a.bucket_seconds))
-        self._ring: deque[tuple[int, int]] = deque(maxlen=n - 1 if n > 1 else 1)
+        self._ring: deque[tuple[int, int]] = deque(maxlen=n)
         self._w_req = 0  # the window's finished buckets
         self._w_acc = 0
 
     def throttle_probability(self) -> float:
         """The probability that the next call is refused locally."""
-        req = self._w_req + self._c_req
-        return max(0.0, (req - self._k * (self._w_acc + self._c_ok)) / (req + 1))
-
-    def acquire(self) -> int:
-        """As :meth:`CircuitBreaker.acquire`, plus SRE adaptive throttling."""
-        if self._clock() >= self._edge:
-            self._roll()
-        req = self._w_req + self._c_req
-        self._c_req += 1
-        p = (req - self._k * (self._w_acc + self._c_ok)) / (req + 1)
-        if p > 0.0 and random.random() < p and self._mode == "normal":
-            # disabled and metrics_only never refuse a call; forced_open refuses below
-            next(self._rejections)
-            raise CircuitOpenError.fast(self.name, self._width, "throttling calls client-side")
-        try:
-            token = CircuitBreaker.acquire(self)
-        except CircuitOpenError:
-            self._c_rej += 1
-            raise
-        n = self._inflight + 1
-        self._inflight = n
-        if n > self._peak:
-            self._peak = n
-        return token
+        req = self._w_req
+        return max(0.0, (req - self._k * self._w_acc) / (req + 1))
 
     def _push(self, req: int, acc: int) -> None:
         ring = self._ring
@@ -917,10 +974,11 @@ class ThrottlingCircuitBreaker(AdaptiveCircuitBreaker):
         self._w_acc += acc
 
     def _close_bucket(self, skipped: int) -> PredictionCrossed | None:
+        crossed = super()._close_bucket(skipped)
         # the window slides over the buckets without a call too: they are empty,
         # not the end of the window (a service called less often than once a
         # bucket keeps its requests and accepts for throttle_window seconds)
-        self._push(self._c_req, self._c_ok)
+        self._push(*self._closed_counts)
         ring = self._ring
         if ring.maxlen is not None and skipped >= ring.maxlen:
             ring.clear()
@@ -928,7 +986,10 @@ class ThrottlingCircuitBreaker(AdaptiveCircuitBreaker):
         else:
             for _ in range(skipped):
                 self._push(0, 0)
-        return super()._close_bucket(skipped)
+        # the probability is the window's, recomputed once per bucket: a call
+        # pays for it only while it is above zero (then it takes the slow path)
+        self._set_shed(self.throttle_probability())
+        return crossed
 
     def get_status(self) -> dict[str, Any]:
         """:meth:`AdaptiveCircuitBreaker.get_status`, plus the throttling figures."""
@@ -936,8 +997,8 @@ class ThrottlingCircuitBreaker(AdaptiveCircuitBreaker):
         status["adaptive"]["throttle"] = {
             "k": self._k,
             "window_seconds": self._adaptive.throttle_window,
-            "requests": self._w_req + self._c_req,
-            "accepts": self._w_acc + self._c_ok,
+            "requests": self._w_req,
+            "accepts": self._w_acc,
             "probability": round(self.throttle_probability(), 6),
         }
         return status

@@ -127,8 +127,8 @@ def token(p: Stages) -> int:
 
 
 def since(measured: float) -> float:
-    """Seconds since *measured* (a ``_clock.monotonic()`` reading), 0.0 when not measured."""
-    return (_clock.monotonic() - measured) if measured >= 0 else 0.0
+    """Seconds since *measured* (a ``_clock.monotonic()`` reading), -1.0 when not measured."""
+    return (_clock.monotonic() - measured) if measured >= 0 else -1.0
 
 
 def admit(p: Stages, blocking: bool = False, in_pool: bool = True, armed: bool = True) -> list[Any]:
@@ -173,7 +173,7 @@ def compile_steps(
     # the bulkhead's slot, the deadline, the breaker's window.
     clock = _clock.monotonic
     timed_slot = bulkhead is not None and slot_timed
-    measure = breaker is not None and breaker.needs_duration
+    measure = breaker is not None and breaker.measures
     # admit: one reading after the breaker's token, if any stage wants it
     admit_now = measure or timed_slot
     # the deadline may start at it (a loop on time.monotonic; see _QueueCache.arm)
@@ -284,7 +284,7 @@ def compile_steps(
             "    if token is not None:",
             "        measured = ticket[1]",
             f"        duration = ({'now' if settle_now else 'clock()'} - measured)"
-            " if measured >= 0 else 0.0",
+            " if measured >= 0 else -1.0",
             "        if error is None:",
             f"            {succeeded}",
             "        elif isinstance(error, Exception):",

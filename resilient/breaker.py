@@ -336,8 +336,12 @@ class CircuitBreaker:
     Attributes:
         name: The policy name, used in errors and status.
         config: The validated configuration.
-        needs_duration: Whether ``on_success``/``on_failure`` need a measured
-            ``duration`` (only when slow calls are tracked); otherwise pass 0.0.
+        needs_duration: Whether the next ``on_success``/``on_failure`` wants a
+            measured ``duration`` (slow calls tracked; an adaptive breaker while
+            it samples latencies); otherwise pass -1.0 (not measured). Read it
+            per call: a subclass may change it.
+        measures: Whether durations may ever be wanted: what a step built once
+            (the attempt engine's compiled steps) decides by.
         fleet_kind: ``"breaker"``: what a state backend attaches it as.
     """
 
@@ -386,6 +390,7 @@ class CircuitBreaker:
         "_window",
         "_window_add",
         "config",
+        "measures",
         "name",
         "needs_duration",
     )
@@ -423,6 +428,7 @@ class CircuitBreaker:
         self._lock = threading.Lock()
 
         self.needs_duration = config.slow_call_duration is not None
+        self.measures = self.needs_duration
         self._slow_s = config.slow_call_duration if config.slow_call_duration is not None else _INF
         self._slow_thr = config.slow_call_rate_threshold if self.needs_duration else _INF
         self._rate_thr = (
@@ -524,7 +530,8 @@ class CircuitBreaker:
 
         Args:
             token: What ``acquire()`` returned.
-            duration: Seconds the call took, or 0.0 if ``needs_duration`` is false.
+            duration: Seconds the call took, or -1.0 when not measured
+                (``needs_duration`` was false).
         """
         if token == self._closed_token and self._lockfree and self._clock() < self._fast_edge:
             # The common case: closed, a time window with no failure in it, none
@@ -593,7 +600,7 @@ class CircuitBreaker:
                 elif self._lockfree:
                     # nothing in the window, nothing in a row: the next successes
                     # of this head bucket need no lock
-                    self._fast_edge = self._window.edge
+                    self._fast_edge = self._lockfree_until()
             elif token == _TOKEN_PASS:
                 return
             else:
@@ -604,6 +611,15 @@ class CircuitBreaker:
             self._notify_outcome(None, events)
         elif events is not None:
             self._notify(events)
+
+    def _lockfree_until(self) -> float:
+        """
+        Until when successes may be only counted, without the lock (called with
+        the lock held, after a success found the window free of failures): the
+        end of the window's head bucket. A subclass that must see some successes
+        under the lock (the adaptive breaker's bucket edges) returns less.
+        """
+        return self._window.edge
 
     def on_failure(self, token: int, exc: BaseException, duration: float) -> None:
         """
@@ -616,7 +632,8 @@ class CircuitBreaker:
         Args:
             token: What ``acquire()`` returned.
             exc: The exception the call raised.
-            duration: Seconds the call took, or 0.0 if ``needs_duration`` is false.
+            duration: Seconds the call took, or -1.0 when not measured
+                (``needs_duration`` was false).
         """
         if token == _TOKEN_PASS:
             return

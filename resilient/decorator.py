@@ -264,7 +264,7 @@ def resilient(
                     except BaseException:
                         breaker.on_cancel(token)
                         raise
-                    breaker.on_success(token, _since(measured) if measured >= 0 else 0.0)
+                    breaker.on_success(token, _since(measured) if measured >= 0 else -1.0)
                     return result
                 if lane != LANE_SINGLE:
                     return await pipeline.run_async(afn, args, kwargs)
@@ -313,7 +313,7 @@ def resilient(
                 except BaseException:
                     breaker.on_cancel(token)
                     raise
-                breaker.on_success(token, _since(measured) if measured >= 0 else 0.0)
+                breaker.on_success(token, _since(measured) if measured >= 0 else -1.0)
             elif lane != LANE_SINGLE:
                 result = pipeline.run_sync(fn, args, kwargs)
             else:

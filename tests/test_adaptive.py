@@ -267,7 +267,50 @@ def test_counters_are_per_call_and_exceptions_pass_unchanged() -> None:
         "ignored": 1,
         "rejections": 0,
     }
-    assert breaker._inflight == 0  # every call left the in-flight count once
+    # the bucket's row counts the same calls: one success and one failure settled
+    # (the ignored and the cancelled call are neither), nothing refused
+    clock.now += cfg.adaptive.bucket_seconds
+    breaker.on_success(breaker.acquire(), 0.01)
+    (_, row), *_ = breaker._rows
+    named = dict(zip(FEATURES, row, strict=True))
+    assert named["error_rate"] == 0.5
+    assert named["rejection_share"] == 0.0
+
+
+def test_latency_is_sampled_per_bucket_and_the_rest_take_the_basic_path() -> None:
+    """The first calls of each bucket are measured; the others cost what basic costs."""
+    clock = Clock()
+    cfg = CircuitBreakerConfig(**BASE, type="adaptive", enable_ml_prediction=False)
+    breaker = AdaptiveCircuitBreaker("db", cfg, clock=clock)
+
+    def bucket(start: float, latency: float, calls: int) -> int:
+        measured = 0
+        for i in range(calls):
+            clock.now = start + i * 0.5 / calls
+            token = breaker.acquire()
+            began = clock.now if breaker.needs_duration else -1.0  # what the lanes do
+            clock.now += latency
+            measured += began >= 0
+            duration = clock.now - began if began >= 0 else -1.0
+            if i % 20 == 19:
+                breaker.on_failure(token, ConnectionError(), duration)
+            else:
+                breaker.on_success(token, duration)
+        return measured
+
+    # 400 calls in a bucket, one in 20 failing: 64 measured (the failures in
+    # them included), then successes are counted by the basic breaker alone
+    assert bucket(0.0, 0.010, 400) == 64
+    assert bucket(1.0, 0.200, 400) == 64  # a new bucket samples again
+    bucket(2.0, 0.010, 10)  # closes the second bucket
+    rows = [dict(zip(FEATURES, row, strict=True)) for _, row in breaker._rows]
+    assert [row["error_rate"] for row in rows] == [0.05, 0.05]  # every call counted
+    assert rows[0]["throughput"] == 0.0  # the baseline is the first healthy bucket
+    # latencies 20x higher: log2(0.2 / 0.01) = 4.3, less the baseline's 1/30 step
+    # towards it (a healthy bucket) and within the histogram's half-octave
+    assert 3.0 <= rows[1]["latency_p50"] <= 4.8
+    assert 3.0 <= rows[1]["concurrency"] <= 4.8  # Little's law: 20x the time in flight
+    assert breaker.get_status()["totals"]["successes"] == 2 * 380 + 10
 
 
 # --------------------------------------------------------------------------- the model
@@ -385,6 +428,10 @@ def test_throttle_probability_follows_the_sre_formula() -> None:
             breaker.on_success(token, 0.01)
         else:
             breaker.on_failure(token, ConnectionError(), 0.01)
+    # the window is the finished buckets: nothing changes before this one ends
+    assert breaker.throttle_probability() == 0.0
+    clock.now = 1.0  # the next bucket's first call closes it
+    breaker.on_failure(breaker.acquire(), ConnectionError(), 0.01)
     # 100 requests, 20 accepts: p = (100 - 2 * 20) / 101
     assert breaker.throttle_probability() == pytest.approx(60 / 101)
     status = breaker.get_status()["adaptive"]["throttle"]
@@ -402,7 +449,8 @@ def test_throttle_probability_follows_the_sre_formula() -> None:
     # the window forgets: after throttle_window seconds the counts start again
     clock.now = 100.0
     breaker.acquire()
-    assert breaker.throttle_probability() == pytest.approx(0.5)  # (1 - 0) / 2
+    assert breaker.throttle_probability() == 0.0
+    assert breaker.get_status()["adaptive"]["throttle"]["requests"] == 0
 
 
 # --------------------------------------------------------------------------- call forms
@@ -938,7 +986,9 @@ def test_throttling_a_service_called_less_than_once_a_bucket() -> None:
         with contextlib.suppress(CircuitOpenError):
             breaker.on_failure(breaker.acquire(), ConnectionError(), 0.01)
     clock.now = 30.0
-    assert breaker.throttle_probability() == pytest.approx(20 / 21)
+    # 19 finished buckets with one refused or failed request each (the last
+    # call's bucket is not over yet): p = (19 - 0) / 20
+    assert breaker.throttle_probability() == pytest.approx(19 / 20)
     clock.now = 100.0  # 60 s after the last call: the window is empty again
     breaker.acquire()
-    assert breaker.throttle_probability() == pytest.approx(0.5)
+    assert breaker.throttle_probability() == 0.0
