@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import linecache
 import time as _time
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -93,7 +94,15 @@ __all__ = [
     "token",
 ]
 
-_current_task = asyncio.current_task
+# The current task, as ``task_of(running_loop())``: asyncio.current_task is C
+# code from Python 3.12 (and takes the loop); on 3.11 it is a Python function
+# around a lookup in this dict, whose frame costs more than the lookup.
+running_loop = asyncio.get_running_loop
+task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = (
+    asyncio.current_task
+    if isinstance(asyncio.current_task, types.BuiltinFunctionType)
+    else asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+)
 
 # ticket fields
 TOKEN = 0
@@ -102,6 +111,9 @@ SLOT = 2
 ENTRY = 3
 WAIT = 4
 KIND = 5
+
+# the timer handle of an entry armed by arm_late (after timeout's five fields)
+_HANDLE = 5
 
 # what admit() left to wait for
 _WAIT_NONE = 0
@@ -247,7 +259,7 @@ def compile_steps(
         a += [
             "    if armed:",
             "        if task is None:",
-            "            task = _current_task()",
+            "            task = task_of(running_loop())",
             "        if task is not None:",
             f"            ticket[3] = queues.{'arm_at(task, now)' if arm_now else 'arm(task)'}",
         ]
@@ -309,7 +321,8 @@ def compile_steps(
         "RateLimitedError": RateLimitedError,
         "BulkheadFullError": BulkheadFullError,
         "_give_back": _give_back,
-        "_current_task": _current_task,
+        "task_of": task_of,
+        "running_loop": running_loop,
         "_settle_deadline": _settle_deadline,
         "timeout_error": timeout_error,
         "_DONE": _DONE,
@@ -377,7 +390,7 @@ def arm(p: Stages, ticket: list[Any]) -> None:
     """Arm the per-attempt deadline of an async attempt on the current task."""
     queues = p.per_attempt_queues
     if queues is not None:
-        task = _current_task()
+        task = task_of(running_loop())
         if task is not None:
             ticket[ENTRY] = queues.arm(task)
 
@@ -393,10 +406,47 @@ def arm_single(p: Stages, ticket: list[Any]) -> None:
     if total is not None and (queues is None or total.duration < queues.duration):
         queues, kind = total, "total"
     if queues is not None:
-        task = _current_task()
+        task = task_of(running_loop())
         if task is not None:
             ticket[ENTRY] = queues.arm(task)
             ticket[KIND] = kind
+
+
+def arm_late(p: Stages, task: asyncio.Task[Any] | None, started: float) -> list[Any]:
+    """
+    Arm the total budget of a call that started at *started* (a
+    ``_clock.monotonic()`` reading) and is past its first attempt
+    (``Pipeline.total_late``): what is left of it, as its own timer. Not on a
+    queue: a queue's entries must arrive in the order of their deadlines, and
+    this one started earlier than the entries armed meanwhile. A retry or a
+    wait for admission is the slow path; one timer handle there is cheap.
+    """
+    total = p.total
+    assert total is not None
+    assert task is not None
+    loop = task.get_loop()
+    left = total - (_clock.monotonic() - started)
+    deadline = loop.time() + (left if left > 0.0 else 0.0)
+    entry: list[Any] = [task, deadline, task.cancelling(), False, False, None]
+
+    def fire() -> None:
+        if not entry[_DONE]:
+            entry[_FIRED] = True
+            task.cancel()
+
+    entry[_HANDLE] = loop.call_at(deadline, fire)
+    return entry
+
+
+def settle_total(entry: list[Any], exc: BaseException | None) -> bool:
+    """
+    Settle a call's total budget (from a queue, or :func:`arm_late`'s own timer,
+    which is cancelled); true when it cut the call short (see
+    :func:`resilient.timeout.settle`).
+    """
+    if len(entry) > _HANDLE:
+        entry[_HANDLE].cancel()
+    return _settle_deadline(entry, exc)
 
 
 def settle(

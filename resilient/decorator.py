@@ -56,7 +56,8 @@ _admit = _attempt.admit
 _admit_rest = _attempt.admit_rest
 _settle = _attempt.settle
 _WAIT = _attempt.WAIT
-_current_task = asyncio.current_task
+_task_of = _attempt.task_of
+_running_loop = _attempt.running_loop
 _token = _attempt.token
 _since = _attempt.since
 
@@ -238,7 +239,7 @@ def resilient(
                         return await pipeline.run_async(afn, args, kwargs, exc)
                 if lane == LANE_DEADLINE:
                     queues: _QueueCache = pipeline.per_attempt_queues  # type: ignore[assignment]
-                    task = _current_task()
+                    task = _task_of(_running_loop())
                     if task is None:  # a coroutine driven by hand: nothing to cancel
                         return await afn(*args, **kwargs)
                     entry = queues.arm(task)

@@ -19,7 +19,6 @@ built; the hot path reads plain slotted attributes.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import logging
@@ -58,12 +57,12 @@ from resilient.ratelimit import _LIMITERS, RateLimiter
 from resilient.retry import FailureRate, RetryPlan
 from resilient.runtime import runtime
 from resilient.timeout import _QueueCache, deadline_queue
-from resilient.timeout import settle as _settle
 
 __all__ = ["CallObserver", "Pipeline", "breakers", "get_breaker", "set_observer_factory"]
 
 _perf_counter = time.perf_counter
-_current_task = asyncio.current_task
+_task_of = _attempt.task_of
+_running_loop = _attempt.running_loop
 _log = logging.getLogger("resilient")
 _admit_rest = _attempt.admit_rest
 _call_sync = _attempt.call_sync
@@ -256,6 +255,7 @@ class Pipeline:
         "staged",
         "stages",
         "total",
+        "total_late",
         "total_queues",
     )
 
@@ -311,6 +311,16 @@ class Pipeline:
         )
         self.total_queues: _QueueCache | None = (
             deadline_queue(self.total) if self.total is not None else None
+        )
+        # The total budget is armed late, at the first wait for admission or the
+        # first retry, when the per-attempt budget is shorter: until then it
+        # cannot fire first, and a call that succeeds at once (the common case)
+        # never arms it. A hedged group runs beyond one attempt's deadline.
+        self.total_late = (
+            self.total is not None
+            and self.per_attempt is not None
+            and self.per_attempt < self.total
+            and hc is None
         )
         self.attempt_timeout: Callable[[], AttemptTimeoutError] = functools.partial(
             _attempt.timeout_error, self, "per_attempt"
@@ -540,14 +550,18 @@ class Pipeline:
             self.budget.deposit()
         total_entry = None
         started = -1.0
+        late = False  # the total budget is still to arm (self.total_late)
         # asyncio.current_task() costs more than a whole stage: read it once per call
-        task = _current_task() if self.per_attempt_queues is not None else None
+        task = _task_of(_running_loop()) if self.per_attempt_queues is not None else None
         if self.total_queues is not None:
             if task is None:
-                task = _current_task()
+                task = _task_of(_running_loop())
             if task is not None:
                 started = _clock.monotonic()
-                total_entry = self.total_queues.arm(task)
+                if self.total_late:
+                    late = True
+                else:
+                    total_entry = self.total_queues.arm(task)
         attempt = 1
         state: tenacity.RetryCallState | None = None
         last = failed  # the function's own last exception
@@ -557,6 +571,9 @@ class Pipeline:
                     try:
                         ticket = admit(False, True, True, task)
                         if ticket[_WAIT]:
+                            if late:  # waiting counts against the total budget
+                                late = False
+                                total_entry = _attempt.arm_late(self, task, started)
                             await _admit_rest(self, ticket)
                     except RejectedError as refusal:  # nothing is held
                         failed = refusal
@@ -588,12 +605,18 @@ class Pipeline:
                         delay, state = self._decide(state, started, attempt, None, result)
                         if delay < 0:
                             break
+                        if late:  # a retry: the total budget from here on
+                            late = False
+                            total_entry = _attempt.arm_late(self, task, started)
                         if delay > 0:
                             await _clock.asleep(delay)
                         attempt += 1
                         continue
                 # the attempt failed with `failed`
                 delay, state = self._decide(state, started, attempt, failed, None)
+                if late and delay >= 0:  # a retry: the total budget from here on
+                    late = False
+                    total_entry = _attempt.arm_late(self, task, started)
                 if delay < 0:
                     if last is not None and failed is not last:
                         failed = self._refused_after(failed, last, attempt)
@@ -608,7 +631,7 @@ class Pipeline:
                 attempt += 1
         except BaseException as exc:
             error = exc
-            if total_entry is not None and _settle(total_entry, exc):
+            if total_entry is not None and _attempt.settle_total(total_entry, exc):
                 error = _attempt.timeout_error(self, "total")
             if self.fallback is not None and isinstance(error, self.fallback_on):
                 self._fallback_used(error)
@@ -624,7 +647,7 @@ class Pipeline:
                 raise
             raise error from None
         if total_entry is not None:
-            _settle(total_entry, None)
+            _attempt.settle_total(total_entry, None)
         if observer is not None:  # observe() inlined: the success path is the common one
             try:
                 observer.record("success", _perf_counter() - began)

@@ -90,6 +90,90 @@ class TestAsyncTimeouts:
             await hang()
         assert info.value.kind == "total"
 
+    async def test_total_budget_from_the_call_start_when_armed_at_the_first_retry(
+        self,
+    ) -> None:
+        """
+        With a shorter per-attempt budget the total one is armed at the first
+        retry: it still counts from the start of the call, covers the backoff
+        sleep and cuts the running attempt short.
+        """
+        load(
+            p={
+                "retry": {"max_attempts": 100, "base_delay": 0.05, "jitter": False},
+                "timeout": {"per_attempt": 0.1, "total": 0.25},
+                "circuit_breaker": {"failure_threshold": 1000},
+            }
+        )
+        calls: list[float] = []
+
+        @resilient.resilient("p")
+        async def slow() -> None:
+            calls.append(time.monotonic())
+            await asyncio.sleep(10)
+
+        started = time.monotonic()
+        with pytest.raises(AttemptTimeoutError) as info:
+            await slow()
+        took = time.monotonic() - started
+        assert info.value.kind == "total"
+        assert 0.24 <= took < 0.5  # 0.1 + 0.05 sleep + the second attempt cut at 0.25
+        assert len(calls) == 2
+        status = resilient.get_breaker("p").get_status()
+        assert status["totals"]["failures"] == 2  # both cut attempts count as timeouts
+        await asyncio.sleep(0.3)  # no timer of the total budget is left to fire later
+
+    async def test_total_budget_covers_the_wait_for_a_bulkhead_slot(self) -> None:
+        """A call waiting for admission arms the total budget before it waits."""
+        load(
+            p={
+                "bulkhead": {
+                    "max_concurrent_requests": 1,
+                    "acquire_timeout": 10,
+                    "enable_auto_scaling": False,
+                },
+                "timeout": {"per_attempt": 0.5, "total": 1.0},
+            },
+        )
+        release = asyncio.Event()
+
+        @resilient.resilient("p")
+        async def holder() -> None:
+            try:
+                await release.wait()
+            except asyncio.CancelledError:  # ignores its deadline: keeps the slot
+                await release.wait()
+                raise
+
+        @resilient.resilient("p")
+        async def waiter() -> str:
+            return "ran"
+
+        held = asyncio.ensure_future(holder())
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(AttemptTimeoutError) as info:
+            await waiter()
+        assert info.value.kind == "total"
+        assert 0.9 <= time.monotonic() - started < 1.5
+        release.set()
+        with pytest.raises(AttemptTimeoutError):
+            await held
+        assert await waiter() == "ran"  # the slot came back, no budget left armed
+
+    async def test_a_first_attempt_success_arms_no_total_budget(self) -> None:
+        """The common case: the first attempt succeeds, the total budget is never armed."""
+        load(p={"timeout": {"per_attempt": 0.5, "total": 1.0}})
+
+        @resilient.resilient("p")
+        async def fast() -> str:
+            return "ok"
+
+        assert await fast() == "ok"
+        queue = deadline_queue(1.0).get(asyncio.get_running_loop())
+        assert not queue.queue  # nothing was armed for the total budget
+        assert len(deadline_queue(0.5).get(asyncio.get_running_loop()).queue) <= 1
+
     async def test_timeout_feeds_fallback(self) -> None:
         """A timeout is an exception like any other for the fallback."""
         load(p={"timeout": {"per_attempt": 0.02}})
