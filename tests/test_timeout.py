@@ -170,9 +170,11 @@ class TestAsyncTimeouts:
             return "ok"
 
         assert await fast() == "ok"
-        queue = deadline_queue(1.0).get(asyncio.get_running_loop())
-        assert not queue.queue  # nothing was armed for the total budget
-        assert len(deadline_queue(0.5).get(asyncio.get_running_loop()).queue) <= 1
+        _, pipeline = fast.__resilient_handle__.state  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        assert pipeline.total_late
+        assert not pipeline.total_queues.get(loop).queue  # nothing armed for the total
+        assert len(pipeline.per_attempt_queues.get(loop).queue) == 1  # the attempt's
 
     async def test_timeout_feeds_fallback(self) -> None:
         """A timeout is an exception like any other for the fallback."""
