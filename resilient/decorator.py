@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,6 +36,7 @@ from resilient.pipeline import (
     LANE_BREAKER,
     LANE_DEADLINE,
     LANE_DIRECT,
+    LANE_FIRST,
     LANE_SINGLE,
     Pipeline,
     _is_async_callable,
@@ -60,6 +62,8 @@ _task_of = _attempt.task_of
 _running_loop = _attempt.running_loop
 _token = _attempt.token
 _since = _attempt.since
+_perf_counter = time.perf_counter
+_log = logging.getLogger("resilient")
 
 
 class _Handle:
@@ -267,6 +271,45 @@ def resilient(
                         raise
                     breaker.on_success(token, _since(measured) if measured >= 0 else -1.0)
                     return result
+                if lane == LANE_FIRST:
+                    # the full lane's first attempt; the loop takes over after it
+                    observer = pipeline.observer
+                    began = _perf_counter() if observer is not None else 0.0
+                    budget = pipeline.budget
+                    if budget is not None:
+                        budget.deposit()
+                    started = _clock.monotonic() if pipeline.total is not None else -1.0
+                    try:
+                        ticket = pipeline.admit_step()
+                    except RejectedError as refusal:
+                        return await pipeline.run_async(
+                            afn, args, kwargs, refusal, (began, started, None, None)
+                        )
+                    if ticket[_WAIT]:
+                        return await pipeline.run_async(
+                            afn, args, kwargs, None, (began, started, ticket, None)
+                        )
+                    try:
+                        result = await afn(*args, **kwargs)
+                    except BaseException as exc:
+                        error = pipeline.settle_step(ticket, exc)
+                        if isinstance(error, Exception):
+                            if error is not exc:  # the per-attempt deadline fired
+                                error.__cause__ = None
+                                error.__suppress_context__ = True
+                            return await pipeline.run_async(
+                                afn, args, kwargs, error, (began, started, None, error)
+                            )
+                        if observer is not None:  # cancelled: no retry, no fallback
+                            observe(observer, _outcome_of(exc), began, exc)
+                        raise
+                    pipeline.settle_step(ticket, None)
+                    if observer is not None:
+                        try:
+                            observer.record("success", _perf_counter() - began)
+                        except Exception:
+                            _log.exception("call observer %r raised; ignoring it", observer)
+                    return result
                 if lane != LANE_SINGLE:
                     return await pipeline.run_async(afn, args, kwargs)
                 ticket = pipeline.admit_step()
@@ -315,6 +358,38 @@ def resilient(
                     breaker.on_cancel(token)
                     raise
                 breaker.on_success(token, _since(measured) if measured >= 0 else -1.0)
+            elif lane == LANE_FIRST:
+                # the full lane's first attempt; the loop takes over after it
+                observer = pipeline.observer
+                began = _perf_counter() if observer is not None else 0.0
+                budget = pipeline.budget
+                if budget is not None:
+                    budget.deposit()
+                started = _clock.monotonic() if pipeline.total is not None else -1.0
+                try:
+                    ticket = pipeline.admit_step(True)
+                except RejectedError as refusal:
+                    return pipeline.run_sync(  # type: ignore[no-any-return]
+                        fn, args, kwargs, refusal, (began, started, None, None)
+                    )
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as exc:
+                    pipeline.settle_step(ticket, exc)
+                    return pipeline.run_sync(  # type: ignore[no-any-return]
+                        fn, args, kwargs, exc, (began, started, None, exc)
+                    )
+                except BaseException as exc:
+                    pipeline.settle_step(ticket, exc)
+                    if observer is not None:
+                        observe(observer, _outcome_of(exc), began, exc)
+                    raise
+                pipeline.settle_step(ticket, None)
+                if observer is not None:
+                    try:
+                        observer.record("success", _perf_counter() - began)
+                    except Exception:
+                        _log.exception("call observer %r raised; ignoring it", observer)
             elif lane != LANE_SINGLE:
                 result = pipeline.run_sync(fn, args, kwargs)
             else:

@@ -193,6 +193,14 @@ LANE_SINGLE = 1
 LANE_FULL = 2
 LANE_BREAKER = 3  # LANE_SINGLE with a circuit breaker and no other stage
 LANE_DEADLINE = 4  # LANE_SINGLE with a per-attempt deadline and no other stage
+LANE_FIRST = 5  # LANE_FULL whose first attempt the wrapper runs (see Pipeline.__init__)
+
+#: What a caller that ran a call's first attempt itself hands to ``run_async`` /
+#: ``run_sync``: when the call began (``perf_counter``, for the observer), when it
+#: started (``_clock.monotonic()``, for the total budget; -1.0 without one), an
+#: admitted ticket still waiting for admission (async), and the function's own
+#: last exception (``None``: the first attempt was refused).
+Resume = tuple[float, float, "list[Any] | None", "BaseException | None"]
 
 
 def _sections_other_than(policy: Policy, known: set[str]) -> list[str]:
@@ -365,6 +373,14 @@ class Pipeline:
         known.add("chaos")  # a chaos: section is inert unless self.chaos (checked below)
         others = _sections_other_than(policy, known)
         plain = self.observer is None and self.total is None and not others and self.chaos is None
+        # Whether an attempt has any stage at all: a retry-and-timeouts policy
+        # runs its attempts without admitting or settling anything.
+        self.staged = (
+            self.breaker is not None
+            or self.limiter is not None
+            or self.bulkhead is not None
+            or self.per_attempt is not None
+        )
         if (
             plain
             and self.breaker is None
@@ -384,16 +400,28 @@ class Pipeline:
                 self.lane = LANE_DEADLINE  # (sync wrappers: nothing to do but call)
             else:
                 self.lane = LANE_SINGLE
+        elif (
+            # FIRST: the wrapper runs the first attempt as the SINGLE lane does,
+            # plus the call's observer and budget deposit, and hands the call to
+            # run_*() (resume=) at the first failure, refusal or wait: a call
+            # that succeeds at once (the common case) costs no loop and no
+            # second coroutine. Only where the first attempt needs nothing else
+            # of the loop: no hedge, chaos, failure-rate record, result check,
+            # total budget it could meet (see total_late), pool or later section;
+            # and a fallback only for exceptions (a cancellation is never one).
+            self.staged
+            and not others
+            and self.hedge is None
+            and self.chaos is None
+            and self.failure_rate is None
+            and (self.retry is None or not self.retry.checks_result)
+            and (self.total is None or self.total_late)
+            and not self.pooled
+            and all(issubclass(kind, Exception) for kind in self.fallback_on)
+        ):
+            self.lane = LANE_FIRST
         else:
             self.lane = LANE_FULL
-        # Whether an attempt has any stage at all: a retry-and-timeouts policy
-        # runs its attempts without admitting or settling anything.
-        self.staged = (
-            self.breaker is not None
-            or self.limiter is not None
-            or self.bulkhead is not None
-            or self.per_attempt is not None
-        )
         # what the attempt engine reads per attempt, in one tuple (one read)
         self.stages = (
             self.breaker,
@@ -530,24 +558,30 @@ class Pipeline:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         failed: BaseException | None = None,
+        resume: Resume | None = None,
     ) -> Any:
         """
         Run *fn* through the whole pipeline. *failed* is the exception of a
-        first attempt the caller already made (the direct lane).
+        first attempt the caller already made (the direct and first lanes,
+        which pass *resume* too: see :data:`Resume`).
         """
         # One coroutine for the whole pipeline: every extra layer of coroutine
         # would cost more than all the checks below together. Each attempt goes
         # through the attempt engine (resilient.attempt).
         observer = self.observer
-        began = _perf_counter() if observer is not None else 0.0
         rate = self.failure_rate
         retry = self.retry
         staged = self.staged
         hedge = self.hedge
         admit, settle = self.admit_step, self.settle_step
         ticket: list[Any] = _NO_TICKET
-        if self.budget is not None:
-            self.budget.deposit()
+        if resume is None:
+            began = _perf_counter() if observer is not None else 0.0
+            if self.budget is not None:
+                self.budget.deposit()
+            pending, last = None, failed
+        else:
+            began, _, pending, last = resume
         total_entry = None
         started = -1.0
         late = False  # the total budget is still to arm (self.total_late)
@@ -557,19 +591,22 @@ class Pipeline:
             if task is None:
                 task = _task_of(_running_loop())
             if task is not None:
-                started = _clock.monotonic()
+                started = _clock.monotonic() if resume is None else resume[1]
                 if self.total_late:
                     late = True
                 else:
                     total_entry = self.total_queues.arm(task)
         attempt = 1
         state: tenacity.RetryCallState | None = None
-        last = failed  # the function's own last exception
+        # `last`: the function's own last exception
         try:
             while True:
                 if failed is None and staged:
                     try:
-                        ticket = admit(False, True, True, task)
+                        if pending is None:
+                            ticket = admit(False, True, True, task)
+                        else:  # admitted by the caller, waiting for the rest
+                            ticket, pending = pending, None
                         if ticket[_WAIT]:
                             if late:  # waiting counts against the total budget
                                 late = False
@@ -663,10 +700,10 @@ class Pipeline:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         failed: BaseException | None = None,
+        resume: Resume | None = None,
     ) -> Any:
         """Run *fn* in the caller's thread through the whole pipeline (see run_async)."""
         observer = self.observer
-        began = _perf_counter() if observer is not None else 0.0
         rate = self.failure_rate
         retry = self.retry
         staged = self.staged
@@ -676,14 +713,18 @@ class Pipeline:
         if hedge is not None and not pooled:
             raise _hedge_sync_error(self)
         ticket: list[Any] = _NO_TICKET
-        if self.budget is not None:
-            self.budget.deposit()
-        # Sync code cannot be interrupted: the total budget is checked between
-        # attempts (no sleep or new attempt starts after it), see docs/timeouts.md.
-        started = _clock.monotonic() if self.total is not None else -1.0
+        if resume is None:
+            began = _perf_counter() if observer is not None else 0.0
+            if self.budget is not None:
+                self.budget.deposit()
+            # Sync code cannot be interrupted: the total budget is checked between
+            # attempts (no sleep or new attempt starts after it), see docs/timeouts.md.
+            started = _clock.monotonic() if self.total is not None else -1.0
+            last = failed  # the function's own last exception
+        else:
+            began, started, _, last = resume
         attempt = 1
         state: tenacity.RetryCallState | None = None
-        last = failed  # the function's own last exception
         try:
             while True:
                 if failed is None and staged:
@@ -774,10 +815,11 @@ class _ChaosPipeline(Pipeline):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         failed: BaseException | None = None,
+        resume: Resume | None = None,
     ) -> Any:
         chaos = self.chaos
         assert chaos is not None
-        return await Pipeline.run_async(self, chaos.wrap_async(fn), args, kwargs, failed)
+        return await Pipeline.run_async(self, chaos.wrap_async(fn), args, kwargs, failed, resume)
 
     def run_sync(
         self,
@@ -785,10 +827,11 @@ class _ChaosPipeline(Pipeline):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         failed: BaseException | None = None,
+        resume: Resume | None = None,
     ) -> Any:
         chaos = self.chaos
         assert chaos is not None
-        return Pipeline.run_sync(self, chaos.wrap_sync(fn), args, kwargs, failed)
+        return Pipeline.run_sync(self, chaos.wrap_sync(fn), args, kwargs, failed, resume)
 
 
 def _note_once(exc: BaseException, note: str) -> None:

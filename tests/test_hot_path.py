@@ -234,3 +234,124 @@ def test_histogram_buckets_at_and_around_the_lowest_bound() -> None:
         assert [a - b for a, b in zip(after, before, strict=True)] == [2, 4, 5]
     finally:
         metrics.disable()
+
+
+# ------------------------------------------------------------ the first-attempt lane
+
+
+class Recorder:
+    """A call observer: what the pipeline reports at the end of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float]] = []
+        self.errors: list[str] = []
+
+    def record(self, outcome: str, duration: float) -> None:
+        self.calls.append((outcome, duration))
+
+    def failed(self, error: BaseException) -> None:
+        self.errors.append(type(error).__name__)
+
+
+RETRYING = {
+    "retry": {"max_attempts": 3, "base_delay": 0.0, "jitter": False, "budget": {}},
+    "circuit_breaker": {"failure_threshold": 100},
+    "bulkhead": {"max_concurrent_requests": 5, "enable_auto_scaling": False},
+    "timeout": {"per_attempt": 1.0, "total": 5.0},
+}
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    from resilient.runtime import runtime
+
+    seen = Recorder()
+    runtime.add_observer_factory("test-recorder", lambda _pipeline: seen)
+    return seen
+
+
+class TestFirstAttemptLane:
+    """
+    A policy with retries (or a total budget, or an observer) runs its first attempt
+    in the decorator (LANE_FIRST) and hands the call to the loop after it: the call
+    must look the same to the observer, the retry budget and the total budget.
+    """
+
+    async def test_one_observation_and_one_deposit_per_call(self, recorder: Recorder) -> None:
+        load(p=RETRYING)
+        failures = iter([True, False, False, False])
+
+        @resilient.resilient("p")
+        async def work() -> str:
+            await asyncio.sleep(0.02)
+            if next(failures):
+                raise ConnectionError("blip")
+            return "ok"
+
+        from resilient.pipeline import LANE_FIRST
+
+        assert work.__resilient_handle__.get().lane == LANE_FIRST  # type: ignore[attr-defined]
+        assert await work() == "ok"  # retried once
+        assert await work() == "ok"
+        assert await work() == "ok"
+        assert [outcome for outcome, _ in recorder.calls] == ["success"] * 3
+        assert recorder.calls[0][1] >= 0.04  # both attempts of the first call
+        status = resilient.retry_budgets()["p"].get_status()
+        assert (status["calls"], status["retries"]) == (3, 1)  # one deposit per call
+
+    def test_sync_one_observation_and_one_deposit_per_call(self, recorder: Recorder) -> None:
+        load(p=RETRYING)
+        fail_next = [False, True, False]  # the second call fails once, then succeeds
+
+        @resilient.resilient("p")
+        def work() -> str:
+            if fail_next.pop(0):
+                raise ConnectionError("blip")
+            return "ok"
+
+        assert work() == "ok"  # the first call builds the pipeline (the long way round)
+        assert work() == "ok"  # the first-attempt lane, then the loop's retry
+        assert fail_next == []
+        assert [outcome for outcome, _ in recorder.calls] == ["success", "success"]
+        status = resilient.retry_budgets()["p"].get_status()
+        assert (status["calls"], status["retries"]) == (2, 1)
+
+    async def test_a_cancelled_first_attempt_is_observed_and_gives_everything_back(
+        self, recorder: Recorder
+    ) -> None:
+        load(p=RETRYING)
+        started = asyncio.Event()
+
+        @resilient.resilient("p")
+        async def hang() -> None:
+            started.set()
+            await asyncio.sleep(10)
+
+        task = asyncio.ensure_future(hang())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [outcome for outcome, _ in recorder.calls] == ["cancelled"]
+        assert recorder.errors == ["CancelledError"]  # as run_async reports it
+        assert resilient.bulkhead_manager.bulkheads()["p"].get_status()["in_use"] == 0
+        assert get_breaker("p").get_status()["totals"]["failures"] == 0
+
+    async def test_a_refused_first_attempt_is_retried_by_the_loop(self, recorder: Recorder) -> None:
+        load(p={**RETRYING, "retry": {**RETRYING["retry"], "retry_on": ["CircuitOpenError"]}})
+        calls = 0
+
+        @resilient.resilient("p")
+        async def work() -> str:
+            nonlocal calls
+            calls += 1
+            return "ok"
+
+        breaker = get_breaker("p")
+        breaker.force_open()
+        with pytest.raises(CircuitOpenError):
+            await work()
+        assert calls == 0
+        assert [outcome for outcome, _ in recorder.calls] == ["rejected"]
+        breaker.normal()
+        assert await work() == "ok"
