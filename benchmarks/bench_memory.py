@@ -12,6 +12,10 @@ Usage::
   resident set size (``/proc/self/statm``, in another interpreter without tracemalloc,
   whose own bookkeeping would inflate it). Sections of the model that validate with their
   defaults (``{}``) are added too, so a new section is counted as soon as it lands.
+  Twice: with N identical policies (as a file whose policies repeat their sections:
+  equal sections are kept once, equal budgets share one deadline queue), and with N
+  policies that all differ, in every section (``distinct_section``: the worst case,
+  nothing to share, every timeout a duration of its own).
 * Flat memory: tracemalloc bytes still allocated after N rejections (the full async
   stack with its breaker open) and after N per-attempt timeouts (a function that never
   returns, ``timeout: {per_attempt: 1e-6}``), measured after a warm-up and a
@@ -50,6 +54,20 @@ EVERY_SECTION: dict[str, Any] = {
 # Sections that need settings to validate, with settings that make them present but inert.
 NEEDS_SETTINGS: dict[str, Any] = {"chaos": {"failure_modes": ["exception"], "rate": 0.0}}
 FLAT_LIMIT = 16 * 1024
+# For the distinct variant: a setting per section made unique to each policy (i is
+# the policy's number), durations included, so that no two policies share anything.
+DISTINCT: dict[str, Any] = {
+    "retry": lambda i: {"base_delay": 0.01 + i * 1e-6, "budget": {"ratio": 0.2 + i * 1e-6}},
+    "circuit_breaker": lambda i: {"failure_threshold": 5 + i},
+    "timeout": lambda i: {"per_attempt": 5.0 + i * 1e-4, "total": 10.0 + i * 1e-4},
+    "fallback": lambda i: {"value": i},
+    "bulkhead": lambda i: {"max_concurrent_requests": 100 + i},
+    "rate_limit": lambda i: {"max_rate": 1000.0 + i},
+    "health": lambda i: {"check_interval": 30.0 + i},
+    "hedge": lambda i: {"max_delay": 1.0 + i * 1e-4},
+    "chaos": lambda i: {"exception": {"message": f"fault {i}"}},
+    "http": lambda i: {"max_keys": 100 + i},
+}
 
 
 def every_section() -> tuple[dict[str, Any], list[str]]:
@@ -71,6 +89,22 @@ def every_section() -> tuple[dict[str, Any], list[str]]:
     return policy, added
 
 
+def distinct_section(section: dict[str, Any], i: int) -> dict[str, Any]:
+    """A copy of *section* whose every section differs from the one of any other *i*."""
+    policy = copy.deepcopy(section)
+    for name, body in policy.items():
+        change = DISTINCT.get(name)
+        if change is None:  # a section without a setting here yet: say so, do not guess
+            msg = f"bench_memory.DISTINCT has no setting for the section {name!r}"
+            raise KeyError(msg)
+        for key, value in change(i).items():
+            if isinstance(value, dict):
+                body[key] = {**body.get(key, {}), **value}
+            else:
+                body[key] = value
+    return policy
+
+
 def copy_function(fn: Any) -> Any:
     """A new function object with *fn*'s code (each decorated function is its own)."""
     return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__)
@@ -81,13 +115,16 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def per_policy_child(count: int, trace: bool) -> dict[str, Any]:
+def per_policy_child(count: int, trace: bool, distinct: bool = False) -> dict[str, Any]:
     """Run in a fresh interpreter: bytes per loaded, decorated and called policy."""
     import resilient
 
     section, added = every_section()
     # one copy per policy, as a file of N policies would parse (a shared dict is an alias)
-    doc = {"version": 1, "policies": {f"p{i}": copy.deepcopy(section) for i in range(count)}}
+    make = (
+        (lambda i: distinct_section(section, i)) if distinct else (lambda i: copy.deepcopy(section))
+    )
+    doc = {"version": 1, "policies": {f"p{i}": make(i) for i in range(count)}}
 
     async def work() -> int:
         return 1
@@ -120,10 +157,10 @@ def per_policy_child(count: int, trace: bool) -> dict[str, Any]:
     return {"per_policy": (after - before) / count, "added": added}
 
 
-def per_policy(count: int, trace: bool) -> dict[str, Any]:
+def per_policy(count: int, trace: bool, distinct: bool = False) -> dict[str, Any]:
     code = (
         "import json, sys; sys.path.insert(0, 'benchmarks'); import bench_memory as m; "
-        f"print(json.dumps(m.per_policy_child({count}, {trace})))"
+        f"print(json.dumps(m.per_policy_child({count}, {trace}, {distinct})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=900
@@ -216,6 +253,19 @@ def run_benchmark(ctx: Context) -> list[Row]:
         )
         rows.append(Row("memory per policy, every section (RSS)", rss["per_policy"], "B",
                         max_value=10_000, note=f"{count:,} policies"))  # fmt: skip
+    if ctx.wants("memory per distinct policy"):
+        count = ctx.pick(10_000, 2_000, 200)
+        note = f"{count:,} policies, all different in every section: nothing to share"
+        for trace, how in ((True, "tracemalloc"), (False, "RSS")):
+            rows.append(
+                Row(
+                    f"memory per distinct policy, every section ({how})",
+                    per_policy(count, trace, distinct=True)["per_policy"],
+                    "B",
+                    max_value=10_000,
+                    note=note,
+                )
+            )
     if ctx.wants("memory retained"):
         rows += flat_rows(ctx)
     return rows

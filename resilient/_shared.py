@@ -46,6 +46,25 @@ T = TypeVar("T", bound=_Shared)
 #: backend (``None`` for kinds that do not use one), *previous* the object of the
 #: same name being replaced (``None`` for a new name).
 Maker = Callable[[str, Any, Any, Any], T]
+#: The claims on one name, flat: ``(claimant, generation, claimant, generation, ...)``.
+Claims = tuple[Any, ...]
+
+
+def _pairs(claims: Claims) -> zip[tuple[str, int]]:
+    """``(claimant, generation)`` of each claim."""
+    return zip(claims[::2], claims[1::2], strict=True)
+
+
+def _without(claims: Claims, claimant: str) -> Claims:
+    """*claims* less *claimant*'s."""
+    return tuple(x for c, g in _pairs(claims) if c != claimant for x in (c, g))
+
+
+def _with(claims: Claims, claimant: str, generation: int) -> Claims:
+    """*claims* with *claimant*'s claim set to *generation*."""
+    if len(claims) == 2 and claims[0] == claimant:
+        return (claimant, generation)
+    return (*_without(claims, claimant), claimant, generation)
 
 
 class SharedByName(Generic[T]):
@@ -70,8 +89,10 @@ class SharedByName(Generic[T]):
         self._lock = threading.Lock()
         self.items: dict[str, T] = {}
         self.owners: dict[str, str] = {}
-        #: name -> {claimant: runtime generation of its latest claim}
-        self.claims: dict[str, dict[str, int]] = {}
+        #: name -> (claimant, runtime generation of its latest claim, ...): a flat tuple
+        #: rather than a dict per name (a name has one claimant or a few; a pair costs
+        #: a quarter of a dict of one item, and a process may have thousands of names)
+        self.claims: dict[str, Claims] = {}
         TABLES.append(self)
 
     def get_or_make(
@@ -91,14 +112,14 @@ class SharedByName(Generic[T]):
         """
         with self._lock:
             known = self.items.get(name)
-            claims = self.claims.setdefault(name, {})
+            claims = self.claims.get(name, ())
             if known is not None:
                 kept_backend = not self.uses_backend or same_backend(
                     getattr(known, "backend", None), backend
                 )
                 if known.config == config:
                     if kept_backend:
-                        claims[claimant] = generation
+                        self.claims[name] = _with(claims, claimant, generation)
                         return known
                 else:
                     owner = self.owners.get(name, claimant)
@@ -106,14 +127,14 @@ class SharedByName(Generic[T]):
                         raise self._conflict(name, owner, known.config, claimant, config)
                     # The owner changes its configuration (a reload): another claimant
                     # that already holds the object at this generation would be split off.
-                    for other, seen in claims.items():
+                    for other, seen in _pairs(claims):
                         if other != claimant and seen >= generation:
                             raise self._conflict(name, other, known.config, claimant, config)
             made = self.items[name] = self._make(name, config, backend, known)
             if known is None or known.config != config:
                 self.owners[name] = claimant
-                claims.clear()
-            claims[claimant] = generation
+                claims = ()
+            self.claims[name] = _with(claims, claimant, generation)
             return made
 
     def _conflict(
@@ -133,7 +154,9 @@ class SharedByName(Generic[T]):
         with self._lock:
             if self.owners.get(name) == claimant:
                 del self.owners[name]
-            self.claims.get(name, {}).pop(claimant, None)
+            claims = self.claims.get(name)
+            if claims is not None:
+                self.claims[name] = _without(claims, claimant)
 
     def get(self, name: str) -> T | None:
         """The object for *name*, if one was made."""
@@ -150,21 +173,18 @@ class SharedByName(Generic[T]):
             self.owners.clear()
             self.claims.clear()
 
-    def snapshot(self) -> tuple[dict[str, T], dict[str, str], dict[str, dict[str, int]]]:
+    def snapshot(self) -> tuple[dict[str, T], dict[str, str], dict[str, Claims]]:
         """Contents, for :meth:`restore` (the runtime sets every table aside at once)."""
         with self._lock:
-            claims = {name: dict(c) for name, c in self.claims.items()}
-            return dict(self.items), dict(self.owners), claims
+            return dict(self.items), dict(self.owners), dict(self.claims)
 
-    def restore(
-        self, saved: tuple[dict[str, T], dict[str, str], dict[str, dict[str, int]]]
-    ) -> None:
+    def restore(self, saved: tuple[dict[str, T], dict[str, str], dict[str, Claims]]) -> None:
         """Put back what :meth:`snapshot` returned."""
         items, owners, claims = saved
         with self._lock:
             self.items = dict(items)
             self.owners = dict(owners)
-            self.claims = {name: dict(c) for name, c in claims.items()}
+            self.claims = dict(claims)
 
 
 def _short(config: Any) -> str:

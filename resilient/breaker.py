@@ -221,15 +221,18 @@ class _TimeWindow:
 
     Bucket ``b`` holds the calls whose time ``t`` has ``int(t // width) == b``;
     the window is the *n* newest buckets, so it spans between
-    ``seconds - width`` and ``seconds``. Memory is fixed (three lists of *n*
-    ints) and each call is O(1) amortised: moving the head clears at most *n*
-    buckets, and a call inside the head bucket costs one float comparison.
+    ``seconds - width`` and ``seconds``. Each call is O(1) amortised: moving the
+    head clears at most *n* buckets, and a call inside the head bucket costs one
+    float comparison. Memory is at most two lists of *n* ints, made when needed:
+    while every call of the window is in the head bucket the totals say it all
+    (a breaker used now and then, or only in bursts shorter than a bucket, never
+    makes the ring), and the list of failure and slow counts waits for the
+    first failure or slow call.
     """
 
     __slots__ = (
+        "_b_bad",
         "_b_calls",
-        "_b_fail",
-        "_b_slow",
         "_head",
         "_i",
         "_n",
@@ -243,9 +246,11 @@ class _TimeWindow:
     def __init__(self, seconds: int) -> None:
         self._n = min(seconds, _MAX_BUCKETS)
         self._width = seconds / self._n
-        self._b_calls = [0] * self._n
-        self._b_fail = [0] * self._n
-        self._b_slow = [0] * self._n
+        # calls per bucket; None while every call of the window is in the head bucket
+        self._b_calls: list[int] | None = None
+        # per bucket: failures + (slow calls << 32), or None while there was none in
+        # the ring (a bucket holds far fewer than 2**32 calls: one int for two counts)
+        self._b_bad: list[int] | None = None
         self._head = -(2**62)  # absolute index of the newest bucket
         self._i = 0  # its slot: head % n
         self.edge = -_INF  # time at which the head bucket ends
@@ -258,21 +263,27 @@ class _TimeWindow:
         if now >= self.edge:
             self.expire(now)
         # A clock that went backwards (never with time.monotonic) lands in the head bucket.
-        i = self._i
-        self._b_calls[i] += 1
         self.calls += 1
+        calls = self._b_calls
+        if calls is not None:
+            calls[self._i] += 1
         if outcome:
             fail = outcome & _FAIL
             slow = outcome >> 1
-            self._b_fail[i] += fail
-            self._b_slow[i] += slow
+            if calls is not None:
+                bad = self._b_bad
+                if bad is None:
+                    bad = self._b_bad = [0] * self._n
+                bad[self._i] += fail | slow << 32
             self.failures += fail
             self.slow += slow
         return self.failures or self.slow
 
     def add_successes(self, n: int) -> None:
         """Count *n* successes in the head bucket (they happened before ``edge``)."""
-        self._b_calls[self._i] += n
+        calls = self._b_calls
+        if calls is not None:
+            calls[self._i] += n
         self.calls += n
 
     def expire(self, now: float) -> None:
@@ -285,23 +296,33 @@ class _TimeWindow:
         if b - head >= n:
             self._clear_buckets()
         else:
-            calls, fail, slow = self._b_calls, self._b_fail, self._b_slow
-            for k in range(head + 1, b + 1):
-                i = k % n
-                if calls[i]:
-                    self.calls -= calls[i]
-                    self.failures -= fail[i]
-                    self.slow -= slow[i]
-                    calls[i] = fail[i] = slow[i] = 0
+            calls = self._b_calls
+            if calls is None and self.calls:
+                # the head bucket (all of the window so far) stays in it: the ring is
+                # needed now, to drop it later on its own
+                i = self._i
+                calls = self._b_calls = [0] * n
+                calls[i] = self.calls
+                if self.failures or self.slow:
+                    self._b_bad = [0] * n
+                    self._b_bad[i] = self.failures | self.slow << 32
+            if calls is not None:
+                bad = self._b_bad
+                for k in range(head + 1, b + 1):
+                    i = k % n
+                    if calls[i]:
+                        self.calls -= calls[i]
+                        calls[i] = 0
+                        if bad is not None and bad[i]:
+                            self.failures -= bad[i] & 0xFFFFFFFF
+                            self.slow -= bad[i] >> 32
+                            bad[i] = 0
         self._head = b
         self._i = b % n
         self.edge = (b + 1) * self._width
 
     def _clear_buckets(self) -> None:
-        n = self._n
-        self._b_calls = [0] * n
-        self._b_fail = [0] * n
-        self._b_slow = [0] * n
+        self._b_calls = self._b_bad = None
         self.calls = self.failures = self.slow = 0
 
     def clear(self) -> None:

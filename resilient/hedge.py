@@ -46,6 +46,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -112,7 +113,7 @@ class _Timers:
     down) gets a timer of its own.
     """
 
-    __slots__ = ("at", "handle", "loop", "queue", "time")
+    __slots__ = ("__weakref__", "at", "handle", "loop", "queue", "time")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -167,6 +168,37 @@ class _Timers:
                 return
 
 
+#: The hedge timers in use, by (event loop, delay): every hedger whose delay in force
+#: is the same shares one FIFO and one timer (deadlines of one delay arrive in the
+#: order the calls started, whichever policy made them), so thousands of policies
+#: with one delay keep one queue per loop, not one each. Weak values: timers that
+#: no hedger holds and no armed timer needs are forgotten, with their loop.
+_TIMERS: weakref.WeakValueDictionary[tuple[asyncio.AbstractEventLoop, float], _Timers] = (
+    weakref.WeakValueDictionary()
+)
+_TIMERS_LOCK = threading.Lock()
+
+
+def _timers(loop: asyncio.AbstractEventLoop, delay: float) -> _Timers:
+    """The shared hedge timers of *loop* for *delay* (made on first use)."""
+    key = (loop, delay)
+    with _TIMERS_LOCK:
+        timers = _TIMERS.get(key)
+        if timers is None:
+            timers = _TIMERS[key] = _Timers(loop)
+    return timers
+
+
+@functools.lru_cache(maxsize=256)
+def _guard_config(amplification: float, max_hedged_attempts: int) -> RetryBudgetConfig:
+    """The load guard's budget settings, one (frozen) instance per distinct pair."""
+    return RetryBudgetConfig(
+        ratio=amplification - 1.0,
+        min_retries_per_second=0.0,
+        max_tokens=BURST * max_hedged_attempts,
+    )
+
+
 def _due(entry: list[Any]) -> None:
     """A call's delay passed with no answer (or ``delay: 0``): its group starts hedging."""
     if entry[_DONE]:
@@ -194,10 +226,8 @@ class Hedger:
     """
 
     __slots__ = (
-        "_by_loop",
         "_fixed",
         "_last",
-        "_lock",
         "_next",
         "_quantile",
         "_samples",
@@ -228,20 +258,11 @@ class Hedger:
         amp = config.max_load_amplification
         self.guard: RetryBudget | None = None
         if amp is not None:
-            self.guard = RetryBudget(
-                name,
-                RetryBudgetConfig(
-                    ratio=amp - 1.0,
-                    min_retries_per_second=0.0,
-                    max_tokens=BURST * config.max_hedged_attempts,
-                ),
-            )
+            self.guard = RetryBudget(name, _guard_config(amp, config.max_hedged_attempts))
         self.started = 0
         self.refused = 0
-        # the hedge timers of each event loop (copy on write, as timeout._QueueCache)
-        self._by_loop: dict[asyncio.AbstractEventLoop, _Timers] = {}
+        # the shared hedge timers (see _timers) of the last loop, for the delay in force
         self._last: tuple[asyncio.AbstractEventLoop | None, _Timers | None] = (None, None)
-        self._lock = threading.Lock()
         #: (retry section, its retry predicate, whether it judges results): what
         #: makes an answer acceptable, made from the policy's retry section on first use
         self.judge: tuple[RetryConfig | None, Any, bool] = (None, None, False)
@@ -275,7 +296,10 @@ class Hedger:
         ordered = sorted(self._samples)  # a copy: other threads may append meanwhile
         value = ordered[min(int(q * len(ordered)), len(ordered) - 1)]
         cfg = self.config
-        self.current = min(max(value, cfg.min_delay), cfg.max_delay)
+        current = min(max(value, cfg.min_delay), cfg.max_delay)
+        if current != self.current:
+            self.current = current
+            self._last = (None, None)  # the timers of the new delay, at the next call
 
     def allow(self, budget: RetryBudget | None) -> bool:
         """Take what one hedge costs: a load-guard token and a retry-budget token."""
@@ -391,13 +415,7 @@ class Hedger:
         return await group.primary_returned(ticket, result)
 
     def _timers_for(self, loop: asyncio.AbstractEventLoop) -> _Timers:
-        with self._lock:
-            timers = self._by_loop.get(loop)
-            if timers is None:
-                # forget the queues of closed loops (tests create many)
-                fresh = {lp: t for lp, t in self._by_loop.items() if not lp.is_closed()}
-                timers = fresh[loop] = _Timers(loop)
-                self._by_loop = fresh
+        timers = _timers(loop, self.current)
         self._last = (loop, timers)
         return timers
 

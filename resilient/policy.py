@@ -81,6 +81,7 @@ MAX_ALIAS_EXPANSION = 100_000
 
 Path_ = tuple[str | int, ...]
 Origin = tuple[str, int | None]  # (source, line)
+M = typing.TypeVar("M", bound=BaseModel)
 
 
 # --------------------------------------------------------------------------- reading
@@ -536,9 +537,66 @@ def parse_policies(
                 problems.add(text, key=key, origin=origin)
     fleet = _parse_backend(data, doc, problems)
     problems.raise_if_any()
-    result = PolicySet(policies)
+    interned: dict[Any, Any] = {}
+    result = PolicySet({name: _intern(policy, interned) for name, policy in policies.items()})
     result.fleet = fleet
     return result
+
+
+def _intern(model: M, table: dict[Any, Any]) -> M:
+    """
+    One instance per distinct value: *model* itself, or the equal model already in
+    *table* (its sections interned first, so that policies share their equal sections).
+
+    The models are frozen, so sharing one instance is invisible but for the bytes:
+    a file of many policies that repeat sections (``extends``, copied defaults)
+    keeps each distinct section once. Equality is strict (see :func:`_strict`),
+    and a section holding an unhashable value (a list as a fallback value) is kept
+    as it is.
+    """
+    values = vars(model)
+    for field, value in values.items():
+        if isinstance(value, BaseModel):
+            shared = _intern(value, table)
+            if shared is not value:
+                # the same value (strictly equal), in a model made by this load
+                values[field] = shared
+    fields = model.model_fields_set
+    names = frozenset(fields)
+    try:
+        key = (type(model), names, _strict(tuple(values.values())))
+    except TypeError:  # unhashable: not shared
+        key = None
+    shared = table.setdefault(key, model) if key is not None else model
+    if shared is model:
+        # A model of its own still shares the set of its explicitly set field names
+        # (a set costs 216 bytes or more): pydantic never changes that set in place
+        # on a frozen model (a copy gets a copy of it).
+        same = table.setdefault((type(model), names), fields)
+        if same is not fields:
+            object.__setattr__(model, "__pydantic_fields_set__", same)
+    return typing.cast("M", shared)
+
+
+def _strict(value: Any) -> Any:
+    """
+    *value* as a key whose equality also compares types, recursively through tuples
+    and frozensets (as ``functools.lru_cache(typed=True)`` does for arguments): a
+    fallback of ``1`` and one of ``True`` are equal for ``==`` but not the same
+    section. Nested models are already interned, so they compare by identity.
+
+    Raises:
+        TypeError: *value* holds something unhashable.
+    """
+    kind = type(value)
+    if kind is tuple:
+        return (kind, tuple(_strict(item) for item in value))
+    if kind is frozenset:
+        return (kind, frozenset(_strict(item) for item in value))
+    if isinstance(value, BaseModel):
+        return (kind, id(value))
+    hash(value)
+    return (kind, value)
 
 
 class PolicySet(dict[str, Policy]):
@@ -1128,9 +1186,6 @@ def load_policies(
         policies, where = load_file(source, env=environ), str(source)
     registry.replace(policies, where)
     return policies
-
-
-M = typing.TypeVar("M", bound=BaseModel)
 
 
 def validate_model(

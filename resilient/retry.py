@@ -18,7 +18,10 @@ recent failure rate.
 
 from __future__ import annotations
 
+import functools
 import random
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -176,6 +179,36 @@ def _build_retry(cfg: RetryConfig) -> tenacity.retry_base:
     return predicate
 
 
+#: The wait and retry strategies of a retry section, by section: equal sections
+#: (many policies, or one policy's functions) share one pair, since tenacity's
+#: strategy objects keep no state of their own (they read the call state). Weak
+#: keys: a section no policy holds any more is forgotten.
+_STRATEGIES: weakref.WeakKeyDictionary[RetryConfig, tuple[_wait.wait_base, tenacity.retry_base]]
+_STRATEGIES = weakref.WeakKeyDictionary()
+_STRATEGIES_LOCK = threading.Lock()
+
+
+def _strategies(cfg: RetryConfig) -> tuple[_wait.wait_base, tenacity.retry_base]:
+    """The (shared) wait and retry strategies of *cfg* (a section without a rate source)."""
+    try:
+        with _STRATEGIES_LOCK:
+            found = _STRATEGIES.get(cfg)
+            if found is None:
+                found = _STRATEGIES[cfg] = (build_wait(cfg), _build_retry(cfg))
+    except TypeError:  # a field that cannot be hashed (a callable object): its own pair
+        return build_wait(cfg), _build_retry(cfg)
+    return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _stop_rule(max_attempts: int, total: float | None) -> _stop.stop_base:
+    """The stop rule for *max_attempts* and a total budget (shared: it keeps no state)."""
+    stop: _stop.stop_base = _stop.stop_after_attempt(max_attempts)
+    if total is not None:
+        stop = stop | _stop.stop_before_delay(total)
+    return stop
+
+
 class RetryPlan:
     """
     A compiled retry section: tenacity strategies plus the decision step the
@@ -190,12 +223,11 @@ class RetryPlan:
         # *total* and *rate* are consumed here (the stop rule, the ADAPTIVE wait),
         # not kept: nothing reads them afterwards.
         self.max_attempts = cfg.max_attempts
-        self.wait = build_wait(cfg, rate)
-        stop: _stop.stop_base = _stop.stop_after_attempt(cfg.max_attempts)
-        if total is not None:
-            stop = stop | _stop.stop_before_delay(total)
-        self.stop = stop
-        self.retry = _build_retry(cfg)
+        if rate is None:
+            self.wait, self.retry = _strategies(cfg)
+        else:  # the ADAPTIVE wait reads this pipeline's failure rate: its own
+            self.wait, self.retry = build_wait(cfg, rate), _build_retry(cfg)
+        self.stop = _stop_rule(cfg.max_attempts, total)
         self.checks_result = cfg.retry_if_result is not None
 
     def new_state(self, started: float) -> tenacity.RetryCallState:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -104,7 +105,7 @@ class _QueueCache:
     time. Readers never lock; they see the old map or the new one.
     """
 
-    __slots__ = ("_lock", "by_loop", "duration", "last")
+    __slots__ = ("__weakref__", "_lock", "by_loop", "duration", "last")
 
     def __init__(self, duration: float) -> None:
         self.duration = duration
@@ -180,6 +181,24 @@ class _QueueCache:
         return entry
 
 
+#: The queue caches in use, one per duration: every pipeline (and bulkhead) whose
+#: budget has that duration shares one, so a process with thousands of policies
+#: keeps one FIFO and at most one timer per (loop, duration) instead of one per
+#: budget. Deadlines of one duration still arrive in the order they were armed,
+#: whichever pipeline armed them, so the shared FIFO stays sorted. Weak values: a
+#: duration that no pipeline uses any more is forgotten.
+_CACHES: weakref.WeakValueDictionary[float, _QueueCache] = weakref.WeakValueDictionary()
+_CACHES_LOCK = threading.Lock()
+
+
 def deadline_queue(duration: float) -> _QueueCache:
-    """A queue cache for budgets of *duration* seconds (one per pipeline and budget)."""
-    return _QueueCache(duration)
+    """
+    The queue cache for budgets of *duration* seconds, shared by every pipeline
+    and bulkhead with a budget of that duration (made on first use).
+    """
+    duration = float(duration)
+    with _CACHES_LOCK:
+        cache = _CACHES.get(duration)
+        if cache is None:
+            cache = _CACHES[duration] = _QueueCache(duration)
+    return cache

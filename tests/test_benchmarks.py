@@ -35,6 +35,7 @@ EXPECTED_CASES = {
                      "optional modules pulled by import resilient"],
     "bench_memory": ["memory per policy, every section (tracemalloc)",
                      "memory per policy, every section (RSS)", "memory retained after",
+                     "memory per distinct policy, every section (tracemalloc)",
                      ],
     "sim_autoscaling": ["auto-scaling bulkhead, healthy,"],
 }  # fmt: skip
