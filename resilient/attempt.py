@@ -241,8 +241,10 @@ def compile_steps(
             "        return ticket",
         ]
         if limiter is not None:
+            if queues is not None:  # the loop, for the limiter and the task (arm below)
+                a.append("    loop = running_loop()")
             a += [
-                "    if not limiter.for_loop().try_take():",
+                f"    if not limiter.for_loop({'loop' if queues is not None else ''}).try_take():",
                 "        ticket[4] = 1",
                 "        return ticket",
             ]
@@ -259,7 +261,7 @@ def compile_steps(
         a += [
             "    if armed:",
             "        if task is None:",
-            "            task = task_of(running_loop())",
+            f"            task = task_of({'loop' if limiter is not None else 'running_loop()'})",
             "        if task is not None:",
             f"            ticket[3] = queues.{'arm_at(task, now)' if arm_now else 'arm(task)'}",
         ]

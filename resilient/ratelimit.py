@@ -474,10 +474,13 @@ class RateLimiter:
 
     # ------------------------------------------------------------------ async
 
-    def for_loop(self) -> _LoopLimiter:
-        """The bucket of the running loop (made on first use), or the fleet's lease."""
+    def for_loop(self, running: asyncio.AbstractEventLoop | None = None) -> _LoopLimiter:
+        """
+        The bucket of the running loop (made on first use), or the fleet's lease.
+        *running* is the running loop, if the caller has it at hand.
+        """
         loop, limiter = self._last
-        if loop is get_running_loop():
+        if loop is (running or get_running_loop()):
             return limiter
         lease = self.lease
         if lease is not None and (lease.source.usable or lease.source.fallback != "local"):
