@@ -712,7 +712,7 @@ class AttemptIterator:
         self._began = time.perf_counter()
         p = self.pipeline
         if p.total_queues is not None:
-            task = asyncio.current_task()
+            task = _task_of(_running_loop())
             if task is not None:
                 self._total_entry = p.total_queues.arm(task)
         while not self.finished:

@@ -91,7 +91,8 @@ _give_back = _attempt.give_back
 _log = logging.getLogger("resilient")
 _NOTHING = object()
 _INF = float("inf")
-_current_task = asyncio.current_task
+_task_of = _attempt.task_of
+_running_loop = _attempt.running_loop
 _copy_context = contextvars.copy_context
 
 # An armed call is a plain list (cheaper than an object; made on every call):
@@ -354,7 +355,7 @@ class Hedger:
         *task* the caller's task if the loop has read it already.
         """
         if task is None:
-            task = _current_task()
+            task = _task_of(_running_loop())
             if task is None:  # a coroutine driven by hand: nothing can run beside it
                 return await fn(*args, **kwargs)
         guard = self.guard
