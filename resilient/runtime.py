@@ -48,6 +48,11 @@ _log = logging.getLogger("resilient")
 _reported: set[str] = set()  # bad RESILIENCE_REDIS_URL values already logged
 
 
+#: The settings of the in-memory backend (frozen: one instance serves every caller;
+#: a new one per ``backend()`` call left bytes behind per shared object made).
+_MEMORY = BackendConfig()
+
+
 @dataclass(frozen=True)
 class RuntimeSnapshot:
     """Everything :meth:`Runtime.restore` puts back (opaque to users)."""
@@ -189,7 +194,7 @@ class Runtime:
         file_cfg = self.registry.fleet
         env_url = os.environ.get(ENV_REDIS_URL, "").strip()
         if env_url:
-            base = file_cfg if file_cfg is not None else BackendConfig()
+            base = file_cfg if file_cfg is not None else _MEMORY
             try:
                 return BackendConfig.model_validate({**base.model_dump(), "redis_url": env_url})
             except ValidationError as exc:
@@ -197,7 +202,7 @@ class Runtime:
                     _reported.add(env_url)
                     problem = "; ".join(str(e["msg"]) for e in exc.errors())
                     _log.error("environment variable %s ignored: %s", ENV_REDIS_URL, problem)
-        return file_cfg if file_cfg is not None else BackendConfig()
+        return file_cfg if file_cfg is not None else _MEMORY
 
     def backend(self) -> Backend:
         """The backend new breakers, budgets and limiters attach to (built on first use)."""
