@@ -273,37 +273,56 @@ def resilient(
                     return result
                 if lane == LANE_FIRST:
                     # the full lane's first attempt; the loop takes over after it
+                    # (run_async's resume=: the retries, the fallback, the end of
+                    # a failed or cancelled call, the total budget's settling)
                     observer = pipeline.observer
                     began = _perf_counter() if observer is not None else 0.0
                     budget = pipeline.budget
                     if budget is not None:
                         budget.deposit()
-                    started = _clock.monotonic() if pipeline.total is not None else -1.0
+                    hedge = pipeline.hedge
+                    task = _task_of(_running_loop()) if hedge is not None else None
+                    total = None
+                    started = -1.0
+                    if pipeline.total is not None:
+                        started = _clock.monotonic()
+                        if not pipeline.total_late:
+                            if task is None:
+                                task = _task_of(_running_loop())
+                            if task is not None:
+                                total = pipeline.total_queues.arm(task)  # type: ignore[union-attr]
                     try:
-                        ticket = pipeline.admit_step()
+                        ticket = pipeline.admit_step(False, True, True, task)
                     except RejectedError as refusal:
                         return await pipeline.run_async(
-                            afn, args, kwargs, refusal, (began, started, None, None)
+                            afn, args, kwargs, refusal, (began, started, None, None, total)
                         )
                     if ticket[_WAIT]:
                         return await pipeline.run_async(
-                            afn, args, kwargs, None, (began, started, ticket, None)
+                            afn, args, kwargs, None, (began, started, ticket, None, total)
                         )
                     try:
-                        result = await afn(*args, **kwargs)
+                        if hedge is None:
+                            result = await afn(*args, **kwargs)
+                        else:  # a hedged group in place of the attempt
+                            result = await hedge.run_async(
+                                pipeline, afn, args, kwargs, ticket, total, task
+                            )
                     except BaseException as exc:
-                        error = pipeline.settle_step(ticket, exc)
+                        error = pipeline.settle_step(ticket, exc, total)
+                        assert error is not None
+                        last = None
                         if isinstance(error, Exception):
+                            last = error
                             if error is not exc:  # the per-attempt deadline fired
                                 error.__cause__ = None
                                 error.__suppress_context__ = True
-                            return await pipeline.run_async(
-                                afn, args, kwargs, error, (began, started, None, error)
-                            )
-                        if observer is not None:  # cancelled: no retry, no fallback
-                            observe(observer, _outcome_of(exc), began, exc)
-                        raise
+                        return await pipeline.run_async(
+                            afn, args, kwargs, error, (began, started, None, last, total)
+                        )
                     pipeline.settle_step(ticket, None)
+                    if total is not None:
+                        _attempt.settle_total(total, None)
                     if observer is not None:
                         try:
                             observer.record("success", _perf_counter() - began)
@@ -358,7 +377,7 @@ def resilient(
                     breaker.on_cancel(token)
                     raise
                 breaker.on_success(token, _since(measured) if measured >= 0 else -1.0)
-            elif lane == LANE_FIRST:
+            elif lane == LANE_FIRST and pipeline.hedge is None:
                 # the full lane's first attempt; the loop takes over after it
                 observer = pipeline.observer
                 began = _perf_counter() if observer is not None else 0.0
@@ -370,20 +389,16 @@ def resilient(
                     ticket = pipeline.admit_step(True)
                 except RejectedError as refusal:
                     return pipeline.run_sync(  # type: ignore[no-any-return]
-                        fn, args, kwargs, refusal, (began, started, None, None)
+                        fn, args, kwargs, refusal, (began, started, None, None, None)
                     )
                 try:
                     result = fn(*args, **kwargs)
-                except Exception as exc:
-                    pipeline.settle_step(ticket, exc)
-                    return pipeline.run_sync(  # type: ignore[no-any-return]
-                        fn, args, kwargs, exc, (began, started, None, exc)
-                    )
                 except BaseException as exc:
                     pipeline.settle_step(ticket, exc)
-                    if observer is not None:
-                        observe(observer, _outcome_of(exc), began, exc)
-                    raise
+                    last = exc if isinstance(exc, Exception) else None
+                    return pipeline.run_sync(  # type: ignore[no-any-return]
+                        fn, args, kwargs, exc, (began, started, None, last, None)
+                    )
                 pipeline.settle_step(ticket, None)
                 if observer is not None:
                     try:

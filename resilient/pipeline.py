@@ -198,9 +198,11 @@ LANE_FIRST = 5  # LANE_FULL whose first attempt the wrapper runs (see Pipeline._
 #: What a caller that ran a call's first attempt itself hands to ``run_async`` /
 #: ``run_sync``: when the call began (``perf_counter``, for the observer), when it
 #: started (``_clock.monotonic()``, for the total budget; -1.0 without one), an
-#: admitted ticket still waiting for admission (async), and the function's own
-#: last exception (``None``: the first attempt was refused).
-Resume = tuple[float, float, "list[Any] | None", "BaseException | None"]
+#: admitted ticket still waiting for admission (async), the function's own last
+#: exception (``None``: the first attempt was refused or cancelled) and the total
+#: budget's entry if the caller armed it (async). The *failed* that comes with it
+#: may be a cancellation: the call then ends as the loop ends a cancelled one.
+Resume = tuple[float, float, "list[Any] | None", "BaseException | None", Any]
 
 
 def _sections_other_than(policy: Policy, known: set[str]) -> list[str]:
@@ -401,23 +403,22 @@ class Pipeline:
             else:
                 self.lane = LANE_SINGLE
         elif (
-            # FIRST: the wrapper runs the first attempt as the SINGLE lane does,
-            # plus the call's observer and budget deposit, and hands the call to
-            # run_*() (resume=) at the first failure, refusal or wait: a call
-            # that succeeds at once (the common case) costs no loop and no
-            # second coroutine. Only where the first attempt needs nothing else
-            # of the loop: no hedge, chaos, failure-rate record, result check,
-            # total budget it could meet (see total_late), pool or later section;
-            # and a fallback only for exceptions (a cancellation is never one).
+            # FIRST: the wrapper runs the first attempt as the SINGLE lane does
+            # (an async one hedged, if the policy hedges), plus the call's
+            # observer, budget deposit and total budget, and hands the call to
+            # run_*() (resume=) at the first failure, cancellation, refusal or
+            # wait: a call that succeeds at once (the common case) costs no loop
+            # and no second coroutine. Only where the first attempt needs
+            # nothing else of the loop: no chaos, failure-rate record, result
+            # check, pool, or section the lane does not know (health is an
+            # observer, http is the transports'). A sync wrapper of a hedging
+            # policy takes the full lane (run_sync refuses it).
             self.staged
-            and not others
-            and self.hedge is None
+            and not _sections_other_than(policy, {*known, "health", "http", "hedge"})
             and self.chaos is None
             and self.failure_rate is None
             and (self.retry is None or not self.retry.checks_result)
-            and (self.total is None or self.total_late)
             and not self.pooled
-            and all(issubclass(kind, Exception) for kind in self.fallback_on)
         ):
             self.lane = LANE_FIRST
         else:
@@ -579,10 +580,9 @@ class Pipeline:
             began = _perf_counter() if observer is not None else 0.0
             if self.budget is not None:
                 self.budget.deposit()
-            pending, last = None, failed
+            pending, last, total_entry = None, failed, None
         else:
-            began, _, pending, last = resume
-        total_entry = None
+            began, _, pending, last, total_entry = resume
         started = -1.0
         late = False  # the total budget is still to arm (self.total_late)
         # asyncio.current_task() costs more than a whole stage: read it once per call
@@ -591,15 +591,21 @@ class Pipeline:
             if task is None:
                 task = _task_of(_running_loop())
             if task is not None:
-                started = _clock.monotonic() if resume is None else resume[1]
-                if self.total_late:
-                    late = True
-                else:
-                    total_entry = self.total_queues.arm(task)
+                if resume is None:
+                    started = _clock.monotonic()
+                    if self.total_late:
+                        late = True
+                    else:
+                        total_entry = self.total_queues.arm(task)
+                else:  # the caller armed the total budget, unless it is late
+                    started = resume[1]
+                    late = self.total_late
         attempt = 1
         state: tenacity.RetryCallState | None = None
         # `last`: the function's own last exception
         try:
+            if resume is not None and failed is not None and not isinstance(failed, Exception):
+                raise failed  # the first attempt was cancelled: end the call below
             while True:
                 if failed is None and staged:
                     try:
@@ -722,10 +728,12 @@ class Pipeline:
             started = _clock.monotonic() if self.total is not None else -1.0
             last = failed  # the function's own last exception
         else:
-            began, started, _, last = resume
+            began, started, _, last, _ = resume
         attempt = 1
         state: tenacity.RetryCallState | None = None
         try:
+            if resume is not None and failed is not None and not isinstance(failed, Exception):
+                raise failed  # the first attempt was interrupted: end the call below
             while True:
                 if failed is None and staged:
                     try:

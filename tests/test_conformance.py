@@ -24,7 +24,7 @@ import resilient
 from resilient.bulkhead import get_bulkhead
 from resilient.events import CallRejected, Event, subscribe
 from resilient.manager import ResilienceManager
-from resilient.pipeline import LANE_BREAKER, LANE_DEADLINE, LANE_FIRST, LANE_FULL, LANE_SINGLE
+from resilient.pipeline import LANE_BREAKER, LANE_DEADLINE, LANE_FIRST, LANE_SINGLE
 from resilient.runtime import runtime
 
 # --------------------------------------------------------------------------- forms
@@ -472,7 +472,7 @@ async def test_the_reference_is_right(situation: Situation) -> None:
         "open breaker": LANE_BREAKER,
         "half-open, trial permits taken": LANE_BREAKER,
         "per-attempt timeout, no breaker": LANE_DEADLINE,
-        "total timeout": LANE_FULL,
+        "total timeout": LANE_FIRST,
         **{s.name: LANE_FIRST for s in ASYNC_SITUATIONS if s.retries},
     }.get(situation.name, LANE_SINGLE)
     _load(**situation.sections)
