@@ -355,3 +355,28 @@ class TestFirstAttemptLane:
         assert [outcome for outcome, _ in recorder.calls] == ["rejected"]
         breaker.normal()
         assert await work() == "ok"
+
+    async def test_a_total_budget_ending_the_first_attempt_reaches_the_fallback(
+        self, recorder: Recorder
+    ) -> None:
+        """The lane arms a total budget shorter than the attempt's; its end is the loop's."""
+        load(
+            p={
+                "circuit_breaker": {"failure_threshold": 100},
+                "timeout": {"per_attempt": 5.0, "total": 0.05},
+                "fallback": {"value": "cached"},
+            }
+        )
+
+        @resilient.resilient("p")
+        async def hang() -> str:
+            await asyncio.sleep(10)
+            return "late"
+
+        from resilient.pipeline import LANE_FIRST
+
+        assert hang.__resilient_handle__.get().lane == LANE_FIRST  # type: ignore[attr-defined]
+        assert await hang() == "cached"
+        assert [outcome for outcome, _ in recorder.calls] == ["fallback"]
+        # the cut attempt counts as a timeout for the breaker, as in the loop
+        assert get_breaker("p").get_status()["totals"]["failures"] == 1
