@@ -547,8 +547,10 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         self._c_lat += duration
         n = self._c_sampled + 1
         self._c_sampled = n
-        if n >= _SAMPLES:
-            self.needs_duration = False  # the rest of the bucket: the basic path
+        if n >= _SAMPLES and self.config.slow_call_duration is None:
+            # the rest of the bucket: the basic path (untimed, unless the basic
+            # breaker itself times every call to count slow ones)
+            self.needs_duration = False
 
     def _success_locked(self, token: int, duration: float, now: float | None) -> None:
         if now is None or not self._timed:

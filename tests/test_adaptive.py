@@ -313,6 +313,31 @@ def test_latency_is_sampled_per_bucket_and_the_rest_take_the_basic_path() -> Non
     assert breaker.get_status()["totals"]["successes"] == 2 * 380 + 10
 
 
+def test_slow_call_tracking_still_times_every_call() -> None:
+    """The latency sampling never turns off the durations the basic breaker needs."""
+    clock = Clock()
+    cfg = CircuitBreakerConfig(
+        failure_threshold=1000,
+        failure_rate_window=10,
+        min_requests_threshold=10,
+        slow_call_duration=0.5,
+        slow_call_rate_threshold=0.5,
+        type="adaptive",
+        enable_ml_prediction=False,
+    )
+    breaker = AdaptiveCircuitBreaker("db", cfg, clock=clock)
+    for i in range(200):  # far past the 64 samples of the bucket
+        clock.now = i * 0.001
+        token = breaker.acquire()
+        assert breaker.needs_duration
+        slow = i >= 100
+        breaker.on_success(token, 1.0 if slow else 0.01)
+        if breaker.state != "closed":
+            break
+    assert breaker.state == "open"  # the slow calls after the samples counted
+    assert 100 < i < 200
+
+
 # --------------------------------------------------------------------------- the model
 
 
