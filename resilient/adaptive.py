@@ -9,8 +9,9 @@ instead of a :class:`~resilient.breaker.CircuitBreaker`. It *is* the basic break
   success is counted by the basic breaker's own lock-free counter, and the
   bucket's figures are read from its totals once per bucket. The first
   ``_SAMPLES`` calls of each bucket are measured (a latency histogram bin each,
-  under the breaker's lock); failures, timeouts and rejections are counted as
-  they happen (they take the lock in the basic breaker too).
+  recorded on the basic breaker's locked path, just before it takes its lock);
+  failures, timeouts and rejections are counted as they happen (they take the
+  lock in the basic breaker too).
 * **Per time bucket** (``adaptive.bucket_seconds``, 1 s by default), on the first
   call after the bucket ends (the lock-free success path ends at the bucket's
   edge, so that call reaches the breaker's lock): one feature row (:data:`FEATURES`), and, when a
@@ -48,7 +49,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from resilient._models import CircuitBreakerConfig
-from resilient.breaker import STATE_CLOSED, STATE_OPEN, CircuitBreaker, Mode
+from resilient.breaker import _TOKEN_PASS, STATE_CLOSED, STATE_OPEN, CircuitBreaker, Mode
 from resilient.errors import AttemptTimeoutError, CircuitOpenError
 from resilient.events import PredictionCrossed, bus
 
@@ -308,6 +309,7 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         "_bucket",
         "_c_fail",
         "_c_lat",
+        "_c_pass",
         "_c_sampled",
         "_c_shed",
         "_c_timeout",
@@ -394,6 +396,9 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         # per bucket: failures, timeouts, shed calls, measured calls and their sum;
         # successes and rejections are the basic breaker's totals minus these marks
         self._c_fail = self._c_timeout = self._c_shed = self._c_sampled = 0
+        # successes in `disabled` mode, which the basic breaker does not count
+        # (its failures are counted here as usual: the rows stay the service's)
+        self._c_pass = 0
         self._c_lat = 0.0
         self._mark_ok = self._mark_rej = 0
         self._closed_counts = (0, 0)  # the last closed bucket's requests and successes
@@ -559,6 +564,8 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
             self._roll(now)
         if duration >= 0.0:
             self._sample(duration)
+        if token == _TOKEN_PASS:
+            self._c_pass += 1
         CircuitBreaker._success_locked(self, token, duration, now if self._timed else None)
 
     def on_failure(self, token: int, exc: BaseException, duration: float) -> None:
@@ -625,15 +632,19 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         ok = ok_total - self._mark_ok if ok_total >= self._mark_ok else ok_total
         rej = rej_total - self._mark_rej if rej_total >= self._mark_rej else rej_total
         self._mark_ok, self._mark_rej = ok_total, rej_total
+        ok += self._c_pass
         fail = self._c_fail
-        self._c_fail = 0
+        self._c_fail = self._c_pass = 0
         return ok, fail, rej
 
     def _close_bucket(self, skipped: int) -> PredictionCrossed | None:
         """Close the current bucket, followed by *skipped* buckets without a call."""
         ok, fail, rej_all = self._take_counts()
         timeouts, shed = self._c_timeout, self._c_shed
-        hist, sampled, lat = self._hist, self._c_sampled, self._c_lat
+        hist, lat = self._hist, self._c_lat
+        # the histogram's own count: a sample racing with this close may have
+        # bumped _c_sampled but not the new histogram (or the other way round)
+        sampled = sum(hist)
         self._c_timeout = self._c_shed = self._c_sampled = 0
         self._c_lat = 0.0
         self._hist = list(_HIST_EMPTY)
@@ -774,7 +785,8 @@ class AdaptiveCircuitBreaker(CircuitBreaker):
         try:
             ok_total, _ = self._counts()  # the lock is held (a transition)
             fail = self._c_fail
-            calls = ok_total - self._mark_ok + fail if ok_total >= self._mark_ok else fail
+            ok = ok_total - self._mark_ok if ok_total >= self._mark_ok else ok_total
+            calls = ok + self._c_pass + fail
             if calls >= 3 and fail >= self._label_rate * calls:
                 return True
             h = math.ceil(self._adaptive.horizon_seconds / self._width)
@@ -954,6 +966,7 @@ class ThrottlingCircuitBreaker(AdaptiveCircuitBreaker):
             name, config, clock=clock, listeners=listeners, backend=backend, inline=inline
         )
         a = config.adaptive
+        self._shed_reason = "throttling calls client-side"
         self._k = a.k
         n = max(1, math.ceil(a.throttle_window / a.bucket_seconds))
         self._ring: deque[tuple[int, int]] = deque(maxlen=n)

@@ -42,6 +42,7 @@ from resilient.pipeline import (
     _is_async_callable,
     observe,
 )
+from resilient.pipeline import Resume as _Resume
 from resilient.pipeline import outcome_of as _outcome_of
 from resilient.runtime import runtime
 from resilient.timeout import DONE as _DONE
@@ -274,61 +275,65 @@ def resilient(
                 if lane == LANE_FIRST:
                     # the full lane's first attempt; the loop takes over after it
                     # (run_async's resume=: the retries, the fallback, the end of
-                    # a failed or cancelled call, the total budget's settling)
+                    # a failed or cancelled call, the total budget's settling),
+                    # called outside any `except` so that nothing of the first
+                    # attempt becomes the context of a later error
                     observer = pipeline.observer
                     began = _perf_counter() if observer is not None else 0.0
                     budget = pipeline.budget
                     if budget is not None:
                         budget.deposit()
                     hedge = pipeline.hedge
-                    task = _task_of(_running_loop()) if hedge is not None else None
                     total = None
                     started = -1.0
+                    task = _task_of(_running_loop()) if hedge is not None else None
                     if pipeline.total is not None:
                         started = _clock.monotonic()
-                        if not pipeline.total_late:
+                        if not pipeline.total_late:  # armed now (see Pipeline.total_late)
                             if task is None:
                                 task = _task_of(_running_loop())
                             if task is not None:
                                 total = pipeline.total_queues.arm(task)  # type: ignore[union-attr]
+                    failed: BaseException | None = None
                     try:
                         ticket = pipeline.admit_step(False, True, True, task)
                     except RejectedError as refusal:
-                        return await pipeline.run_async(
-                            afn, args, kwargs, refusal, (began, started, None, None, total)
-                        )
-                    if ticket[_WAIT]:
-                        return await pipeline.run_async(
-                            afn, args, kwargs, None, (began, started, ticket, None, total)
-                        )
-                    try:
-                        if hedge is None:
-                            result = await afn(*args, **kwargs)
-                        else:  # a hedged group in place of the attempt
-                            result = await hedge.run_async(
-                                pipeline, afn, args, kwargs, ticket, total, task
-                            )
-                    except BaseException as exc:
-                        error = pipeline.settle_step(ticket, exc, total)
-                        assert error is not None
-                        last = None
-                        if isinstance(error, Exception):
-                            last = error
-                            if error is not exc:  # the per-attempt deadline fired
-                                error.__cause__ = None
-                                error.__suppress_context__ = True
-                        return await pipeline.run_async(
-                            afn, args, kwargs, error, (began, started, None, last, total)
-                        )
-                    pipeline.settle_step(ticket, None)
-                    if total is not None:
-                        _attempt.settle_total(total, None)
-                    if observer is not None:
+                        failed = refusal
+                    if failed is None and not ticket[_WAIT]:
                         try:
-                            observer.record("success", _perf_counter() - began)
-                        except Exception:
-                            _log.exception("call observer %r raised; ignoring it", observer)
-                    return result
+                            if hedge is None:
+                                result = await afn(*args, **kwargs)
+                            else:  # a hedged group in place of the attempt
+                                result = await hedge.run_async(
+                                    pipeline, afn, args, kwargs, ticket, total, task
+                                )
+                        except BaseException as exc:
+                            failed = pipeline.settle_step(ticket, exc, total)
+                            assert failed is not None
+                            if failed is not exc and isinstance(failed, Exception):
+                                failed.__cause__ = None  # the per-attempt deadline fired
+                                failed.__suppress_context__ = True
+                        else:
+                            pipeline.settle_step(ticket, None)
+                            if total is not None:
+                                _attempt.settle_total(total, None)
+                            if observer is not None:
+                                try:
+                                    observer.record("success", _perf_counter() - began)
+                                except Exception:
+                                    _log.exception("call observer %r raised; ignoring it", observer)
+                            return result
+                        last = failed if isinstance(failed, Exception) else None
+                        resume: _Resume = (began, started, None, last, total)
+                    elif failed is None:  # admitted, waiting for a slot or a permit
+                        resume = (began, started, ticket, None, total)
+                    else:  # refused
+                        resume = (began, started, None, None, total)
+                    try:
+                        return await pipeline.run_async(afn, args, kwargs, failed, resume)
+                    finally:
+                        failed = last = None
+                        del resume
                 if lane != LANE_SINGLE:
                     return await pipeline.run_async(afn, args, kwargs)
                 ticket = pipeline.admit_step()
@@ -379,32 +384,40 @@ def resilient(
                 breaker.on_success(token, _since(measured) if measured >= 0 else -1.0)
             elif lane == LANE_FIRST and pipeline.hedge is None:
                 # the full lane's first attempt; the loop takes over after it
+                # (outside any `except`: see the async wrapper)
                 observer = pipeline.observer
                 began = _perf_counter() if observer is not None else 0.0
                 budget = pipeline.budget
                 if budget is not None:
                     budget.deposit()
                 started = _clock.monotonic() if pipeline.total is not None else -1.0
+                failed: BaseException | None = None
                 try:
                     ticket = pipeline.admit_step(True)
                 except RejectedError as refusal:
-                    return pipeline.run_sync(  # type: ignore[no-any-return]
-                        fn, args, kwargs, refusal, (began, started, None, None, None)
-                    )
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException as exc:
-                    pipeline.settle_step(ticket, exc)
-                    last = exc if isinstance(exc, Exception) else None
-                    return pipeline.run_sync(  # type: ignore[no-any-return]
-                        fn, args, kwargs, exc, (began, started, None, last, None)
-                    )
-                pipeline.settle_step(ticket, None)
-                if observer is not None:
+                    failed = refusal
+                last: BaseException | None = None
+                if failed is None:
                     try:
-                        observer.record("success", _perf_counter() - began)
-                    except Exception:
-                        _log.exception("call observer %r raised; ignoring it", observer)
+                        result = fn(*args, **kwargs)
+                    except BaseException as exc:
+                        pipeline.settle_step(ticket, exc)
+                        failed = exc
+                        last = exc if isinstance(exc, Exception) else None
+                    else:
+                        pipeline.settle_step(ticket, None)
+                        if observer is not None:
+                            try:
+                                observer.record("success", _perf_counter() - began)
+                            except Exception:
+                                _log.exception("call observer %r raised; ignoring it", observer)
+                        return result
+                try:
+                    return pipeline.run_sync(  # type: ignore[no-any-return]
+                        fn, args, kwargs, failed, (began, started, None, last, None)
+                    )
+                finally:
+                    failed = last = None
             elif lane != LANE_SINGLE:
                 result = pipeline.run_sync(fn, args, kwargs)
             else:

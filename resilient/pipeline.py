@@ -331,6 +331,9 @@ class Pipeline:
             and self.per_attempt is not None
             and self.per_attempt < self.total
             and hc is None
+            # the call's start is read with _clock and the deadline set on the
+            # loop's clock: the same clock, unless a virtual one is installed
+            and _clock.monotonic is time.monotonic
         )
         self.attempt_timeout: Callable[[], AttemptTimeoutError] = functools.partial(
             _attempt.timeout_error, self, "per_attempt"
@@ -599,7 +602,7 @@ class Pipeline:
                         total_entry = self.total_queues.arm(task)
                 else:  # the caller armed the total budget, unless it is late
                     started = resume[1]
-                    late = self.total_late
+                    late = self.total_late and total_entry is None
         attempt = 1
         state: tenacity.RetryCallState | None = None
         # `last`: the function's own last exception
