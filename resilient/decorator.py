@@ -299,6 +299,10 @@ def resilient(
                         ticket = pipeline.admit_step(False, True, True, task)
                     except RejectedError as refusal:
                         failed = refusal
+                    except BaseException:  # not a refusal (a bug): no deadline left armed
+                        if total is not None:
+                            _attempt.settle_total(total, None)
+                        raise
                     if failed is None and not ticket[_WAIT]:
                         try:
                             if hedge is None:
