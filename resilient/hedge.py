@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import tenacity
 
+from resilient import _clock
 from resilient import attempt as _attempt
 from resilient._models import HedgeConfig, RetryBudgetConfig
 from resilient._shared import SharedByName
@@ -77,8 +78,11 @@ __all__ = ["REFRESH", "WINDOW", "Hedger", "hedgers"]
 
 #: Attempt durations kept for ``delay: pNN``.
 WINDOW = 1000
-#: The quantile is computed again when this share (1/REFRESH) of the window is new.
+#: The quantile is computed again when this share (1/REFRESH) of the window is new,
+#: and, once the window is full, at most once per REFRESH_SECONDS: a busy service
+#: would otherwise sort its window hundreds of times a second.
 REFRESH = 5
+REFRESH_SECONDS = 0.05
 #: Durations needed before the quantile is used (``max_delay`` until then).
 MIN_SAMPLES = 20
 #: Hedges the ``max_load_amplification`` bucket allows in a burst, per allowed hedge.
@@ -231,6 +235,7 @@ class Hedger:
         "_last",
         "_next",
         "_quantile",
+        "_refresh_at",
         "_samples",
         "_seen",
         "config",
@@ -255,6 +260,7 @@ class Hedger:
         self.current = self._fixed if self._fixed is not None else config.max_delay
         self._samples: list[float] = []
         self._next = MIN_SAMPLES  # the number of durations at the next estimate
+        self._refresh_at = 0.0  # no estimate before this time, once the window is full
         self._seen = 0
         amp = config.max_load_amplification
         self.guard: RetryBudget | None = None
@@ -286,10 +292,16 @@ class Hedger:
         seen += 1
         self._seen = seen
         if seen >= self._next:
-            self._estimate()
-            # again after a fifth of the window has changed: one sort per
-            # WINDOW / 5 calls (about 0.1 us a call), and quick to follow a change
+            # again after a fifth of the window has changed (one sort per WINDOW / 5
+            # calls: quick to follow a change), and at most once per REFRESH_SECONDS
+            # once the window is full (a sort of 1,000 durations costs about 25 us)
             self._next = seen + max(MIN_SAMPLES, min(seen, WINDOW) // REFRESH)
+            if seen > WINDOW:
+                now = _clock.monotonic()
+                if now < self._refresh_at:
+                    return
+                self._refresh_at = now + REFRESH_SECONDS
+            self._estimate()
 
     def _estimate(self) -> None:
         q = self._quantile

@@ -249,12 +249,17 @@ class _Lease(_LoopLimiter):
 
     def try_take(self) -> bool:
         """Take one leased call; false when the lease is empty."""
-        with self._lock:
-            n = self.tokens
-            if n <= 0:
-                return False
-            self.tokens = n - 1
-            self.taken += 1
+        lock = self._lock
+        # acquire()/release() rather than `with`: cheaper on the success path, and
+        # nothing between them can raise
+        lock.acquire()
+        n = self.tokens
+        if n <= 0:
+            lock.release()
+            return False
+        self.tokens = n - 1
+        self.taken += 1
+        lock.release()
         if n - 1 == self.low:
             self.refill = True
             self.source.wake()
@@ -483,8 +488,10 @@ class RateLimiter:
         if loop is (running or get_running_loop()):
             return limiter
         lease = self.lease
-        if lease is not None and (lease.source.usable or lease.source.fallback != "local"):
-            return lease
+        if lease is not None:
+            source = lease.source
+            if source.usable or source.fallback != "local":
+                return lease
         return self._local_loop()
 
     def _local_loop(self) -> _LoopLimiter:

@@ -758,3 +758,22 @@ def test_a_caller_cancelled_before_the_delay_starts_no_hedge_later() -> None:
     run(main())
     assert len(backend.started) == 1
     assert hedgers()["p"].started == 0
+
+
+def test_a_full_window_is_sorted_at_most_once_per_refresh_period() -> None:
+    """A busy service re-estimates its pNN delay at most every REFRESH_SECONDS."""
+    from resilient._models import HedgeConfig
+    from resilient.hedge import REFRESH_SECONDS, WINDOW, Hedger
+
+    with VirtualClock() as clock:
+        hedger = Hedger("p", HedgeConfig(delay="p50", min_delay=0.001, max_delay=10.0))
+        for _ in range(WINDOW):
+            hedger.record(0.01)
+        assert hedger.current == pytest.approx(0.01)
+        for _ in range(2 * WINDOW):  # a change, all within one refresh period
+            hedger.record(0.5)
+        assert hedger.current == pytest.approx(0.01)  # not yet: sorted once, before it
+        clock.advance(REFRESH_SECONDS)
+        for _ in range(WINDOW // 5):  # the next count step after the period
+            hedger.record(0.5)
+        assert hedger.current == pytest.approx(0.5)  # followed as soon as allowed
