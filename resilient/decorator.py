@@ -366,7 +366,7 @@ def resilient(
                 # coroutine handed back is a TypeError, not a success. The fast
                 # lanes below then skip that check.
                 return _run_sync(handle.rebuild(), fn, args, kwargs)  # type: ignore[no-any-return]
-            lane = pipeline.lane
+            lane = pipeline.sync_lane
             if lane == LANE_DIRECT or lane == LANE_DEADLINE:  # noqa: SIM109 - no tuple per call
                 # (a per-attempt deadline cannot interrupt sync code; docs/timeouts.md)
                 try:
@@ -386,7 +386,7 @@ def resilient(
                     breaker.on_cancel(token)
                     raise
                 breaker.on_success(token, _since(measured) if measured >= 0 else -1.0)
-            elif lane == LANE_FIRST and pipeline.hedge is None:
+            elif lane == LANE_FIRST:
                 # the full lane's first attempt; the loop takes over after it
                 # (outside any `except`: see the async wrapper)
                 observer = pipeline.observer

@@ -264,6 +264,7 @@ class Pipeline:
         "slot_timed",
         "staged",
         "stages",
+        "sync_lane",
         "total",
         "total_late",
         "total_queues",
@@ -426,6 +427,9 @@ class Pipeline:
             self.lane = LANE_FIRST
         else:
             self.lane = LANE_FULL
+        # the sync wrappers' lane: a hedging policy's sync calls need a thread pool,
+        # which run_sync asks for (the first-attempt lane would not hedge them)
+        self.sync_lane = LANE_FULL if self.hedge is not None else self.lane
         # what the attempt engine reads per attempt, in one tuple (one read)
         self.stages = (
             self.breaker,

@@ -548,6 +548,19 @@ def test_a_sync_function_without_a_thread_pool_is_a_policy_error() -> None:
         resilient.call("p", lambda: "x")
 
 
+def test_a_staged_sync_function_without_a_thread_pool_is_refused_on_every_call() -> None:
+    """After the first call, the sync wrapper's lane must not skip the refusal."""
+    load(p={"hedge": {"delay": 0.1}, "circuit_breaker": {"failure_threshold": 5}})
+
+    @resilient.resilient("p")
+    def lookup() -> str:
+        return "x"
+
+    for _ in range(3):
+        with pytest.raises(resilient.PolicyError, match=r"'p'.*isolation: thread_pool"):
+            lookup()
+
+
 def test_a_sync_function_is_hedged_in_the_thread_pool() -> None:
     load(
         p={
